@@ -1,0 +1,93 @@
+"""Images <-> SD3 VAE latents, sizes for the DiT's patch grid, and cheap latent previews.
+
+IMAGE tensors are ComfyUI's [B, H, W, 3] float in 0..1. "Raw" latents are what the VAE encoder gives
+([B, 16, H/8, W/8], what native VAE Encode/Decode use); "model-space" latents are (raw - shift) * scale,
+what the DiT sees.
+"""
+
+import torch
+import torch.nn.functional as F
+
+MIN_IMAGE_SIDE = 64
+
+
+def check_image(image: torch.Tensor, name: str) -> None:
+    """Raise a ValueError naming `name` when `image` is not a usable [B, H, W, 3] IMAGE of at least 64 px."""
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(f"{name}: expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    batch, height, width, _ = image.shape
+    if batch == 0 or min(height, width) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name}: image is {width}x{height} (batch {batch}); UniPic2 needs at least "
+                         f"{MIN_IMAGE_SIDE} px on each side -- use a larger image")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name}: image contains NaN or infinite values")
+
+
+def longer_edge_size(width: int, height: int, longer_edge: int, multiple: int = 32) -> tuple[int, int]:
+    """(width, height) with the longer side = longer_edge and the shorter rounded to a multiple, aspect kept.
+
+    Same rounding as the official editing script; longer_edge itself must be a multiple of `multiple`.
+    """
+    if longer_edge % multiple:
+        raise ValueError(f"longer edge {longer_edge} must be a multiple of {multiple}")
+    if width >= height:
+        return longer_edge, max(multiple, round(height * longer_edge / width / multiple) * multiple)
+    return max(multiple, round(width * longer_edge / height / multiple) * multiple), longer_edge
+
+
+def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Bicubic, antialiased resize of an IMAGE [B, H, W, 3] -> [B, height, width, 3], clamped to 0..1."""
+    if image.shape[1:3] == (height, width):
+        return image
+    x = F.interpolate(image.movedim(-1, 1).float(), size=(height, width), mode="bicubic", antialias=True,
+                      align_corners=False)
+    return x.clamp(0, 1).movedim(1, -1)
+
+
+def vae_scaling(vae) -> tuple[float, float]:
+    """(shift_factor, scaling_factor) from the VAE config (0.0609, 1.5305 for SD3)."""
+    return float(vae.config.shift_factor or 0.0), float(vae.config.scaling_factor)
+
+
+def raw_to_model(raw: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+    return (raw.float() - shift) * scale
+
+
+def model_to_raw(latent: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+    return latent.float() / scale + shift
+
+
+@torch.no_grad()
+def vae_encode(vae, image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] 0..1 -> raw latent [B, C, H/8, W/8] (float32, CPU); the posterior mean, deterministic."""
+    x = image.movedim(-1, 1).to(device=vae.device, dtype=vae.dtype) * 2 - 1
+    return vae.encode(x).latent_dist.mode().float().cpu()
+
+
+@torch.no_grad()
+def vae_decode(vae, raw: torch.Tensor) -> torch.Tensor:
+    """Raw latent [B, C, h, w] -> IMAGE [B, 8h, 8w, 3] 0..1 (float32, CPU)."""
+    x = vae.decode(raw.to(device=vae.device, dtype=vae.dtype)).sample
+    return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+
+
+@torch.no_grad()
+def fit_latent_to_rgb(vae, side: int = 64) -> torch.Tensor:
+    """A [C + 1, 3] affine map from raw latent channels to RGB, least-squares fitted on one synthetic image.
+
+    Used for step previews: a fit against the loaded VAE works for any checkpoint (real or tiny) and costs one
+    small encode at load time.
+    """
+    axis = torch.linspace(0, 1, side)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    image = torch.stack([xx, yy, (1 - xx) * (1 - yy)], dim=-1)[None]
+    raw = vae_encode(vae, image)[0]  # [C, h, w]
+    target = F.adaptive_avg_pool2d(image.movedim(-1, 1), raw.shape[-2:])[0]
+    features = torch.cat([raw.flatten(1), torch.ones(1, raw[0].numel())]).T  # [h*w, C+1]
+    return torch.linalg.lstsq(features, target.flatten(1).T).solution
+
+
+def latent_preview(raw: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Raw latent [C, h, w] -> approximate RGB [h, w, 3] in 0..1 through a fit_latent_to_rgb map."""
+    features = torch.cat([raw.float().flatten(1), torch.ones(1, raw[0].numel())]).T
+    return (features @ projection).clamp(0, 1).reshape(*raw.shape[-2:], 3)

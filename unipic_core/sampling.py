@@ -1,0 +1,136 @@
+"""Flow-matching sampling for the Kontext DiT: Euler ODE and the Flow-GRPO SDE step, with CFG.
+
+Conventions (DESIGN.md section 4): x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = noise - x0
+and is fed timestep = sigma * 1000. Latents here are in *model space*, (raw_vae_latent - shift) * scale.
+All step maths runs in float32 whatever the DiT's dtype; low precision gives NaN log-probs in training.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SAMPLERS = ("euler", "flow-sde")
+
+
+@dataclass
+class PromptEmbeds:
+    """One side of classifier-free guidance: tokens [B, L, D_joint] and pooled [B, D_pooled]."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+    def expand_to(self, batch: int) -> "PromptEmbeds":
+        if self.tokens.shape[0] == batch:
+            return self
+        if self.tokens.shape[0] != 1:
+            raise ValueError(f"conditioning batch {self.tokens.shape[0]} does not match latent batch {batch}")
+        return PromptEmbeds(self.tokens.expand(batch, -1, -1), self.pooled.expand(batch, -1))
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    return x + (sigma_next - sigma) * velocity
+
+
+def sde_noise_scale(sigmas: torch.Tensor, index: int, noise_level: float) -> float:
+    """s_t = a * sqrt(sigma / (1 - sigma)); at sigma = 1 the next sigma stands in for the denominator."""
+    sigma = sigmas[index].item()
+    denominator_sigma = sigmas[1].item() if sigma == 1.0 else sigma
+    return noise_level * math.sqrt(sigma / (1 - denominator_sigma))
+
+
+def flow_sde_step(
+    x: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int, noise_level: float,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One Flow-GRPO SDE step from sigmas[index] to sigmas[index + 1] (float32).
+
+    Returns (x_next, mean, std) where x_next = mean + std * noise and std = s_t * sqrt(-dt); with
+    noise_level 0 the mean is the Euler step and x_next equals it.
+    """
+    x, velocity = x.float(), velocity.float()
+    sigma, sigma_next = sigmas[index].item(), sigmas[index + 1].item()
+    dt = sigma_next - sigma
+    s_t = sde_noise_scale(sigmas, index, noise_level)
+    mean = x + (velocity + (s_t**2 / (2 * sigma)) * (x + (1 - sigma) * velocity)) * dt
+    std = s_t * math.sqrt(-dt)
+    if std == 0.0:
+        return mean, mean, std
+    if noise is None:
+        raise ValueError("flow_sde_step needs noise when noise_level > 0")
+    return mean + std * noise.float(), mean, std
+
+
+def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """Gaussian log-density of x_next under N(mean, std^2), averaged over C, H, W -> [B] (float32)."""
+    log_density = -((x_next.float() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.mean(dim=tuple(range(1, log_density.ndim)))
+
+
+def guided_velocity(
+    transformer, x: torch.Tensor, sigma: float, positive: PromptEmbeds, negative: PromptEmbeds | None,
+    guidance: float, reference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """v = v_neg + g * (v_pos - v_neg), negative and positive batched in one forward when their lengths match.
+
+    x: [B, C, H, W] model-space latent (float32); reference: [B, C, H, W] model-space latent or None.
+    """
+    dtype = transformer.dtype
+    batch = x.shape[0]
+
+    def forward(x_in, embeds: PromptEmbeds, ref):
+        timestep = torch.full((x_in.shape[0],), sigma * 1000, device=x_in.device, dtype=torch.float32)
+        return transformer(
+            hidden_states=x_in.to(dtype), encoder_hidden_states=embeds.tokens.to(dtype),
+            pooled_projections=embeds.pooled.to(dtype), timestep=timestep,
+            ref_hidden_states=None if ref is None else ref.to(dtype), return_dict=False,
+        )[0].float()
+
+    positive = positive.expand_to(batch)
+    if negative is None or guidance == 1.0:
+        return forward(x, positive, reference)
+    negative = negative.expand_to(batch)
+    if negative.tokens.shape[1] == positive.tokens.shape[1]:
+        both = PromptEmbeds(torch.cat([negative.tokens, positive.tokens]), torch.cat([negative.pooled, positive.pooled]))
+        ref_both = None if reference is None else torch.cat([reference, reference])
+        v_neg, v_pos = forward(torch.cat([x, x]), both, ref_both).chunk(2)
+    else:
+        v_neg, v_pos = forward(x, negative, reference), forward(x, positive, reference)
+    return v_neg + guidance * (v_pos - v_neg)
+
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def sample(
+    transformer, noise: torch.Tensor, sigmas: torch.Tensor, positive: PromptEmbeds,
+    negative: PromptEmbeds | None = None, guidance: float = 3.5, reference: torch.Tensor | None = None,
+    sampler: str = "euler", noise_level: float = 0.7, generator: torch.Generator | None = None,
+    start_latent: torch.Tensor | None = None, on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Denoise from `noise` along `sigmas` and return the model-space latent (float32).
+
+    noise: [B, C, H, W]; start_latent: model-space latent to noise to sigmas[0] (img2img), or None to start from
+    pure noise; generator: CPU generator for the flow-sde step noise (reproducible across devices);
+    on_step(i, total, x, x0_estimate) runs after every step -- progress, previews and Cancel live there.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    x = noise.float()
+    if start_latent is not None:
+        x = sigmas[0].item() * x + (1 - sigmas[0].item()) * start_latent.float()
+    total = len(sigmas) - 1
+    for i in range(total):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        velocity = guided_velocity(transformer, x, sigma, positive, negative, guidance, reference)
+        x0_estimate = x - sigma * velocity
+        if sampler == "euler" or sigma_next == 0.0:
+            # The last step of flow-sde lands on sigma = 0, where the SDE has no noise term: Euler is exact there.
+            x = euler_step(x, velocity, sigma, sigma_next)
+        else:
+            step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+            x, _, _ = flow_sde_step(x, velocity, sigmas, i, noise_level, step_noise)
+        if on_step is not None:
+            on_step(i, total, x, x0_estimate)
+    return x

@@ -1,0 +1,117 @@
+"""Write small random-weight checkpoints in the official UniPic2 folder layout.
+
+    python -m unipic_core.tiny OUT_DIR [--size tiny|mid]
+
+The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
+component, tokenizers saved by their own classes), so tests, the demo and CI exercise the real paths offline.
+"tiny" runs a 512 px edit in seconds on a CPU; "mid" is for CPU benchmarks.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+from transformers import T5TokenizerFast
+
+from .kontext_transformer import KontextSD3Transformer
+
+# SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk.
+SIZES = {
+    "tiny": dict(layers=2, heads=2, head_dim=8, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(8, 8, 16, 16)),
+    "mid": dict(layers=6, heads=6, head_dim=32, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64)),
+}
+OFFICIAL_TRANSFORMER_CLASS = "SD3Transformer2DKontextModel"
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """Every byte as a word piece and as a word end: char-level BPE, no merges needed."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(chars))}
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(sorted(chars))})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def write_clip(folder: Path, tokenizer_folder: Path, width: int) -> None:
+    vocab = _byte_level_vocab()
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(str(tokenizer_folder))
+    # The official CLIP tokenizer folders ship vocab.json + merges.txt (no tokenizer.json): load that path.
+    (tokenizer_folder / "tokenizer.json").unlink()
+    (tokenizer_folder / "vocab.json").write_text(json.dumps(vocab))
+    (tokenizer_folder / "merges.txt").write_text("#version: 0.2\n")
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=width, hidden_act="gelu",
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+    )
+    CLIPTextModelWithProjection(config).save_pretrained(str(folder))
+
+
+def write_t5(folder: Path, tokenizer_folder: Path, width: int, layers: int) -> None:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in sorted(ByteLevel.alphabet())]
+    pieces += [("\u2581" + c, -1.5) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(str(tokenizer_folder))
+    config = T5Config(
+        vocab_size=len(pieces), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )
+    T5EncoderModel(config).save_pretrained(str(folder))
+
+
+def write_transformer(folder: Path, size: dict) -> None:
+    model = KontextSD3Transformer(
+        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=size["layers"],
+        attention_head_dim=size["head_dim"], num_attention_heads=size["heads"], joint_attention_dim=size["t5"],
+        caption_projection_dim=size["heads"] * size["head_dim"], pooled_projection_dim=size["clip_l"] + size["clip_g"],
+        pos_embed_max_size=96, qk_norm="rms_norm", dual_attention_layers=tuple(range(size["layers"] // 2 + 1)),
+    )
+    model.save_pretrained(str(folder))
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["_class_name"] = OFFICIAL_TRANSFORMER_CLASS
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def write_vae(folder: Path, channels: tuple[int, ...]) -> None:
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=channels, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    ).save_pretrained(str(folder))
+
+
+def write_kontext_folder(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a complete random-weight Kontext folder (official layout) to `out` and return its path."""
+    out = Path(out)
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    write_transformer(out / "transformer", spec)
+    write_vae(out / "vae", spec["vae"])
+    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(str(out / "scheduler"))
+    write_clip(out / "text_encoder", out / "tokenizer", spec["clip_l"])
+    write_clip(out / "text_encoder_2", out / "tokenizer_2", spec["clip_g"])
+    write_t5(out / "text_encoder_3", out / "tokenizer_3", spec["t5"], spec["t5_layers"])
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3KontextPipeline"}, indent=2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="folder to write (created)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    args = parser.parse_args()
+    print(write_kontext_folder(args.out, args.size))
+
+
+if __name__ == "__main__":
+    main()
