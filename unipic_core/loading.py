@@ -17,11 +17,11 @@ from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .kontext_transformer import KontextSD3Transformer
+from .repos import KONTEXT_REPOS
 from .text_encoding import SD3TextEncoders
 
 log = logging.getLogger("unipic2")
 
-KONTEXT_REPOS = ("Skywork/UniPic2-SD3.5M-Kontext-2B", "Skywork/UniPic2-SD3.5M-Kontext-GRPO-2B")
 KONTEXT_LAYOUT = "transformer/, vae/, scheduler/, text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
 REQUIRED_FILES = ("transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
                   "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/", "tokenizer_2/")

@@ -82,9 +82,9 @@ def guided_velocity(
     def forward(x_in, embeds: PromptEmbeds, ref):
         timestep = torch.full((x_in.shape[0],), sigma * 1000, device=x_in.device, dtype=torch.float32)
         return transformer(
-            hidden_states=x_in.to(dtype), encoder_hidden_states=embeds.tokens.to(dtype),
-            pooled_projections=embeds.pooled.to(dtype), timestep=timestep,
-            ref_hidden_states=None if ref is None else ref.to(dtype), return_dict=False,
+            hidden_states=x_in.to(dtype), encoder_hidden_states=embeds.tokens.to(x_in.device, dtype),
+            pooled_projections=embeds.pooled.to(x_in.device, dtype), timestep=timestep,
+            ref_hidden_states=None if ref is None else ref.to(x_in.device, dtype), return_dict=False,
         )[0].float()
 
     positive = positive.expand_to(batch)

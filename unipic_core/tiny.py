@@ -17,13 +17,19 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from transformers import T5TokenizerFast
 
 from .kontext_transformer import KontextSD3Transformer
+from .repos import KONTEXT_TRANSFORMER_CLASS
 
 # SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk.
 SIZES = {
     "tiny": dict(layers=2, heads=2, head_dim=8, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(8, 8, 16, 16)),
     "mid": dict(layers=6, heads=6, head_dim=32, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64)),
 }
-OFFICIAL_TRANSFORMER_CLASS = "SD3Transformer2DKontextModel"
+# transformer/config.json of UniPic2-SD3.5M-Kontext-2B (SD3.5-Medium's MMDiT), for full-size random-weight runs.
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+)
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
 
@@ -78,7 +84,7 @@ def write_transformer(folder: Path, size: dict) -> None:
     model.save_pretrained(str(folder))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    config["_class_name"] = OFFICIAL_TRANSFORMER_CLASS
+    config["_class_name"] = KONTEXT_TRANSFORMER_CLASS
     config_path.write_text(json.dumps(config, indent=2))
 
 

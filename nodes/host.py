@@ -1,0 +1,74 @@
+"""The one place that touches the ComfyUI host: model folders, memory manager, progress bar and Cancel.
+
+Uses only host APIs that exist unchanged from early-2024 ComfyUI to today (DESIGN.md section 6).
+"""
+
+import logging
+import os
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import torch
+from comfy.model_patcher import ModelPatcher
+
+log = logging.getLogger("unipic2")
+
+UNIPIC2_FOLDER = "unipic2"
+folder_paths.add_model_folder_path(UNIPIC2_FOLDER, os.path.join(folder_paths.models_dir, UNIPIC2_FOLDER))
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_folders(kind: str) -> list[str]:
+    """The registered folders of a model kind ("unipic2", "diffusers"); none when the host lacks the kind."""
+    try:
+        return folder_paths.get_folder_paths(kind)
+    except KeyError:
+        return []
+
+
+def unipic2_download_folder() -> str:
+    return model_folders(UNIPIC2_FOLDER)[0]
+
+
+def pick_dtype(choice: str) -> torch.dtype:
+    """'auto' is bf16 where the device supports it, fp16 on other GPUs, fp32 on the CPU."""
+    if choice != "auto":
+        return DTYPES[choice]
+    device = mm.get_torch_device()
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+def wrap(module: torch.nn.Module) -> ModelPatcher:
+    """A ModelPatcher around one component; its size (for ComfyUI's planning) is the module's true size."""
+    return ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def load_on_device(*patchers: ModelPatcher) -> torch.device:
+    """Let ComfyUI place these components on the compute device (evicting others as it sees fit)."""
+    mm.load_models_gpu(list(patchers))
+    return patchers[0].load_device
+
+
+def check_cancel() -> None:
+    """Raise the host's interrupt exception if the user pressed Cancel."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+class StepProgress:
+    """ComfyUI progress bar with an optional RGB preview [h, w, 3] per step."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def update(self, done: int, total: int, preview_rgb: torch.Tensor | None = None) -> None:
+        preview = None
+        if preview_rgb is not None:
+            from PIL import Image
+
+            pixels = (preview_rgb.cpu().numpy() * 255).round().astype("uint8")
+            preview = ("JPEG", Image.fromarray(pixels), 512)
+        self.bar.update_absolute(done, total, preview)

@@ -1,0 +1,111 @@
+"""UniPic2 Sampler: flow-matching denoising with the Kontext DiT, with or without a reference image."""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..unipic_core import images
+from ..unipic_core.sampling import SAMPLERS, sample
+from ..unipic_core.schedule import denoise_sigmas
+from . import host
+from .conditioning import prompt_embeds, reference_latent
+
+log = logging.getLogger("unipic2")
+
+
+def _grid_latent(raw: torch.Tensor, patch: int) -> torch.Tensor:
+    """The latent resized to the DiT's patch grid when its sides are not multiples of the patch size."""
+    height, width = raw.shape[-2:]
+    grid_h, grid_w = (max(patch, round(s / patch) * patch) for s in (height, width))
+    if (grid_h, grid_w) == (height, width):
+        return raw
+    log.warning("UniPic2 Sampler: latent %dx%d resized to %dx%d (sides must be multiples of %d latent pixels, "
+                "i.e. images a multiple of %d px)", width, height, grid_w, grid_h, patch, patch * 8)
+    return F.interpolate(raw.float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+
+
+class UniPic2Sampler:
+    CATEGORY = "UniPic2/sampling"
+    DESCRIPTION = ("Denoises a latent with UniPic2-Kontext. A reference latent in the conditioning (UniPic2 Edit "
+                   "Reference or native ReferenceLatent) makes it an edit; otherwise it is text-to-image.")
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("UNIPIC2_MODEL", {"tooltip": "From Load UniPic2 Kontext."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt or edit instruction (UniPic2 Text Encode, or SD3 "
+                                          "CLIPTextEncode); may carry the reference image."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt, used when guidance > 1."}),
+            "latent": ("LATENT", {"tooltip": "Sets the output size (and batch); with denoise < 1 also the start."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed; the same "
+                             "seed gives the same image on any device."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (official: 50)."}),
+            "guidance": ("FLOAT", {"default": 3.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free "
+                                   "guidance scale (official: 3.5); 1 skips the negative pass."}),
+            "sampler": (list(SAMPLERS), {"default": "euler", "tooltip": "euler: deterministic ODE. flow-sde: the "
+                                         "Flow-GRPO stochastic sampler, noise set by noise_level."}),
+            "noise_level": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "flow-sde "
+                                      "only: SDE noise scale a (paper: 0.7); 0 equals euler."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Timestep shift; "
+                                "0 uses the checkpoint's scheduler config (3.0 for UniPic2-Kontext)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1, "
+                                  "starts from the input latent noised to that level (img2img)."}),
+        }}
+
+    def sample(self, model, positive, negative, latent, seed, steps, guidance, sampler, noise_level, shift, denoise):
+        transformer = model.patcher.model
+        config = transformer.config
+        pos = prompt_embeds(positive, "positive", config.joint_attention_dim, config.pooled_projection_dim)
+        neg = prompt_embeds(negative, "negative", config.joint_attention_dim, config.pooled_projection_dim)
+
+        raw = latent["samples"]
+        if not torch.isfinite(raw).all():
+            raise ValueError("UniPic2 Sampler: 'latent' contains NaN or infinite values -- check the node that "
+                             "made it (a VAE Encode of a broken image, or a failed earlier sampler)")
+        raw = _grid_latent(raw, config.patch_size)
+        batch, channels, height, width = raw.shape
+        if channels != config.in_channels:
+            if denoise < 1.0:
+                raise ValueError(f"UniPic2 Sampler: 'latent' has {channels} channels; img2img (denoise < 1) needs "
+                                 f"a {config.in_channels}-channel SD3 latent from UniPic2 VAE Encode")
+            raw = raw.new_zeros(batch, config.in_channels, height, width)  # an empty latent only sets the size
+
+        reference = reference_latent(positive, negative)
+        if reference is not None:
+            if reference.shape[-2:] != (height, width):
+                log.warning("UniPic2 Sampler: reference latent %s resized to the output latent %s; for best results "
+                            "feed the latent from UniPic2 Edit Reference", tuple(reference.shape[-2:]), (height, width))
+                reference = F.interpolate(reference.float(), size=(height, width), mode="bilinear")
+            if reference.shape[0] not in (1, batch):
+                raise ValueError(f"UniPic2 Sampler: reference batch {reference.shape[0]} does not match latent "
+                                 f"batch {batch}; use one reference image or one per output")
+            reference = images.raw_to_model(reference, model.vae_shift, model.vae_scale).expand(batch, -1, -1, -1)
+
+        schedule_config = dict(model.scheduler_config)
+        if shift > 0:
+            schedule_config.update(shift=shift, use_dynamic_shifting=False)
+        tokens = (height // config.patch_size) * (width // config.patch_size)
+        sigmas = denoise_sigmas(steps, denoise, schedule_config, image_seq_len=tokens)
+
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(raw.shape, generator=generator, dtype=torch.float32)
+        start = None if denoise >= 1.0 else images.raw_to_model(raw, model.vae_shift, model.vae_scale)
+
+        device = host.load_on_device(model.patcher)
+        progress = host.StepProgress(len(sigmas) - 1)
+
+        def on_step(i, total, x, x0):
+            host.check_cancel()
+            preview = images.latent_preview(images.model_to_raw(x0[0], model.vae_shift, model.vae_scale).cpu(),
+                                            model.latent_rgb)
+            progress.update(i + 1, total, preview)
+
+        move = (lambda t: None if t is None else t.to(device))
+        with torch.no_grad():
+            x = sample(transformer, noise.to(device), sigmas, pos, neg, guidance=guidance, reference=move(reference),
+                       sampler=sampler, noise_level=noise_level, generator=generator, start_latent=move(start),
+                       on_step=on_step)
+        return ({"samples": images.model_to_raw(x, model.vae_shift, model.vae_scale).cpu()},)
