@@ -54,15 +54,26 @@ def free_port() -> int:
 
 
 class Server:
-    """`python main.py --cpu` on 127.0.0.1; stdout and stderr go to log_path."""
+    """`python main.py --cpu` on 127.0.0.1 with its input, output, temp and extra model folders under work_dir.
 
-    def __init__(self, comfy: Path, log_path: Path, output_dir: Path, extra_args: tuple[str, ...] = ()):
+    work_dir/models/unipic2 is registered as an extra model folder, so nothing is written into the host's own
+    folders. stdout and stderr go to work_dir/comfyui.log.
+    """
+
+    def __init__(self, comfy: Path, work_dir: Path):
+        work_dir = Path(work_dir).resolve()
+        self.input, self.output, self.models = work_dir / "input", work_dir / "output", work_dir / "models"
+        for folder in (self.input, self.output, self.models / "unipic2"):
+            folder.mkdir(parents=True, exist_ok=True)
+        extra_paths = work_dir / "extra_model_paths.yaml"
+        extra_paths.write_text(f"unipic2_work:\n    base_path: {self.models}\n    unipic2: unipic2\n")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
+        self.log_path = work_dir / "comfyui.log"
+        self._log = open(self.log_path, "w")
         command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                   "--output-directory", str(output_dir), *extra_args]
+                   "--input-directory", str(self.input), "--output-directory", str(self.output),
+                   "--temp-directory", str(work_dir / "temp"), "--extra-model-paths-config", str(extra_paths)]
         self.process = subprocess.Popen(command, cwd=comfy, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:

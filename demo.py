@@ -3,8 +3,8 @@ the edited image is.
 
     python demo.py [--workflow workflows/unipic2_kontext_t2i.json] [--steps N]
 
-Real weights are used when models/unipic2/UniPic2-SD3.5M-Kontext-2B exists in the host; otherwise a tiny
-random-weight checkpoint (official layout) is generated, so the run checks the plumbing, not the pictures.
+Real weights are used when the host has models/unipic2/UniPic2-SD3.5M-Kontext-2B; otherwise a tiny random-weight
+checkpoint (official layout) is generated in the work folder, so the run checks the plumbing, not the pictures.
 """
 
 import argparse
@@ -19,24 +19,21 @@ TINY = "UniPic2-tiny-Kontext"
 SAMPLE_IMAGE = PACK_DIR / "workflows" / "unipic2_sample.png"
 
 
-def checkpoint_choice(comfy: Path) -> str:
-    """The real checkpoint's repo id when it is in the host, else the (generated) tiny one."""
-    models = comfy / "models" / "unipic2"
-    if (models / REAL / "transformer" / "config.json").exists():
+def checkpoint_choice(host_models: Path, work_models: Path) -> str:
+    """The real checkpoint's repo id when the host has it, else the tiny one (generated on first use)."""
+    if (host_models / REAL / "transformer" / "config.json").exists():
         return f"Skywork/{REAL}"
-    if not (models / TINY / "transformer" / "config.json").exists():
+    if not (work_models / TINY / "transformer" / "config.json").exists():
         from unipic_core.tiny import write_kontext_folder
 
-        print(f"No real weights in {models}/{REAL}: generating a tiny random-weight checkpoint")
-        write_kontext_folder(models / TINY)
+        print(f"No real weights in {host_models / REAL}: generating a tiny random-weight checkpoint")
+        write_kontext_folder(work_models / TINY)
     return TINY
 
 
-def prepare_prompt(workflow: Path, comfy: Path, object_info: dict, steps: int | None) -> dict:
-    """The workflow in API format, pointed at the available checkpoint, with its sample image in input/."""
-    shutil.copy(SAMPLE_IMAGE, comfy / "input" / SAMPLE_IMAGE.name)
+def api_prompt(workflow: Path, object_info: dict, checkpoint: str, steps: int | None = None) -> dict:
+    """The UI-format workflow in API format, its loader pointed at `checkpoint`."""
     prompt = ui_to_api(json.loads(workflow.read_text()), object_info)
-    checkpoint = checkpoint_choice(comfy)
     for node in prompt.values():
         if node["class_type"] == "LoadUniPic2Kontext":
             node["inputs"]["checkpoint"] = checkpoint
@@ -53,17 +50,16 @@ def main() -> None:
     args = parser.parse_args()
 
     comfy = prepare_host(args.work_dir)
-    output_dir = args.work_dir / "output"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(comfy, args.work_dir / "comfyui.log", output_dir)
+    server = Server(comfy, args.work_dir)
     try:
         server.wait_ready()
         print(f"ComfyUI {comfy} serving on {server.url}")
-        prompt = prepare_prompt(args.workflow, comfy, server.get("/object_info"), args.steps)
-        entry = server.run(prompt)
+        shutil.copy(SAMPLE_IMAGE, server.input / SAMPLE_IMAGE.name)
+        checkpoint = checkpoint_choice(comfy / "models" / "unipic2", server.models / "unipic2")
+        entry = server.run(api_prompt(args.workflow, server.get("/object_info"), checkpoint, args.steps))
     finally:
         server.stop()
-    for path in output_images(entry, output_dir):
+    for path in output_images(entry, server.output):
         print(f"Image written: {path}")
 
 

@@ -18,6 +18,10 @@ class UniPic2Model:
     vae_scale: float
     latent_rgb: torch.Tensor  # [C + 1, 3] map for step previews
 
+    @property
+    def transformer(self):
+        return self.patcher.model.module
+
 
 @dataclass
 class UniPic2Text:
@@ -32,3 +36,7 @@ class UniPic2VAE:
     """UNIPIC2_VAE: the SD3 AutoencoderKL."""
 
     patcher: ModelPatcher
+
+    @property
+    def vae(self):
+        return self.patcher.model.module

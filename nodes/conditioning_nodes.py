@@ -70,6 +70,6 @@ class UniPic2EditReference:
             log.warning("UniPic2 Edit Reference: image resized from %dx%d to %dx%d (%s, multiple of %d)",
                         width, height, new_w, new_h, size_policy, multiple_of)
         host.load_on_device(vae.patcher)
-        raw = images.vae_encode(vae.patcher.model, images.resize_image(image, new_w, new_h))
+        raw = images.vae_encode(vae.vae, images.resize_image(image, new_w, new_h))
         latent = {"samples": raw.new_zeros(raw.shape)}
         return with_reference(positive, raw), with_reference(negative, raw), latent

@@ -42,15 +42,27 @@ def pick_dtype(choice: str) -> torch.dtype:
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
 
 
+class Component(torch.nn.Module):
+    """What a ModelPatcher manages: one diffusers/transformers model under `.module`.
+
+    New hosts assign `.device` (and bookkeeping attributes) on the object they manage; diffusers and transformers
+    models expose `device` as a read-only property, so they cannot be handed to ModelPatcher directly.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
 def wrap(module: torch.nn.Module) -> ModelPatcher:
     """A ModelPatcher around one component; its size (for ComfyUI's planning) is the module's true size."""
-    return ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return ModelPatcher(Component(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
-def load_on_device(*patchers: ModelPatcher) -> torch.device:
+def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
     """Let ComfyUI place these components on the compute device (evicting others as it sees fit)."""
     mm.load_models_gpu(list(patchers))
-    return patchers[0].load_device
+    return [p.model.module for p in patchers]
 
 
 def check_cancel() -> None:

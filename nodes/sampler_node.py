@@ -56,8 +56,7 @@ class UniPic2Sampler:
         }}
 
     def sample(self, model, positive, negative, latent, seed, steps, guidance, sampler, noise_level, shift, denoise):
-        transformer = model.patcher.model
-        config = transformer.config
+        config = model.transformer.config
         pos = prompt_embeds(positive, "positive", config.joint_attention_dim, config.pooled_projection_dim)
         neg = prompt_embeds(negative, "negative", config.joint_attention_dim, config.pooled_projection_dim)
 
@@ -94,7 +93,8 @@ class UniPic2Sampler:
         noise = torch.randn(raw.shape, generator=generator, dtype=torch.float32)
         start = None if denoise >= 1.0 else images.raw_to_model(raw, model.vae_shift, model.vae_scale)
 
-        device = host.load_on_device(model.patcher)
+        (transformer,) = host.load_on_device(model.patcher)
+        device = transformer.device
         progress = host.StepProgress(len(sigmas) - 1)
 
         def on_step(i, total, x, x0):

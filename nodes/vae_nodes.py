@@ -30,7 +30,7 @@ class UniPic2VAEEncode:
             top, left = (height - crop_h) // 2, (width - crop_w) // 2
             image = image[:, top:top + crop_h, left:left + crop_w]
         host.load_on_device(vae.patcher)
-        return ({"samples": images.vae_encode(vae.patcher.model, image)},)
+        return ({"samples": images.vae_encode(vae.vae, image)},)
 
 
 class UniPic2VAEDecode:
@@ -48,8 +48,8 @@ class UniPic2VAEDecode:
 
     def decode(self, vae, samples):
         raw = samples["samples"]
-        if raw.ndim != 4 or raw.shape[1] != vae.patcher.model.config.latent_channels:
+        if raw.ndim != 4 or raw.shape[1] != vae.vae.config.latent_channels:
             raise ValueError(f"UniPic2 VAE Decode: 'samples' has shape {tuple(raw.shape)}; expected "
-                             f"[batch, {vae.patcher.model.config.latent_channels}, h, w] from an SD3-family VAE")
+                             f"[batch, {vae.vae.config.latent_channels}, h, w] from an SD3-family VAE")
         host.load_on_device(vae.patcher)
-        return (images.vae_decode(vae.patcher.model, raw),)
+        return (images.vae_decode(vae.vae, raw),)

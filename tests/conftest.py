@@ -68,15 +68,19 @@ class InProcessHost:
         self.output.mkdir()
         folder_paths.set_output_directory(str(self.output))
         folder_paths.set_temp_directory(str(work / "temp"))
-        models = Path(folder_paths.models_dir) / "unipic2"
-        models.mkdir(parents=True, exist_ok=True)
-        if not (models / "UniPic2-tiny-Kontext").exists():
-            (models / "UniPic2-tiny-Kontext").symlink_to(tiny_kontext_dir, target_is_directory=True)
         import nodes
 
-        _maybe_await(nodes.load_custom_node(str(self.dir / "custom_nodes" / PACK_NAME)))
+
+        pack_dir = self.dir / "custom_nodes" / PACK_NAME
+        assert _maybe_await(nodes.load_custom_node(str(pack_dir))) is not False, "the pack failed to import"
         self.nodes = nodes
-        self.pack = sys.modules[PACK_NAME]
+        models = work / "models" / "unipic2"  # an extra model folder: nothing is written into the host's own
+        models.mkdir(parents=True)
+        (models / "UniPic2-tiny-Kontext").symlink_to(tiny_kontext_dir, target_is_directory=True)
+        folder_paths.add_model_folder_path("unipic2", str(models))
+        # the module's name differs between hosts (folder name, or the full path on new ones)
+        self.pack = next(m for m in list(sys.modules.values())
+                         if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
 
     def node(self, name):
         return self.nodes.NODE_CLASS_MAPPINGS[name]()

@@ -37,7 +37,7 @@ def progress_hook():
     import comfy.utils
 
     calls = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview: calls.append((value, total, preview)))
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **_: calls.append((value, total, preview)))
     yield calls
     comfy.utils.set_progress_bar_global_hook(None)
 
@@ -92,7 +92,7 @@ def test_cancel_stops_within_one_step_and_writes_no_file(host, progress_hook):
 
     steps_seen = []
 
-    def press_cancel_after_step_two(value, total, preview):
+    def press_cancel_after_step_two(value, total, preview, **_):  # new hosts pass node_id
         steps_seen.append(value)
         if value == 2:
             mm.interrupt_current_processing(True)
@@ -142,7 +142,7 @@ def test_vae_round_trip_is_in_raw_sd3_space(host, loaded):
     image = torch.rand(2, 64, 80, 3)
     raw = host.node("UniPic2VAEEncode").encode(vae, image)[0]["samples"]
     assert raw.shape == (2, 16, 8, 10)
-    module = vae.patcher.model
+    module = vae.vae
     with torch.no_grad():
         expected = module.encode(image.movedim(-1, 1) * 2 - 1).latent_dist.mode()  # no shift/scale applied
     assert torch.allclose(raw, expected, atol=1e-5)

@@ -3,7 +3,7 @@ import math
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-from unipic_core.sampling import PromptEmbeds, euler_step, flow_sde_step, guided_velocity, sample, step_log_prob
+from unipic_core.sampling import PromptEmbeds, euler_step, flow_sde_step, GuidedVelocity, sample, step_log_prob
 from unipic_core.schedule import flow_sigmas
 from unipic_core.text_encoding import encode_prompts
 
@@ -81,9 +81,9 @@ def test_cfg_unequal_lengths_equals_two_forwards(tiny_kontext):
     pos = PromptEmbeds(torch.randn(1, 9, 32), torch.randn(1, 20))
     neg = PromptEmbeds(torch.randn(1, 5, 32), torch.randn(1, 20))
     with torch.no_grad():
-        got = guided_velocity(model, x, 0.6, pos, neg, 3.0)
-        v_pos = guided_velocity(model, x, 0.6, pos, None, 3.0)
-        v_neg = guided_velocity(model, x, 0.6, neg, None, 3.0)
+        got = GuidedVelocity(model, pos, neg, 3.0, None, 1, x.device)(x, 0.6)
+        v_pos = GuidedVelocity(model, pos, None, 3.0, None, 1, x.device)(x, 0.6)
+        v_neg = GuidedVelocity(model, neg, None, 3.0, None, 1, x.device)(x, 0.6)
     assert torch.allclose(got, v_neg + 3.0 * (v_pos - v_neg), atol=1e-5)
 
 

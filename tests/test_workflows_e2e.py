@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from comfyui_runner import PACK_DIR, Server, output_images, prepare_host, ui_to_api
-from demo import TINY, prepare_prompt
+from demo import SAMPLE_IMAGE, TINY, api_prompt
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352)}
@@ -18,19 +18,16 @@ LOAD_LINE = "UniPic2: loading Kontext checkpoint"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_kontext_dir):
     work = tmp_path_factory.mktemp("server")
-    comfy = prepare_host(work)
-    models = comfy / "models" / "unipic2"
-    models.mkdir(parents=True, exist_ok=True)
-    (models / TINY).symlink_to(tiny_kontext_dir, target_is_directory=True)
-    server = Server(comfy, work / "comfyui.log", work / "output")
-    server.comfy, server.output = comfy, work / "output"
+    server = Server(prepare_host(work), work)
+    (server.models / "unipic2" / TINY).symlink_to(tiny_kontext_dir, target_is_directory=True)
+    (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
     server.wait_ready()
     yield server
     server.stop()
 
 
 def run_workflow(server, workflow: Path, seed: int | None = None) -> list[np.ndarray]:
-    prompt = prepare_prompt(workflow, server.comfy, server.get("/object_info"), steps=None)
+    prompt = api_prompt(workflow, server.get("/object_info"), TINY)
     if seed is not None:
         for node in prompt.values():
             if node["class_type"] == "UniPic2Sampler":

@@ -68,36 +68,42 @@ def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float) -> torch
     return log_density.mean(dim=tuple(range(1, log_density.ndim)))
 
 
-def guided_velocity(
-    transformer, x: torch.Tensor, sigma: float, positive: PromptEmbeds, negative: PromptEmbeds | None,
-    guidance: float, reference: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """v = v_neg + g * (v_pos - v_neg), negative and positive batched in one forward when their lengths match.
+class GuidedVelocity:
+    """v(x, sigma) with classifier-free guidance: v_neg + g * (v_pos - v_neg).
 
-    x: [B, C, H, W] model-space latent (float32); reference: [B, C, H, W] model-space latent or None.
+    Negative and positive run batched in one forward when their token lengths match (two forwards otherwise);
+    the reference latent is shared by both halves. Conditioning is cast to the DiT's device and dtype once, here.
+    positive/negative: PromptEmbeds of batch 1 or `batch`; reference: [1 or batch, C, H, W] model-space or None.
     """
-    dtype = transformer.dtype
-    batch = x.shape[0]
 
-    def forward(x_in, embeds: PromptEmbeds, ref):
-        timestep = torch.full((x_in.shape[0],), sigma * 1000, device=x_in.device, dtype=torch.float32)
-        return transformer(
-            hidden_states=x_in.to(dtype), encoder_hidden_states=embeds.tokens.to(x_in.device, dtype),
-            pooled_projections=embeds.pooled.to(x_in.device, dtype), timestep=timestep,
-            ref_hidden_states=None if ref is None else ref.to(x_in.device, dtype), return_dict=False,
-        )[0].float()
+    def __init__(self, transformer, positive: PromptEmbeds, negative: PromptEmbeds | None, guidance: float,
+                 reference: torch.Tensor | None, batch: int, device: torch.device):
+        self.transformer, self.guidance = transformer, guidance
+        sides = [positive] if negative is None or guidance == 1.0 else [negative, positive]
+        sides = [side.expand_to(batch) for side in sides]
+        self.batched = len(sides) == 2 and sides[0].tokens.shape[1] == sides[1].tokens.shape[1]
+        if self.batched:
+            sides = [PromptEmbeds(torch.cat([s.tokens for s in sides]), torch.cat([s.pooled for s in sides]))]
+        cast = (lambda t: t.to(device, transformer.dtype))
+        copies = len(sides[0].tokens) // batch  # 2 when negative and positive share one forward
+        ref = None if reference is None else cast(reference.expand(batch, -1, -1, -1)).repeat(copies, 1, 1, 1)
+        self.passes = [(cast(side.tokens), cast(side.pooled), ref) for side in sides]
 
-    positive = positive.expand_to(batch)
-    if negative is None or guidance == 1.0:
-        return forward(x, positive, reference)
-    negative = negative.expand_to(batch)
-    if negative.tokens.shape[1] == positive.tokens.shape[1]:
-        both = PromptEmbeds(torch.cat([negative.tokens, positive.tokens]), torch.cat([negative.pooled, positive.pooled]))
-        ref_both = None if reference is None else torch.cat([reference, reference])
-        v_neg, v_pos = forward(torch.cat([x, x]), both, ref_both).chunk(2)
-    else:
-        v_neg, v_pos = forward(x, negative, reference), forward(x, positive, reference)
-    return v_neg + guidance * (v_pos - v_neg)
+    def _forward(self, x: torch.Tensor, sigma: float, tokens, pooled, ref) -> torch.Tensor:
+        x_in = x.to(tokens.dtype).repeat(len(tokens) // len(x), 1, 1, 1)
+        timestep = torch.full((len(x_in),), sigma * 1000, device=x.device, dtype=torch.float32)
+        return self.transformer(hidden_states=x_in, encoder_hidden_states=tokens, pooled_projections=pooled,
+                                timestep=timestep, ref_hidden_states=ref, return_dict=False)[0].float()
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x: [B, C, H, W] model-space latent -> velocity [B, C, H, W] (float32)."""
+        outputs = [self._forward(x, sigma, *p) for p in self.passes]
+        if self.batched:
+            outputs = outputs[0].chunk(2)
+        if len(outputs) == 1:
+            return outputs[0]
+        v_neg, v_pos = outputs
+        return v_neg + self.guidance * (v_pos - v_neg)
 
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -118,12 +124,13 @@ def sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     x = noise.float()
+    velocity_of = GuidedVelocity(transformer, positive, negative, guidance, reference, x.shape[0], x.device)
     if start_latent is not None:
         x = sigmas[0].item() * x + (1 - sigmas[0].item()) * start_latent.float()
     total = len(sigmas) - 1
     for i in range(total):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        velocity = guided_velocity(transformer, x, sigma, positive, negative, guidance, reference)
+        velocity = velocity_of(x, sigma)
         x0_estimate = x - sigma * velocity
         if sampler == "euler" or sigma_next == 0.0:
             # The last step of flow-sde lands on sigma = 0, where the SDE has no noise term: Euler is exact there.
