@@ -131,13 +131,14 @@ def sample(
     for i in range(total):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         velocity = velocity_of(x, sigma)
-        x0_estimate = x - sigma * velocity
+        x_prev = x
         if sampler == "euler" or sigma_next == 0.0:
-            # The last step of flow-sde lands on sigma = 0, where the SDE has no noise term: Euler is exact there.
+            # flow-sde's last step (to sigma = 0) is Euler so no SDE noise is left in the image; the GRPO
+            # trainer, which needs a log-prob for every step, uses flow_sde_step there too.
             x = euler_step(x, velocity, sigma, sigma_next)
         else:
             step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
             x, _, _ = flow_sde_step(x, velocity, sigmas, i, noise_level, step_noise)
         if on_step is not None:
-            on_step(i, total, x, x0_estimate)
+            on_step(i, total, x, x_prev - sigma * velocity)
     return x
