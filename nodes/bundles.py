@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from comfy.model_patcher import ModelPatcher
 
+from ..unipic_core.metaquery import MetaQueryMLLM
 from ..unipic_core.text_encoding import SD3TextEncoders
 
 
@@ -40,3 +41,13 @@ class UniPic2VAE:
     @property
     def vae(self):
         return self.patcher.model.module
+
+
+@dataclass
+class UniPic2MLLM:
+    """UNIPIC2_MLLM: Qwen2.5-VL + processor + MetaQuery conditioner, the MLLM and the conditioner in their own
+    ModelPatchers so ComfyUI can offload the 7B MLLM before sampling."""
+
+    encoder: MetaQueryMLLM
+    mllm_patcher: ModelPatcher
+    conditioner_patcher: ModelPatcher

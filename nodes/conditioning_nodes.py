@@ -35,6 +35,38 @@ class UniPic2TextEncode:
         return to_conditioning(positive), to_conditioning(negative)
 
 
+SIZE_INPUTS = {
+    "size_policy": (["longer edge", "keep size"], {"default": "longer edge", "tooltip": "longer edge: scale so the "
+                    "longer side is 'longer_edge' (official: 512). keep size: only round to the grid."}),
+    "longer_edge": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip": "Target length of the "
+                            "longer side with the 'longer edge' policy."}),
+    "multiple_of": ("INT", {"default": 32, "min": 16, "max": 128, "step": 16, "tooltip": "Both sides are rounded to "
+                            "a multiple of this (16 is the DiT's patch grid; official: 32)."}),
+}
+
+
+def sized_image(image, node: str, name: str, size_policy: str, longer_edge: int, multiple_of: int):
+    """The IMAGE resized by the size policy (the official editing scripts' rule by default); says when it resized."""
+    images.check_image(image, f"{node}: '{name}'")
+    height, width = image.shape[1:3]
+    if size_policy == "longer edge":
+        edge = max(multiple_of, round(longer_edge / multiple_of) * multiple_of)
+        new_w, new_h = images.longer_edge_size(width, height, edge, multiple_of)
+    else:
+        new_w, new_h = (max(multiple_of, round(s / multiple_of) * multiple_of) for s in (width, height))
+    if (new_w, new_h) != (width, height):
+        log.warning("%s: '%s' resized from %dx%d to %dx%d (%s, multiple of %d)", node, name, width, height,
+                    new_w, new_h, size_policy, multiple_of)
+    return images.resize_image(image, new_w, new_h)
+
+
+def attach_reference(vae, image, positive, negative):
+    """Both conditionings with the image's raw VAE latent attached, and the empty LATENT of the same size."""
+    host.load_on_device(vae.patcher)
+    raw = images.vae_encode(vae.vae, image)
+    return with_reference(positive, raw), with_reference(negative, raw), {"samples": raw.new_zeros(raw.shape)}
+
+
 class UniPic2EditReference:
     CATEGORY = "UniPic2/conditioning"
     DESCRIPTION = ("Attaches the image to edit to both conditionings and gives the matching empty latent. "
@@ -46,30 +78,13 @@ class UniPic2EditReference:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("UNIPIC2_VAE", {"tooltip": "From Load UniPic2 Kontext."}),
+            "vae": ("UNIPIC2_VAE", {"tooltip": "From a UniPic2 loader."}),
             "image": ("IMAGE", {"tooltip": "The image to edit (at least 64 px per side)."}),
             "positive": ("CONDITIONING", {"tooltip": "The edit instruction's conditioning."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),
-            "size_policy": (["longer edge", "keep size"], {"default": "longer edge", "tooltip": "longer edge: scale "
-                            "so the longer side is 'longer_edge' (official: 512). keep size: only round to the grid."}),
-            "longer_edge": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip": "Target length of "
-                                    "the longer side with the 'longer edge' policy."}),
-            "multiple_of": ("INT", {"default": 32, "min": 16, "max": 128, "step": 16, "tooltip": "Both sides are "
-                                    "rounded to a multiple of this (16 is the DiT's patch grid; official: 32)."}),
+            **SIZE_INPUTS,
         }}
 
     def attach(self, vae, image, positive, negative, size_policy, longer_edge, multiple_of):
-        images.check_image(image, "UniPic2 Edit Reference: 'image'")
-        height, width = image.shape[1:3]
-        if size_policy == "longer edge":
-            edge = max(multiple_of, round(longer_edge / multiple_of) * multiple_of)
-            new_w, new_h = images.longer_edge_size(width, height, edge, multiple_of)
-        else:
-            new_w, new_h = (max(multiple_of, round(s / multiple_of) * multiple_of) for s in (width, height))
-        if (new_w, new_h) != (width, height):
-            log.warning("UniPic2 Edit Reference: image resized from %dx%d to %dx%d (%s, multiple of %d)",
-                        width, height, new_w, new_h, size_policy, multiple_of)
-        host.load_on_device(vae.patcher)
-        raw = images.vae_encode(vae.vae, images.resize_image(image, new_w, new_h))
-        latent = {"samples": raw.new_zeros(raw.shape)}
-        return with_reference(positive, raw), with_reference(negative, raw), latent
+        image = sized_image(image, "UniPic2 Edit Reference", "image", size_policy, longer_edge, multiple_of)
+        return attach_reference(vae, image, positive, negative)

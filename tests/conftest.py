@@ -26,6 +26,20 @@ def tiny_kontext(tiny_kontext_dir):
     return load_kontext(tiny_kontext_dir, torch.float32)
 
 
+@pytest.fixture(scope="session")
+def tiny_metaquery_dir(tmp_path_factory) -> Path:
+    from unipic_core.tiny import write_metaquery_folder
+
+    return write_metaquery_folder(tmp_path_factory.mktemp("ckpt") / "UniPic2-tiny-MetaQuery")
+
+
+@pytest.fixture(scope="session")
+def tiny_metaquery(tiny_metaquery_dir):
+    from unipic_core.loading import load_metaquery
+
+    return load_metaquery(tiny_metaquery_dir, dtype=torch.float32)
+
+
 class RecordingServer:
     """What execution.PromptExecutor needs from the server: it records the messages it is sent."""
 

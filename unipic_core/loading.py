@@ -14,17 +14,24 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import (AutoProcessor, CLIPTextModelWithProjection, CLIPTokenizer, Qwen2_5_VLForConditionalGeneration,
+                          T5EncoderModel, T5TokenizerFast)
 
+from .conditioner import MetaQueryConditioner
+from .folders import find_qwen_inside, is_qwen25vl_folder
 from .kontext_transformer import KontextSD3Transformer
-from .repos import KONTEXT_REPOS
+from .metaquery import MetaQueryMLLM
+from .repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
 from .text_encoding import SD3TextEncoders
 
 log = logging.getLogger("unipic2")
 
 KONTEXT_LAYOUT = "transformer/, vae/, scheduler/, text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
-REQUIRED_FILES = ("transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
-                  "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/", "tokenizer_2/")
+METAQUERY_LAYOUT = "transformer/, vae/, scheduler/ and conditioner/"
+METAQUERY_FILES = ("transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                   "conditioner/config.json")
+KONTEXT_FILES = ("transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                 "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/", "tokenizer_2/")
 
 
 class CheckpointError(ValueError):
@@ -39,13 +46,14 @@ class KontextComponents:
     scheduler_config: dict
 
 
-def check_kontext_folder(folder: Path) -> None:
+def check_folder(folder: Path, required: tuple[str, ...], layout: str, example_repo: str) -> None:
+    """Raise a CheckpointError naming the first missing file and the expected layout."""
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; expected a diffusers folder with {KONTEXT_LAYOUT}")
-    for name in REQUIRED_FILES:
+        raise CheckpointError(f"{folder} is not a folder; expected a diffusers folder with {layout}")
+    for name in required:
         if not (folder / name).exists():
             raise CheckpointError(f"'{name}' not found in {folder} -- expected a diffusers folder with "
-                                  f"{KONTEXT_LAYOUT}, as in {KONTEXT_REPOS[0]} on the Hugging Face hub")
+                                  f"{layout}, as in {example_repo} on the Hugging Face hub")
 
 
 def check_safetensors(component: Path) -> None:
@@ -109,7 +117,7 @@ def load_text_encoders(folder: Path, dtype: torch.dtype, joint_dim: int) -> SD3T
 def load_kontext(folder: str | Path, dtype: torch.dtype = torch.float32) -> KontextComponents:
     """Load every component of a Kontext folder on the CPU in `dtype`."""
     folder = Path(folder)
-    check_kontext_folder(folder)
+    check_folder(folder, KONTEXT_FILES, KONTEXT_LAYOUT, KONTEXT_REPOS[0])
     log.info("UniPic2: loading Kontext checkpoint %s (%s)", folder, dtype)
     transformer = load_pretrained(KontextSD3Transformer, folder / "transformer", dtype)
     return KontextComponents(
@@ -133,3 +141,53 @@ def download_repo(repo_id: str, destination: Path) -> Path:
             f"could not download {repo_id} ({type(err).__name__}: {err}). Without internet access, download it "
             f"elsewhere (huggingface-cli download {repo_id}) and copy the folder to {destination}") from err
     return destination
+
+
+@dataclass
+class MetaQueryComponents:
+    transformer: KontextSD3Transformer
+    vae: AutoencoderKL
+    mllm: MetaQueryMLLM
+    scheduler_config: dict
+
+
+def check_qwen_folder(folder: Path) -> None:
+    if not is_qwen25vl_folder(folder):
+        raise CheckpointError(f"{folder} is not a Qwen2.5-VL folder (config.json with model_type 'qwen2_5_vl'); "
+                              f"download {QWEN_REPO}")
+    has_tokenizer = (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()
+    if not (folder / "preprocessor_config.json").exists() or not has_tokenizer:
+        raise CheckpointError(f"{folder} has no processor/tokenizer files (preprocessor_config.json, tokenizer.json "
+                              f"or vocab.json + merges.txt); copy them from {QWEN_REPO}")
+
+
+def load_metaquery_mllm(qwen_folder: Path, conditioner_folder: Path, dtype: torch.dtype) -> MetaQueryMLLM:
+    """Qwen2.5-VL, its processor and the conditioner, checked to fit each other."""
+    check_qwen_folder(qwen_folder)
+    conditioner = load_pretrained(MetaQueryConditioner, conditioner_folder, dtype)
+    mllm = load_pretrained(Qwen2_5_VLForConditionalGeneration, qwen_folder, dtype)
+    mllm_width, expected = mllm.config.text_config.hidden_size, conditioner.config.llm_hidden_size
+    if mllm_width != expected:
+        raise CheckpointError(f"the MLLM in {qwen_folder} has hidden size {mllm_width} but the conditioner in "
+                              f"{conditioner_folder} expects {expected} (llm_hidden_size); use {QWEN_REPO}")
+    return MetaQueryMLLM(mllm, AutoProcessor.from_pretrained(str(qwen_folder)), conditioner)
+
+
+def load_metaquery(folder: str | Path, qwen_folder: str | Path | None = None,
+                   dtype: torch.dtype = torch.float32) -> MetaQueryComponents:
+    """Load a MetaQuery folder on the CPU; the MLLM from `qwen_folder`, or from inside the folder when None."""
+    folder = Path(folder)
+    check_folder(folder, METAQUERY_FILES, METAQUERY_LAYOUT, METAQUERY_REPOS[0])
+    qwen_folder = Path(qwen_folder) if qwen_folder else find_qwen_inside(folder)
+    if qwen_folder is None:
+        raise CheckpointError(f"{folder} holds no Qwen2.5-VL folder; choose one ({QWEN_REPO}) in the loader")
+    log.info("UniPic2: loading MetaQuery checkpoint %s with MLLM %s (%s)", folder, qwen_folder, dtype)
+    transformer = load_pretrained(KontextSD3Transformer, folder / "transformer", dtype)
+    mllm = load_metaquery_mllm(qwen_folder, folder / "conditioner", dtype)
+    dit = transformer.config
+    made = mllm.conditioner.config
+    if (made.joint_attention_dim, made.pooled_projection_dim) != (dit.joint_attention_dim, dit.pooled_projection_dim):
+        raise CheckpointError(f"{folder}: the conditioner makes {made.joint_attention_dim}/{made.pooled_projection_dim}"
+                              f"-wide conditioning, the DiT takes {dit.joint_attention_dim}/{dit.pooled_projection_dim}")
+    return MetaQueryComponents(transformer, load_pretrained(AutoencoderKL, folder / "vae", dtype), mllm,
+                               load_scheduler_config(folder))

@@ -1,6 +1,6 @@
 """Write small random-weight checkpoints in the official UniPic2 folder layout.
 
-    python -m unipic_core.tiny OUT_DIR [--size tiny|mid]
+    python -m unipic_core.tiny OUT_DIR [--size tiny|mid] [--kind kontext|metaquery]
 
 The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
 component, tokenizers saved by their own classes), so tests, the demo and CI exercise the real paths offline.
@@ -16,13 +16,17 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 from transformers import T5TokenizerFast
 
+from .conditioner import MetaQueryConditioner
 from .kontext_transformer import KontextSD3Transformer
-from .repos import KONTEXT_TRANSFORMER_CLASS
+from .repos import CONDITIONER_CLASS, KONTEXT_TRANSFORMER_CLASS
+from .tiny_qwen import write_qwen25vl_folder
 
 # SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk.
 SIZES = {
-    "tiny": dict(layers=2, heads=2, head_dim=8, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(8, 8, 16, 16)),
-    "mid": dict(layers=6, heads=6, head_dim=32, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64)),
+    "tiny": dict(layers=2, heads=2, head_dim=8, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(8, 8, 16, 16),
+                 llm=32, connector=16, connector_layers=2),
+    "mid": dict(layers=6, heads=6, head_dim=32, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64),
+                llm=256, connector=128, connector_layers=4),
 }
 # transformer/config.json of UniPic2-SD3.5M-Kontext-2B (SD3.5-Medium's MMDiT), for full-size random-weight runs.
 SD35M_TRANSFORMER = dict(
@@ -81,11 +85,28 @@ def write_transformer(folder: Path, size: dict) -> None:
         caption_projection_dim=size["heads"] * size["head_dim"], pooled_projection_dim=size["clip_l"] + size["clip_g"],
         pos_embed_max_size=96, qk_norm="rms_norm", dual_attention_layers=tuple(range(size["layers"] // 2 + 1)),
     )
+    save_with_official_class(model, folder, KONTEXT_TRANSFORMER_CLASS)
+
+
+def save_with_official_class(model, folder: Path, class_name: str) -> None:
+    """save_pretrained, then name the class as the official config.json does (our class names differ)."""
     model.save_pretrained(str(folder))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    config["_class_name"] = KONTEXT_TRANSFORMER_CLASS
+    config["_class_name"] = class_name
     config_path.write_text(json.dumps(config, indent=2))
+
+
+def write_conditioner(folder: Path, size: dict) -> None:
+    width = size["connector"]
+    conditioner = MetaQueryConditioner(
+        connector_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=size["connector_layers"],
+                              num_attention_heads=2, _attn_implementation="flash_attention_2"),
+        num_queries=256, llm_hidden_size=size["llm"], pooled_projection_dim=size["clip_l"] + size["clip_g"],
+        joint_attention_dim=size["t5"],
+    )
+    torch.nn.init.normal_(conditioner.meta_queries, std=0.02)  # zeros would make every query identical
+    save_with_official_class(conditioner, folder, CONDITIONER_CLASS)
 
 
 def write_vae(folder: Path, channels: tuple[int, ...]) -> None:
@@ -96,14 +117,19 @@ def write_vae(folder: Path, channels: tuple[int, ...]) -> None:
     ).save_pretrained(str(folder))
 
 
+def write_dit_and_vae(out: Path, spec: dict) -> None:
+    """What Kontext and MetaQuery folders share: transformer/, vae/, scheduler/."""
+    write_transformer(out / "transformer", spec)
+    write_vae(out / "vae", spec["vae"])
+    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(str(out / "scheduler"))
+
+
 def write_kontext_folder(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a complete random-weight Kontext folder (official layout) to `out` and return its path."""
     out = Path(out)
     spec = SIZES[size]
     torch.manual_seed(seed)
-    write_transformer(out / "transformer", spec)
-    write_vae(out / "vae", spec["vae"])
-    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(str(out / "scheduler"))
+    write_dit_and_vae(out, spec)
     write_clip(out / "text_encoder", out / "tokenizer", spec["clip_l"])
     write_clip(out / "text_encoder_2", out / "tokenizer_2", spec["clip_g"])
     write_t5(out / "text_encoder_3", out / "tokenizer_3", spec["t5"], spec["t5_layers"])
@@ -111,12 +137,29 @@ def write_kontext_folder(out: str | Path, size: str = "tiny", seed: int = 0) -> 
     return out
 
 
+def write_metaquery_folder(out: str | Path, size: str = "tiny", seed: int = 0, qwen_inside: bool = True) -> Path:
+    """Write a random-weight MetaQuery folder (transformer/, vae/, scheduler/, conditioner/) to `out`; with
+    qwen_inside, a matching tiny Qwen2.5-VL folder goes in `out`/Qwen2.5-VL-tiny, else write one separately with
+    tiny_qwen.write_qwen25vl_folder(path, SIZES[size]["llm"])."""
+    out = Path(out)
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    write_dit_and_vae(out, spec)
+    write_conditioner(out / "conditioner", spec)
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "UniPic2MetaQueryPipeline"}, indent=2))
+    if qwen_inside:
+        write_qwen25vl_folder(out / "Qwen2.5-VL-tiny", hidden_size=spec["llm"], seed=seed)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write (created)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--kind", choices=["kontext", "metaquery"], default="kontext")
     args = parser.parse_args()
-    print(write_kontext_folder(args.out, args.size))
+    writer = write_kontext_folder if args.kind == "kontext" else write_metaquery_folder
+    print(writer(args.out, args.size))
 
 
 if __name__ == "__main__":
