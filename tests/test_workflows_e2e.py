@@ -7,37 +7,44 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_runner import PACK_DIR, Server, output_images, prepare_host, ui_to_api
-from demo import SAMPLE_IMAGE, TINY, api_prompt
+from comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
+from demo import LOADERS, SAMPLE_IMAGE, api_prompt
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
-EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352)}
+EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352),
+                  "unipic2_metaquery_t2i.json": (384, 512), "unipic2_metaquery_edit.json": (512, 352)}
+TEXT_WORKFLOWS = {"unipic2_understand.json"}
 LOAD_LINE = "UniPic2: loading Kontext checkpoint"
+TINY = {loader: tiny for loader, (_, tiny, _) in LOADERS.items()}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_kontext_dir):
+def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     work = tmp_path_factory.mktemp("server")
     server = Server(prepare_host(work), work)
-    (server.models / "unipic2" / TINY).symlink_to(tiny_kontext_dir, target_is_directory=True)
+    for loader, folder in (("LoadUniPic2Kontext", tiny_kontext_dir), ("LoadUniPic2MetaQuery", tiny_metaquery_dir)):
+        (server.models / "unipic2" / TINY[loader]).symlink_to(folder, target_is_directory=True)
     (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
     server.wait_ready()
     yield server
     server.stop()
 
 
-def run_workflow(server, workflow: Path, seed: int | None = None) -> list[np.ndarray]:
-    prompt = api_prompt(workflow, server.get("/object_info"), TINY)
+def run_workflow(server, workflow: Path, seed: int | None = None) -> dict:
+    prompt = api_prompt(workflow, server.get("/object_info"), TINY.get)
     if seed is not None:
         for node in prompt.values():
-            if node["class_type"] == "UniPic2Sampler":
+            if node["class_type"] in ("UniPic2Sampler", "UniPic2Understand"):
                 node["inputs"]["seed"] = seed
-    entry = server.run(prompt)
+    return server.run(prompt)
+
+
+def images_of(server, entry: dict) -> list[np.ndarray]:
     return [np.asarray(Image.open(path)) for path in output_images(entry, server.output)]
 
 
 def test_shipped_workflows_are_ui_format_with_our_nodes():
-    assert {w.name for w in WORKFLOWS} >= set(EXPECTED_SIZES)
+    assert {w.name for w in WORKFLOWS} == set(EXPECTED_SIZES) | TEXT_WORKFLOWS
     for workflow in WORKFLOWS:
         data = json.loads(workflow.read_text())
         assert {"nodes", "links", "version"} <= data.keys(), workflow.name
@@ -55,8 +62,13 @@ def test_ui_to_api_maps_links_and_skips_the_seed_control_value(server):
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda w: w.name)
-def test_workflow_runs_on_a_server_and_writes_images_of_the_expected_size(server, workflow):
-    images = run_workflow(server, workflow)
+def test_workflow_runs_on_a_server_and_gives_its_output(server, workflow):
+    entry = run_workflow(server, workflow)
+    if workflow.name in TEXT_WORKFLOWS:
+        texts = output_texts(entry)
+        assert len(texts) == 1 and texts[0].strip()
+        return
+    images = images_of(server, entry)
     assert len(images) == 1
     height, width = images[0].shape[:2]
     assert (width, height) == EXPECTED_SIZES[workflow.name]
@@ -65,9 +77,15 @@ def test_workflow_runs_on_a_server_and_writes_images_of_the_expected_size(server
 
 def test_seeds_are_reproducible_and_the_model_loads_once(server):
     edit = PACK_DIR / "workflows" / "unipic2_kontext_edit.json"
-    first = run_workflow(server, edit, seed=1)[0]
-    other = run_workflow(server, edit, seed=2)[0]
-    again = run_workflow(server, edit, seed=1)[0]
+    first = images_of(server, run_workflow(server, edit, seed=1))[0]
+    loads = server.log().count(LOAD_LINE)  # earlier tests may have loaded another checkpoint in between
+    other, again = (images_of(server, run_workflow(server, edit, seed=s))[0] for s in (2, 1))
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
-    assert server.log().count(LOAD_LINE) == 1
+    assert loads >= 1 and server.log().count(LOAD_LINE) == loads  # executing again did not reload
+
+
+def test_understand_workflow_is_deterministic_per_seed(server):
+    understand = PACK_DIR / "workflows" / "unipic2_understand.json"
+    answers = [output_texts(run_workflow(server, understand, seed=s))[0] for s in (5, 6, 5)]
+    assert answers[0] == answers[2]
