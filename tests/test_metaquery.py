@@ -38,7 +38,7 @@ def test_chat_text_has_no_system_turn_and_ends_with_the_generation_prompt(tiny_m
 
 def test_last_positions_carry_the_meta_queries(tiny_metaquery, captured):
     encoder = tiny_metaquery.mllm
-    inputs = query_inputs(encoder, "a red fox", [])
+    inputs = query_inputs(encoder, ["a red fox"], [])
     assert torch.equal(inputs["input_ids"][0, -NUM_QUERIES:], torch.zeros(NUM_QUERIES, dtype=torch.long))
     assert inputs["attention_mask"].all()
     query_hidden_states(encoder, inputs)
@@ -50,7 +50,7 @@ def test_last_positions_carry_the_meta_queries(tiny_metaquery, captured):
 
 def test_positions_are_one_dimensional_as_in_the_official_scripts(tiny_metaquery, captured):
     encoder = tiny_metaquery.mllm
-    inputs = query_inputs(encoder, "make it snow", [image(128, 96)])
+    inputs = query_inputs(encoder, ["make it snow"], [image(128, 96)])
     query_hidden_states(encoder, inputs)
     positions = captured[-1]["position_ids"]
     length = inputs["input_ids"].shape[1]
@@ -62,7 +62,7 @@ def test_positions_are_one_dimensional_as_in_the_official_scripts(tiny_metaquery
 def test_each_image_gets_one_vision_token_per_32px_patch(tiny_metaquery, captured, sizes):
     encoder = tiny_metaquery.mllm
     pictures = [image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
-    inputs = query_inputs(encoder, "make it snow", pictures)
+    inputs = query_inputs(encoder, ["make it snow"], pictures)
     image_token = encoder.mllm.config.image_token_id
     assert (inputs["input_ids"] == image_token).sum() == sum(w * h // 32**2 for w, h in sizes)
     assert inputs["image_grid_thw"].tolist() == [[1, h // 16, w // 16] for w, h in sizes]
@@ -81,7 +81,7 @@ def test_encoding_shapes_pooled_and_determinism(tiny_metaquery):
     assert first.tokens.shape == (2, NUM_QUERIES, dit.joint_attention_dim)
     assert first.pooled.shape == (2, dit.pooled_projection_dim)
     assert torch.equal(first.tokens, again.tokens) and torch.equal(first.pooled, again.pooled)
-    hidden = query_hidden_states(encoder, query_inputs(encoder, "a red fox", []))
+    hidden = query_hidden_states(encoder, query_inputs(encoder, ["a red fox"], []))
     conditioner = encoder.conditioner
     with torch.no_grad():
         connected = conditioner.connector(conditioner.projector_1(hidden)).last_hidden_state
@@ -149,3 +149,17 @@ def test_metaquery_folder_without_conditioner_is_named(tiny_metaquery_dir, tmp_p
     shutil.rmtree(copy / "conditioner")
     with pytest.raises(CheckpointError, match=r"'conditioner/config.json' not found .* conditioner/"):
         load_metaquery(copy)
+
+
+def test_a_batch_is_right_padded_before_the_queries_and_positions_skip_the_padding(tiny_metaquery):
+    encoder = tiny_metaquery.mllm
+    inputs = query_inputs(encoder, ["a long prompt about a red fox in the snow", "blurry"], [])
+    ids, mask, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
+    short = int(mask[1, :-NUM_QUERIES].sum())
+    longest = ids.shape[1] - NUM_QUERIES
+    assert mask[0].all() and short < longest
+    assert not mask[1, short:longest].any() and mask[1, longest:].all()
+    assert (ids[1, short:longest] == encoder.processor.tokenizer.pad_token_id).all()
+    expected = torch.cat([torch.arange(short), torch.ones(longest - short, dtype=torch.long),
+                          torch.arange(short, short + NUM_QUERIES)])
+    assert torch.equal(positions[:, 1], expected.expand(3, -1))

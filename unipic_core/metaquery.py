@@ -6,6 +6,7 @@ The recipe follows the official inference scripts:
 - 256 positions are appended whose input embeddings are the conditioner's meta queries (attention mask 1);
 - image-token slots take the vision tower's embeddings, each image resized so min_pixels = max_pixels =
   H*W*(28/32)^2, i.e. one vision token per 32-px DiT patch;
+- the positive and negative prompts run as one batch, right-padded before the query slots, padding masked;
 - position ids are 1-D (cumulative attention mask, on all three M-RoPE axes): the official scripts call the
   language model with inputs_embeds only, and in the pinned transformers (4.55) that gives 1-D positions even
   for image tokens. We pass them explicitly, so newer transformers compute the same thing;
@@ -83,31 +84,44 @@ def expand_image_tokens(processor, text: str, grids: torch.Tensor) -> str:
     return parts[0] + "".join(token * (int(g.prod()) // merge**2) + part for g, part in zip(grids, parts[1:]))
 
 
-def query_inputs(encoder: MetaQueryMLLM, prompt: str, images: list[torch.Tensor]) -> dict:
-    """Token ids (queries appended as id 0), attention mask, 1-D positions, and vision inputs for one prompt."""
+def query_inputs(encoder: MetaQueryMLLM, prompts: list[str], images: list[torch.Tensor]) -> dict:
+    """Model inputs for a batch of prompts sharing the same images, as the official scripts build them.
+
+    Each row is [chat text, right padding, Q query slots (id 0)]; padding is masked out, and the 1-D positions
+    count only unmasked tokens, so a row's result equals encoding its prompt alone.
+    """
     processor, num_queries = encoder.processor, encoder.conditioner.config.num_queries
-    text = query_chat_text(processor, prompt, len(images))
     pixel_values = grids = None
     if images:
         pixel_values, grids = vision_inputs(processor, images)
-        text = expand_image_tokens(processor, text, grids)
-    ids = processor.tokenizer(text, return_tensors="pt").input_ids
-    ids = torch.cat([ids, ids.new_zeros(1, num_queries)], dim=1)
-    mask = torch.ones_like(ids)
-    positions = (mask.cumsum(-1) - 1).expand(3, -1, -1)  # 1-D on all M-RoPE axes, as the official scripts get
+    rows = []
+    for prompt in prompts:
+        text = query_chat_text(processor, prompt, len(images))
+        if images:
+            text = expand_image_tokens(processor, text, grids)
+        rows.append(processor.tokenizer(text, return_tensors="pt").input_ids[0])
+    longest = max(len(row) for row in rows)
+    pad_id = processor.tokenizer.pad_token_id
+    ids = torch.stack([torch.cat([row, row.new_full((longest - len(row),), pad_id), row.new_zeros(num_queries)])
+                       for row in rows])
+    mask = torch.stack([torch.cat([torch.ones(len(row)), torch.zeros(longest - len(row)), torch.ones(num_queries)])
+                        for row in rows]).long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1).expand(3, -1, -1)
+    if images:  # every row sees the same images
+        pixel_values, grids = pixel_values.repeat(len(prompts), 1), grids.repeat(len(prompts), 1)
     return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixel_values,
                 image_grid_thw=grids)
 
 
 @torch.no_grad()
 def query_hidden_states(encoder: MetaQueryMLLM, inputs: dict) -> torch.Tensor:
-    """The MLLM's last hidden states at the query positions [1, Q, D_llm]."""
+    """The MLLM's last hidden states at the query positions [B, Q, D_llm]."""
     mllm, conditioner = encoder.mllm, encoder.conditioner
     device = mllm.device
     ids = inputs["input_ids"].to(device)
     embeds = mllm.get_input_embeddings()(ids)
     num_queries = conditioner.config.num_queries
-    embeds[:, -num_queries:] = conditioner.meta_queries.to(device, embeds.dtype)
+    embeds[:, -num_queries:] = conditioner.meta_queries.to(device, embeds.dtype)  # broadcast over the batch
     if inputs["pixel_values"] is not None:
         features = mllm.model.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
         embeds[ids == mllm.config.image_token_id] = torch.cat(features.pooler_output).to(embeds.dtype)
@@ -121,10 +135,10 @@ def query_hidden_states(encoder: MetaQueryMLLM, inputs: dict) -> torch.Tensor:
 def encode_metaquery(encoder: MetaQueryMLLM, prompts: list[str], images: list[torch.Tensor] = ()) -> PromptEmbeds:
     """prompts (each with the same images, [H, W, 3] 0..1 at the DiT size) -> PromptEmbeds [B, Q, D_joint] / [B, D_pooled].
 
-    Prompts are encoded one at a time: no padding, so each equals the official batched call row for row.
+    All prompts (typically the positive and the negative) run as one batch, as in the official scripts.
     """
     conditioner = encoder.conditioner
-    hidden = torch.cat([query_hidden_states(encoder, query_inputs(encoder, p, list(images))) for p in prompts])
+    hidden = query_hidden_states(encoder, query_inputs(encoder, prompts, list(images)))
     tokens, pooled = conditioner(hidden.to(conditioner.device, conditioner.dtype))
     return PromptEmbeds(tokens.float().cpu(), pooled.float().cpu())
 
