@@ -5,11 +5,14 @@
 Text-to-image runs against diffusers' StableDiffusion3Pipeline (latent output, given embeddings and latents);
 editing against a plain loop over diffusers' FlowMatchEulerDiscreteScheduler calling the same Kontext DiT with
 the reference latent. Prints time per step and peak memory, and the ratio project / reference (target <= 1.0).
-Peak memory is CUDA's max_memory_allocated on a GPU and the process RSS growth (sampled) on the CPU.
+Peak memory is CUDA's max_memory_allocated on a GPU, and on the CPU the growth of the process RSS (sampled every
+2 ms, after returning freed heap to the OS with malloc_trim).
 --full-size builds SD3.5-Medium's DiT with random weights (GPU: bf16 at 512^2 and 1024^2).
 """
 
 import argparse
+import ctypes
+import gc
 import tempfile
 import threading
 import time
@@ -39,6 +42,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            # hand freed heap back to the OS first, so the growth measured is this run's, not a reuse of the last
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             self.process = psutil.Process()
             self.start = self.process.memory_info().rss
             self.running = True

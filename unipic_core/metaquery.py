@@ -88,7 +88,8 @@ def query_inputs(encoder: MetaQueryMLLM, prompts: list[str], images: list[torch.
     """Model inputs for a batch of prompts sharing the same images, as the official scripts build them.
 
     Each row is [chat text, right padding, Q query slots (id 0)]; padding is masked out, and the 1-D positions
-    count only unmasked tokens, so a row's result equals encoding its prompt alone.
+    count only unmasked tokens, so a row's result equals encoding its prompt alone. pixel_values hold the shared
+    images once: the vision tower runs once for all rows.
     """
     processor, num_queries = encoder.processor, encoder.conditioner.config.num_queries
     pixel_values = grids = None
@@ -107,8 +108,6 @@ def query_inputs(encoder: MetaQueryMLLM, prompts: list[str], images: list[torch.
     mask = torch.stack([torch.cat([torch.ones(len(row)), torch.zeros(longest - len(row)), torch.ones(num_queries)])
                         for row in rows]).long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1).expand(3, -1, -1)
-    if images:  # every row sees the same images
-        pixel_values, grids = pixel_values.repeat(len(prompts), 1), grids.repeat(len(prompts), 1)
     return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixel_values,
                 image_grid_thw=grids)
 
@@ -124,7 +123,8 @@ def query_hidden_states(encoder: MetaQueryMLLM, inputs: dict) -> torch.Tensor:
     embeds[:, -num_queries:] = conditioner.meta_queries.to(device, embeds.dtype)  # broadcast over the batch
     if inputs["pixel_values"] is not None:
         features = mllm.model.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
-        embeds[ids == mllm.config.image_token_id] = torch.cat(features.pooler_output).to(embeds.dtype)
+        shared = torch.cat(features.pooler_output).to(embeds.dtype)
+        embeds[ids == mllm.config.image_token_id] = shared.repeat(len(ids), 1)  # row-major: each row's slots in turn
     mllm.model.rope_deltas = None  # cached by the previous call otherwise, and added to our positions
     out = mllm.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"].to(device),
                      position_ids=inputs["position_ids"].to(device), use_cache=False)
