@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from benchmark_sampling import timed
+from benchmark_sampling import compare, report
 from unipic_core.loading import load_metaquery
 from unipic_core.metaquery import encode_metaquery, mllm_pixels, query_chat_text, to_pil
 from unipic_core.tiny import write_metaquery_folder
@@ -63,12 +63,9 @@ def main():
                 ours = encode_metaquery(encoder, prompts, images)
                 theirs = reference_encode(encoder, prompts, images)
                 assert torch.allclose(ours.tokens, theirs[0].float().cpu(), atol=1e-4), "outputs differ"
-                t_ours, m_ours = timed(lambda: encode_metaquery(encoder, prompts, images), device, 1)
-                t_ref, m_ref = timed(lambda: reference_encode(encoder, prompts, images), device, 1)
-                print(f"{size:>5} {label:>15}  project {t_ours * 1000:8.1f} ms {m_ours:8.1f} MiB | reference "
-                      f"{t_ref * 1000:8.1f} ms {m_ref:8.1f} MiB | ratio time {t_ours / t_ref:.3f} "
-                      f"memory {m_ours / max(m_ref, 1e-6):.3f}")
-
+                report(f"{size:>5} {label:>15}", "ms", 1, *compare(lambda: encode_metaquery(encoder, prompts, images),
+                                                                    lambda: reference_encode(encoder, prompts, images),
+                                                                    device, repeats=10))
 
 if __name__ == "__main__":
     main()

@@ -69,19 +69,33 @@ class PeakMemory:
         self.peak = (high - self.start) / 2**20
 
 
-def timed(fn, device, steps, repeats=3):
-    """(seconds per step, peak MiB): the lowest of `repeats` runs after one warm-up, for each (least noise)."""
-    fn()
-    best, peak = float("inf"), float("inf")
+def measure(fn, device) -> tuple[float, float]:
+    """(seconds, peak MiB) of one call."""
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak
+
+
+def compare(ours, theirs, device, repeats=5) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((seconds, MiB) of ours, of theirs): runs alternate after one warm-up each, so a slow spell on a noisy
+    machine hits both; the lowest of the repeats is kept for each figure."""
+    ours(), theirs()
+    runs = {ours: [], theirs: []}
     for _ in range(repeats):
-        with PeakMemory(device) as memory:
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        peak = min(peak, memory.peak)
-    return best / steps, peak
+        for fn in (ours, theirs):
+            runs[fn].append(measure(fn, device))
+    return tuple((min(t for t, _ in runs[fn]), min(m for _, m in runs[fn])) for fn in (ours, theirs))
+
+
+def report(label: str, unit: str, per: int, ours: tuple[float, float], theirs: tuple[float, float]) -> None:
+    (t_ours, m_ours), (t_ref, m_ref) = ours, theirs
+    print(f"{label}  project {t_ours / per * 1000:8.1f} {unit} {m_ours:8.1f} MiB | reference "
+          f"{t_ref / per * 1000:8.1f} {unit} {m_ref:8.1f} MiB | ratio time {t_ours / t_ref:.3f} "
+          f"memory {m_ours / max(m_ref, 1e-6):.3f}")
 
 
 def reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance):
@@ -127,11 +141,7 @@ def bench(name, transformer, device, dtype, resolution, steps, guidance=3.5):
     }
     with torch.no_grad():
         for task, (ours, theirs) in cases.items():
-            t_ours, m_ours = timed(ours, device, steps)
-            t_ref, m_ref = timed(theirs, device, steps)
-            print(f"{name:>10} {task:>4} {resolution:>5}px  project {t_ours * 1000:8.1f} ms/step {m_ours:8.1f} MiB | "
-                  f"reference {t_ref * 1000:8.1f} ms/step {m_ref:8.1f} MiB | ratio time {t_ours / t_ref:.3f} "
-                  f"memory {m_ours / max(m_ref, 1e-6):.3f}")
+            report(f"{name:>10} {task:>4} {resolution:>5}px", "ms/step", steps, *compare(ours, theirs, device))
 
 
 def main():
