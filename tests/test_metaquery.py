@@ -163,3 +163,11 @@ def test_a_batch_is_right_padded_before_the_queries_and_positions_skip_the_paddi
     expected = torch.cat([torch.arange(short), torch.ones(longest - short, dtype=torch.long),
                           torch.arange(short, short + NUM_QUERIES)])
     assert torch.equal(positions[:, 1], expected.expand(3, -1))
+
+
+def test_stale_rope_deltas_from_an_earlier_call_do_not_shift_positions(tiny_metaquery):
+    encoder = tiny_metaquery.mllm
+    clean = encode_metaquery(encoder, ["a red fox"])
+    encoder.mllm.model.rope_deltas = torch.tensor([[37]])  # what a previous generate() call may leave behind
+    assert torch.equal(encode_metaquery(encoder, ["a red fox"]).tokens, clean.tokens)
+    assert encoder.mllm.model.visual is not None  # transformers 5.x keeps the vision tower under .model.visual
