@@ -125,7 +125,7 @@ def query_hidden_states(encoder: MetaQueryMLLM, inputs: dict) -> torch.Tensor:
         features = mllm.model.get_image_features(inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device))
         shared = torch.cat(features.pooler_output).to(embeds.dtype)
         embeds[ids == mllm.config.image_token_id] = shared.repeat(len(ids), 1)  # row-major: each row's slots in turn
-    mllm.model.rope_deltas = None  # cached by the previous call otherwise, and added to our positions
+    # explicit position_ids: the model then neither computes M-RoPE positions nor adds cached rope_deltas
     out = mllm.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"].to(device),
                      position_ids=inputs["position_ids"].to(device), use_cache=False)
     return out.last_hidden_state[:, -num_queries:]
@@ -159,7 +159,7 @@ def answer_question(encoder: MetaQueryMLLM, images: list[torch.Tensor], question
     vision = dict(images=pils, size={"shortest_edge": 56 * 56, "longest_edge": UNDERSTAND_MAX_PIXELS}) if pils else {}
     inputs = processor(text=[text], return_tensors="pt", **vision)
     inputs = {k: v.to(mllm.device) for k, v in inputs.items()}
-    mllm.model.rope_deltas = None
+    mllm.model.rope_deltas = None  # generate() computes its own M-RoPE positions; start from a clean cache
     devices = [mllm.device] if mllm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
