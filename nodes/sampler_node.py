@@ -81,7 +81,7 @@ class UniPic2Sampler:
             if reference.shape[0] not in (1, batch):
                 raise ValueError(f"UniPic2 Sampler: reference batch {reference.shape[0]} does not match latent "
                                  f"batch {batch}; use one reference image or one per output")
-            reference = images.raw_to_model(reference, model.vae_shift, model.vae_scale).expand(batch, -1, -1, -1)
+            reference = images.raw_to_model(reference, model.vae_shift, model.vae_scale)  # GuidedVelocity expands it
 
         schedule_config = dict(model.scheduler_config)
         if shift > 0:
