@@ -2,8 +2,12 @@
 
 from .conditioning_nodes import UniPic2EditReference, UniPic2TextEncode
 from .loader_nodes import LoadUniPic2Kontext, LoadUniPic2MetaQuery
+from .lora_nodes import UniPic2ApplyLoRA, UniPic2LoadLoRA, UniPic2SaveLoRA
 from .metaquery_nodes import UniPic2MetaQueryEncode, UniPic2Understand
+from .reward_nodes import (UniPic2ColourReward, UniPic2CombineRewards, UniPic2EditConsistencyReward,
+                           UniPic2JPEGReward, UniPic2JudgeReward)
 from .sampler_node import UniPic2Sampler
+from .training_nodes import UniPic2EditPairs, UniPic2GRPOTrainer, UniPic2PromptList
 from .vae_nodes import UniPic2VAEDecode, UniPic2VAEEncode
 
 NODE_CLASS_MAPPINGS = {
@@ -16,6 +20,17 @@ NODE_CLASS_MAPPINGS = {
     "UniPic2Sampler": UniPic2Sampler,
     "UniPic2VAEEncode": UniPic2VAEEncode,
     "UniPic2VAEDecode": UniPic2VAEDecode,
+    "UniPic2PromptList": UniPic2PromptList,
+    "UniPic2EditPairs": UniPic2EditPairs,
+    "UniPic2JPEGReward": UniPic2JPEGReward,
+    "UniPic2ColourReward": UniPic2ColourReward,
+    "UniPic2EditConsistencyReward": UniPic2EditConsistencyReward,
+    "UniPic2JudgeReward": UniPic2JudgeReward,
+    "UniPic2CombineRewards": UniPic2CombineRewards,
+    "UniPic2GRPOTrainer": UniPic2GRPOTrainer,
+    "UniPic2SaveLoRA": UniPic2SaveLoRA,
+    "UniPic2LoadLoRA": UniPic2LoadLoRA,
+    "UniPic2ApplyLoRA": UniPic2ApplyLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadUniPic2Kontext": "Load UniPic2 Kontext",
@@ -27,4 +42,15 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniPic2Sampler": "UniPic2 Sampler",
     "UniPic2VAEEncode": "UniPic2 VAE Encode",
     "UniPic2VAEDecode": "UniPic2 VAE Decode",
+    "UniPic2PromptList": "UniPic2 Prompt List",
+    "UniPic2EditPairs": "UniPic2 Edit Pairs",
+    "UniPic2JPEGReward": "UniPic2 JPEG Reward",
+    "UniPic2ColourReward": "UniPic2 Colour / Brightness Reward",
+    "UniPic2EditConsistencyReward": "UniPic2 Edit Consistency Reward",
+    "UniPic2JudgeReward": "UniPic2 Judge Reward (Qwen2.5-VL)",
+    "UniPic2CombineRewards": "UniPic2 Combine Rewards",
+    "UniPic2GRPOTrainer": "UniPic2 GRPO Trainer",
+    "UniPic2SaveLoRA": "UniPic2 Save LoRA",
+    "UniPic2LoadLoRA": "UniPic2 Load LoRA",
+    "UniPic2ApplyLoRA": "UniPic2 Apply LoRA",
 }

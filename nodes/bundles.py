@@ -18,6 +18,7 @@ class UniPic2Model:
     vae_shift: float  # LATENTs travel in raw VAE space; the DiT sees (raw - shift) * scale
     vae_scale: float
     latent_rgb: torch.Tensor  # [C + 1, 3] map for step previews
+    name: str = ""  # the checkpoint folder's name: LoRAs record it and resuming checks it
 
     @property
     def transformer(self):

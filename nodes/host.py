@@ -3,6 +3,7 @@
 Uses only host APIs that exist unchanged from early-2024 ComfyUI to today (DESIGN.md section 6).
 """
 
+import contextlib
 import logging
 import os
 
@@ -59,10 +60,61 @@ def wrap(module: torch.nn.Module) -> ModelPatcher:
     return ModelPatcher(Component(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+def device() -> torch.device:
+    return mm.get_torch_device()
+
+
 def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
     """Let ComfyUI place these components on the compute device (evicting others as it sees fit)."""
     mm.load_models_gpu(list(patchers))
     return [p.model.module for p in patchers]
+
+
+def lora_folder() -> str:
+    """Where the trainer writes LoRAs: models/loras/unipic2 (listed by every LoRA loader)."""
+    return os.path.join(folder_paths.get_folder_paths("loras")[0], UNIPIC2_FOLDER)
+
+
+def lora_files() -> list[str]:
+    return [name for name in folder_paths.get_filename_list("loras") if name.endswith(".safetensors")]
+
+
+def lora_path(name: str) -> str:
+    return folder_paths.get_full_path("loras", name)
+
+
+def patch_lora(patcher: ModelPatcher, tensors: dict[str, torch.Tensor], key_map: dict[str, str],
+               strength: float) -> tuple[ModelPatcher, set[str]]:
+    """A clone of `patcher` with LoRA weight patches built by the host's own comfy.lora.load_lora.
+
+    tensors use the kohya names every host reads ('<name>.lora_up.weight' / '.lora_down.weight');
+    key_map maps '<name>' to the patcher's weight key. Returns the clone and the keys it patches.
+    """
+    import comfy.lora
+
+    patches = comfy.lora.load_lora(tensors, key_map)
+    clone = patcher.clone()
+    return clone, set(clone.add_patches(patches, strength))
+
+
+@contextlib.contextmanager
+def training_mode():
+    """ComfyUI runs nodes under inference_mode; training needs autograd back."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def make_trainable(module: torch.nn.Module) -> None:
+    """Replace inference tensors (created when the loader ran under inference_mode) by normal ones: autograd
+    cannot save inference tensors for backward. A no-op once done."""
+    with torch.inference_mode(False), torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.is_inference():
+                tensor.data = tensor.data.clone()
+
+
+def cancel_requested() -> bool:
+    return mm.processing_interrupted()
 
 
 def check_cancel() -> None:

@@ -60,11 +60,11 @@ def cached(key: tuple, load):
     return _CACHE[key]
 
 
-def dit_bundle(transformer, vae, scheduler_config) -> tuple[UniPic2Model, UniPic2VAE]:
+def dit_bundle(transformer, vae, scheduler_config, name: str) -> tuple[UniPic2Model, UniPic2VAE]:
     from ..unipic_core.images import fit_latent_to_rgb, vae_scaling
 
     shift, scale = vae_scaling(vae)
-    model = UniPic2Model(host.wrap(transformer), scheduler_config, shift, scale, fit_latent_to_rgb(vae))
+    model = UniPic2Model(host.wrap(transformer), scheduler_config, shift, scale, fit_latent_to_rgb(vae), name)
     return model, UniPic2VAE(host.wrap(vae))
 
 
@@ -93,7 +93,7 @@ class LoadUniPic2Kontext:
         from ..unipic_core.loading import load_kontext
 
         parts = load_kontext(folder, dtype)
-        model, vae = dit_bundle(parts.transformer, parts.vae, parts.scheduler_config)
+        model, vae = dit_bundle(parts.transformer, parts.vae, parts.scheduler_config, folder.name)
         text = UniPic2Text(parts.text_encoders, [host.wrap(m) for m in parts.text_encoders.modules()])
         return model, text, vae
 
@@ -135,6 +135,6 @@ class LoadUniPic2MetaQuery:
         from ..unipic_core.loading import load_metaquery
 
         parts = load_metaquery(folder, qwen, dtype)
-        model, vae = dit_bundle(parts.transformer, parts.vae, parts.scheduler_config)
+        model, vae = dit_bundle(parts.transformer, parts.vae, parts.scheduler_config, folder.name)
         mllm = UniPic2MLLM(parts.mllm, host.wrap(parts.mllm.mllm), host.wrap(parts.mllm.conditioner))
         return model, mllm, vae

@@ -123,3 +123,12 @@ class InProcessHost:
 @pytest.fixture(scope="session")
 def host(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir, tiny_metaquery_dir)
+
+
+@pytest.fixture
+def fresh_transformer(tiny_kontext_dir):
+    """A tiny DiT of its own, for tests that put a LoRA into it."""
+    from unipic_core.kontext_transformer import KontextSD3Transformer
+    from unipic_core.loading import load_pretrained
+
+    return load_pretrained(KontextSD3Transformer, tiny_kontext_dir / "transformer", torch.float32)

@@ -143,27 +143,49 @@ def encode_metaquery(encoder: MetaQueryMLLM, prompts: list[str], images: list[to
     return PromptEmbeds(tokens.float().cpu(), pooled.float().cpu())
 
 
-@torch.no_grad()
-def answer_question(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: str, max_new_tokens: int = 256,
-                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> str:
-    """Qwen2.5-VL's answer about the images (the official understanding script: default chat template)."""
+def chat_inputs(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: str) -> dict:
+    """Processor inputs on the MLLM's device for one user turn (images, then the question), default template."""
     processor, mllm = encoder.processor, encoder.mllm
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
-    pils = [to_pil(image) for image in images]
     for image in images:
         if image.shape[0] * image.shape[1] > UNDERSTAND_MAX_PIXELS:
-            log.warning("UniPic2 Understand: image %dx%d is scaled down to about %d pixels for the MLLM",
-                        image.shape[1], image.shape[0], UNDERSTAND_MAX_PIXELS)
+            log.info("UniPic2: image %dx%d is scaled down to about %d pixels for the MLLM",
+                     image.shape[1], image.shape[0], UNDERSTAND_MAX_PIXELS)
+    pils = [to_pil(image) for image in images]
     vision = dict(images=pils, size={"shortest_edge": 56 * 56, "longest_edge": UNDERSTAND_MAX_PIXELS}) if pils else {}
     inputs = processor(text=[text], return_tensors="pt", **vision)
-    inputs = {k: v.to(mllm.device) for k, v in inputs.items()}
-    mllm.model.rope_deltas = None  # generate() computes its own M-RoPE positions; start from a clean cache
+    mllm.model.rope_deltas = None  # the MLLM computes its own M-RoPE positions here; start from a clean cache
+    return {k: v.to(mllm.device) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def answer_question(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: str, max_new_tokens: int = 256,
+                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> str:
+    """Qwen2.5-VL's answer about the images (the official understanding script: default chat template)."""
+    mllm = encoder.mllm
+    inputs = chat_inputs(encoder, images, question)
     devices = [mllm.device] if mllm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         output = mllm.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+    return encoder.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+
+
+def answer_token_ids(encoder: MetaQueryMLLM, answers: tuple[str, str] = ("Yes", "No")) -> tuple[int, int]:
+    """The first token of each answer; they must differ for a yes/no probability to mean anything."""
+    ids = tuple(encoder.processor.tokenizer.encode(a, add_special_tokens=False)[0] for a in answers)
+    if ids[0] == ids[1]:
+        raise ValueError(f"the MLLM's tokenizer starts {answers} with the same token; cannot judge yes/no")
+    return ids
+
+
+@torch.no_grad()
+def yes_probability(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: str) -> float:
+    """P("Yes") / (P("Yes") + P("No")) for the first answer token, from one forward pass."""
+    yes, no = answer_token_ids(encoder)
+    logits = encoder.mllm(**chat_inputs(encoder, images, question)).logits[0, -1].float()
+    return torch.softmax(logits[[yes, no]], dim=0)[0].item()

@@ -40,21 +40,28 @@ def sde_noise_scale(sigmas: torch.Tensor, index: int, noise_level: float) -> flo
     return noise_level * math.sqrt(sigma / (1 - denominator_sigma))
 
 
-def flow_sde_step(
+def flow_sde_mean(
     x: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int, noise_level: float,
-    noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One Flow-GRPO SDE step from sigmas[index] to sigmas[index + 1] (float32).
+) -> tuple[torch.Tensor, float]:
+    """Mean and std of the Flow-GRPO SDE step from sigmas[index] to sigmas[index + 1] (float32).
 
-    Returns (x_next, mean, std) where x_next = mean + std * noise and std = s_t * sqrt(-dt); with
-    noise_level 0 the mean is the Euler step and x_next equals it.
+    mean = x + [v + (s_t^2 / (2 sigma)) (x + (1 - sigma) v)] dt and std = s_t sqrt(-dt); with noise_level 0
+    the mean is the Euler step and std is 0.
     """
     x, velocity = x.float(), velocity.float()
     sigma, sigma_next = sigmas[index].item(), sigmas[index + 1].item()
     dt = sigma_next - sigma
     s_t = sde_noise_scale(sigmas, index, noise_level)
     mean = x + (velocity + (s_t**2 / (2 * sigma)) * (x + (1 - sigma) * velocity)) * dt
-    std = s_t * math.sqrt(-dt)
+    return mean, s_t * math.sqrt(-dt)
+
+
+def flow_sde_step(
+    x: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int, noise_level: float,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One Flow-GRPO SDE step: (x_next, mean, std) with x_next = mean + std * noise (float32)."""
+    mean, std = flow_sde_mean(x, velocity, sigmas, index, noise_level)
     if std == 0.0:
         return mean, mean, std
     if noise is None:
@@ -102,7 +109,9 @@ class GuidedVelocity:
             outputs = outputs[0].chunk(2)
         if len(outputs) == 1:
             return outputs[0]
-        v_neg, v_pos = outputs
+        # The unconditional branch carries no gradient in GRPO training (DESIGN.md section 5); at inference
+        # nothing is tracked, so the detach costs nothing there.
+        v_neg, v_pos = outputs[0].detach(), outputs[1]
         return v_neg + self.guidance * (v_pos - v_neg)
 
 

@@ -1,0 +1,161 @@
+"""GRPO training in the graph: prompt lists, edit pairs and the UniPic2 GRPO Trainer."""
+
+import logging
+from pathlib import Path
+
+from ..unipic_core import training_data
+from . import host
+
+log = logging.getLogger("unipic2")
+
+
+class UniPic2PromptList:
+    CATEGORY = "UniPic2/training"
+    DESCRIPTION = "Text-to-image training prompts: one per line (lines starting with # are skipped), and/or a file."
+    RETURN_TYPES = ("UNIPIC2_PROMPTS",)
+    RETURN_NAMES = ("prompts",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"prompts": ("STRING", {"multiline": True, "default": "a red apple on a table",
+                                                    "tooltip": "One prompt per line."})},
+                "optional": {"file": ("STRING", {"default": "", "tooltip": "Optional UTF-8 text file, one prompt "
+                                                 "per line, added after the box's prompts."})}}
+
+    def make(self, prompts, file=""):
+        return (training_data.read_prompts(prompts, file),)
+
+
+class UniPic2EditPairs:
+    CATEGORY = "UniPic2/training"
+    DESCRIPTION = ("Edit training pairs: source images (a batch, or every image of a folder, sorted by name) with "
+                   "one instruction per line, in the same order.")
+    RETURN_TYPES = ("UNIPIC2_PROMPTS",)
+    RETURN_NAMES = ("edit_pairs",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"instructions": ("STRING", {"multiline": True, "default": "make it brighter",
+                                                         "tooltip": "One edit instruction per line, one per image."})},
+                "optional": {"images": ("IMAGE", {"tooltip": "Source images (a batch)."}),
+                             "folder": ("STRING", {"default": "", "tooltip": "Or a folder of source images."})}}
+
+    def make(self, instructions, images=None, folder=""):
+        if (images is None) == (not folder.strip()):
+            raise ValueError("UniPic2 Edit Pairs: connect 'images' or give a 'folder', exactly one of them")
+        sources = list(images) if images is not None else training_data.read_folder_images(folder)
+        return (training_data.edit_pairs(sources, training_data.prompt_lines(instructions)),)
+
+
+def _int(default, low, high, tooltip):
+    return ("INT", {"default": default, "min": low, "max": high, "tooltip": tooltip})
+
+
+def _float(default, low, high, step, tooltip):
+    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step, "tooltip": tooltip})
+
+
+class UniPic2GRPOTrainer:
+    CATEGORY = "UniPic2/training"
+    DESCRIPTION = ("Trains a reward LoRA with Flow-GRPO: each step samples a group of images per prompt with the SDE "
+                   "sampler, scores them, and pushes the LoRA toward the better ones. Writes models/loras/unipic2/"
+                   "<lora_name>.safetensors (and a resumable .training-state) every save_every steps, at the end and "
+                   "on Cancel. Chain two trainers (edit pairs, then prompts) for the paper's PDTR.")
+    RETURN_TYPES = ("UNIPIC2_LORA", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("lora", "curves", "samples", "summary")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("UNIPIC2_MODEL", {"tooltip": "The DiT to train a LoRA for (LoRAs already applied stay frozen)."}),
+            "vae": ("UNIPIC2_VAE", {"tooltip": "Decodes samples for the reward and encodes edit sources."}),
+            "prompts": ("UNIPIC2_PROMPTS", {"tooltip": "UniPic2 Prompt List (text-to-image) or Edit Pairs."}),
+            "reward": ("UNIPIC2_REWARD", {"tooltip": "A reward node, or Combine Rewards."}),
+            "lora_name": ("STRING", {"default": "unipic2_grpo", "tooltip": "File name under models/loras/unipic2."}),
+            "steps": _int(20, 1, 100000, "Training steps (one optimizer update each)."),
+            "group_size": _int(16, 2, 256, "G: images per prompt compared with each other (paper: 16)."),
+            "prompts_per_step": _int(1, 1, 256, "K: prompts (or edit pairs) per step."),
+            "sampling_steps": _int(10, 1, 100, "T: SDE sampling steps per image (paper: 10)."),
+            "noise_level": _float(0.7, 0.01, 2.0, 0.05, "SDE noise level a (paper: 0.7)."),
+            "guidance": _float(3.5, 1.0, 30.0, 0.1, "CFG scale while sampling and training."),
+            "beta": _float(0.04, 0.0, 10.0, 0.005, "KL weight against the model without the LoRA (paper: 0.04)."),
+            "learning_rate": _float(3e-4, 1e-7, 1.0, 1e-5, "AdamW learning rate (paper: 3e-4)."),
+            "lora_rank": _int(32, 1, 512, "LoRA rank r (paper: 32)."),
+            "lora_alpha": _float(64.0, 0.01, 4096.0, 1.0, "LoRA alpha (paper: 64); scale = alpha / r."),
+            "clip_range": _float(1e-4, 1e-6, 1.0, 1e-5, "PPO ratio clip epsilon (Flow-GRPO: 1e-4)."),
+            "timestep_fraction": _float(0.99, 0.01, 1.0, 0.01, "Fraction of the T steps trained on (Flow-GRPO: 0.99)."),
+            "advantage_std": (["group", "batch"], {"tooltip": "Normalise advantages by each group's std or the whole "
+                                                    "step's."}),
+            "resolution": _int(512, 64, 2048, "Text-to-image size (square); longer edge for editing (multiple of 32)."),
+            "micro_batch": _int(0, 0, 256, "Images per DiT forward; 0 = a whole group. Lower it to save VRAM."),
+            "seed": _int(0, 0, 2**31 - 1, "Seeds LoRA init, prompt order and all noise."),
+            "save_every": _int(10, 0, 100000, "Checkpoint every N steps (0: only at the end / on Cancel)."),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from lora_name's checkpoint if there is one."}),
+            "negative_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "For CFG."}),
+        }, "optional": {
+            "text_encoders": ("UNIPIC2_TEXT", {"tooltip": "Kontext text encoders (connect this or mllm)."}),
+            "mllm": ("UNIPIC2_MLLM", {"tooltip": "MetaQuery MLLM (connect this or text_encoders)."}),
+            "lora": ("UNIPIC2_LORA", {"tooltip": "Start from this LoRA (e.g. the PDTR edit stage's)."}),
+        }}
+
+    def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
+              noise_level, guidance, beta, learning_rate, lora_rank, lora_alpha, clip_range, timestep_fraction,
+              advantage_std, resolution, micro_batch, seed, save_every, resume, negative_prompt,
+              text_encoders=None, mllm=None, lora=None):
+        from ..unipic_core.curves import plot_curves, sample_grid
+        from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
+        from ..unipic_core.training_models import metaquery_condition, text_condition, training_models
+
+        if (text_encoders is None) == (mllm is None):
+            raise ValueError("UniPic2 GRPO Trainer: connect exactly one of 'text_encoders' (Kontext) or 'mllm' "
+                             "(MetaQuery)")
+        name = lora_name.strip()
+        if not name or Path(name).name != name:
+            raise ValueError(f"UniPic2 GRPO Trainer: lora_name '{lora_name}' must be a plain file name")
+        settings = GRPOSettings(
+            steps=steps, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
+            noise_level=noise_level, guidance=guidance, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, clip_range=clip_range, batch_std=advantage_std == "batch",
+            timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch, seed=seed,
+            negative_prompt=negative_prompt, save_every=save_every)
+        lora_file = Path(host.lora_folder()) / f"{name}.safetensors"
+
+        def transformer_on_device():
+            transformer = host.load_on_device(model.patcher)[0]
+            host.make_trainable(transformer)
+            return transformer
+
+        if text_encoders is not None:
+            condition = text_condition(lambda: (host.load_on_device(*text_encoders.patchers),
+                                                text_encoders.encoders)[1], negative_prompt)
+        else:
+            condition = metaquery_condition(lambda: (host.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher),
+                                                     mllm.encoder)[1], negative_prompt)
+        progress = host.StepProgress(steps)
+
+        def on_step(report):
+            total = report.rewards["total"]
+            log.info("UniPic2 GRPO step %d/%d: reward %.4f (std %.4f), loss %.3g, kl %.3g, clipped %.2f, %.1fs",
+                     report.step, report.total_steps, total[0], total[1], report.loss, report.kl,
+                     report.clip_fraction, report.elapsed)
+            progress.update(report.step, report.total_steps, sample_grid(report.samples)[0])
+
+        with host.training_mode():
+            models = training_models(transformer_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
+                                     model.scheduler_config, host.device(), model.name)
+            trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
+            try:
+                result = trainer.run(Hooks(on_step=on_step, cancel_requested=host.cancel_requested))
+            finally:
+                trainer.close()
+        if result.cancelled:
+            log.info("UniPic2 GRPO Trainer: cancelled after step %d; checkpoint kept in %s", trainer.step, lora_file)
+            host.check_cancel()
+        history = result.history
+        first, last = history[0]["rewards"]["total"][0], history[-1]["rewards"]["total"][0]
+        summary = (f"UniPic2 GRPO: {trainer.step} steps, mean reward {first:.4f} (step 1) -> {last:.4f} (step "
+                   f"{trainer.step}); LoRA {lora_file}")
+        return result.lora, plot_curves(history), sample_grid(result.samples), summary

@@ -1,0 +1,403 @@
+"""The GRPO-LoRA training loop (Flow-GRPO), shared by the trainer node and `torchrun -m unipic_core.grpo_torchrun`.
+
+Per step: pick K prompts (or edit pairs); SDE-sample a group of G images for each, storing latents and
+log-probs; decode; score; group advantages; then for each trained timestep recompute the log-prob under the
+current LoRA and minimise the clipped GRPO loss + beta * KL against the DiT with the LoRA disabled; one AdamW
+step with grad-norm clipping. Data-parallel: each rank handles a contiguous slice of the K * G images; rewards
+are all-gathered for the advantages and LoRA gradients are summed, so the update equals one process's.
+
+Randomness is a pure function of (seed, step, image index): prompt choice, initial noise and SDE noise. A
+resumed run therefore needs only the step number to continue exactly where it stopped.
+"""
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .grpo import Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
+from .images import longer_edge_size, resize_image
+from .lora import LoRAWeights, add_lora, load_into_adapter, lora_weights, remove_lora, save_lora
+from .rewards import Reward
+from .sampling import GuidedVelocity, PromptEmbeds, sde_noise_scale
+from .schedule import flow_sigmas
+from .training_state import TrainingState, check_resumable, load_state, save_state
+
+log = logging.getLogger("unipic2")
+
+SIZE_MULTIPLE = 32
+STATE_SUFFIX = ".training-state"  # not a LoRA extension, so LoRA loaders do not list it
+
+
+@dataclass
+class GRPOSettings:
+    """Defaults are the paper's / Flow-GRPO's (DESIGN.md section 5)."""
+
+    steps: int = 100
+    group_size: int = 16
+    prompts_per_step: int = 1
+    sampling_steps: int = 10
+    noise_level: float = 0.7
+    guidance: float = 3.5
+    beta: float = 0.04
+    learning_rate: float = 3e-4
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    clip_range: float = 1e-4
+    advantage_clip: float = 5.0
+    batch_std: bool = False
+    timestep_fraction: float = 0.99
+    resolution: int = 512
+    micro_batch: int = 0  # images per DiT forward; 0 = a whole group
+    grad_clip: float = 1.0
+    seed: int = 0
+    negative_prompt: str = ""
+    save_every: int = 0  # 0 = only at the end
+
+    def check(self) -> None:
+        problems = []
+        if self.group_size < 2:
+            problems.append(f"group_size is {self.group_size}; GRPO compares images within a group, use 2 or more")
+        if self.steps < 1 or self.prompts_per_step < 1 or self.sampling_steps < 1:
+            problems.append("steps, prompts_per_step and sampling_steps must be at least 1")
+        if self.noise_level <= 0:
+            problems.append(f"noise_level is {self.noise_level}; GRPO needs a stochastic sampler, use e.g. 0.7")
+        if self.resolution < 64 or self.resolution % SIZE_MULTIPLE:
+            problems.append(f"resolution {self.resolution} must be a multiple of {SIZE_MULTIPLE}, at least 64")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            problems.append("lora_rank must be at least 1 and lora_alpha positive")
+        if problems:
+            raise ValueError("GRPO settings: " + "; ".join(problems))
+
+
+@dataclass
+class TrainingItem:
+    """One prompt, or one edit pair (source image [H, W, 3] in 0..1 + instruction)."""
+
+    prompt: str
+    source: torch.Tensor | None = None
+
+
+@dataclass
+class TrainingModels:
+    """What the loop needs from the loaded components; the node wires these through ComfyUI's memory manager."""
+
+    transformer: Callable[[], torch.nn.Module]  # the DiT (adapter inside) placed on the compute device
+    condition: Callable[[list[str], list[torch.Tensor | None]], tuple[PromptEmbeds, PromptEmbeds | None]]
+    encode_image: Callable[[torch.Tensor], torch.Tensor]  # IMAGE [1, H, W, 3] -> model-space latent [1, C, h, w]
+    decode: Callable[[torch.Tensor], torch.Tensor]  # model-space latents [N, C, h, w] -> IMAGE [N, H, W, 3]
+    scheduler_config: dict
+    latent_channels: int
+    device: torch.device
+    base_model: str = ""
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    rewards: dict[str, tuple[float, float]]  # name -> (mean, std) over this step's images, "total" included
+    loss: float
+    policy_loss: float
+    kl: float
+    clip_fraction: float
+    skipped_groups: int
+    elapsed: float
+    samples: torch.Tensor  # IMAGE [n, H, W, 3]: up to one group's images of this step (rank 0's)
+
+
+@dataclass
+class TrainingResult:
+    lora: LoRAWeights
+    history: list[dict]
+    samples: torch.Tensor
+    cancelled: bool
+
+
+@dataclass
+class Hooks:
+    on_step: Callable[[StepReport], None] = lambda report: None
+    cancel_requested: Callable[[], bool] = lambda: False
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def step_generator(seed: int, step: int, index: int = -1) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, image index); index -1 is the step's prompt choice."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + index + 1)
+
+
+def choose_items(data: list[TrainingItem], settings: GRPOSettings, step: int) -> list[TrainingItem]:
+    order = torch.randperm(len(data), generator=step_generator(settings.seed, step))
+    picks = [order[i % len(data)].item() for i in range(settings.prompts_per_step)]
+    return [data[i] for i in picks]
+
+
+def target_size(item: TrainingItem, resolution: int) -> tuple[int, int]:
+    """(width, height): resolution^2 for text-to-image; the source's aspect at that longer edge for editing."""
+    if item.source is None:
+        return resolution, resolution
+    height, width = item.source.shape[:2]
+    return longer_edge_size(width, height, resolution, SIZE_MULTIPLE)
+
+
+@dataclass
+class StepInputs:
+    """A step's K prompts / edit pairs with their conditioning, reference latents and sigmas (per group)."""
+
+    items: list[TrainingItem]
+    positive: PromptEmbeds  # batch K
+    negative: PromptEmbeds | None  # batch K or 1
+    references: list[torch.Tensor | None]  # model-space latent [1, C, h, w] per group (editing)
+    sigmas: list[torch.Tensor]
+
+
+@dataclass
+class Chunk:
+    """Images of one group that go through the DiT together (same prompt, same size)."""
+
+    group: int
+    indices: list[int]  # global image indices
+    trajectory: Trajectory | None = None
+    images: torch.Tensor | None = None
+
+
+def plan_chunks(settings: GRPOSettings, rank: int, world: int) -> list[Chunk]:
+    total = settings.prompts_per_step * settings.group_size
+    if total % world:
+        raise ValueError(f"prompts_per_step * group_size = {total} images do not split over {world} processes")
+    per_rank = total // world
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
+    micro = settings.micro_batch or settings.group_size
+    chunks: list[Chunk] = []
+    for index in mine:
+        group = index // settings.group_size
+        if chunks and chunks[-1].group == group and len(chunks[-1].indices) < micro:
+            chunks[-1].indices.append(index)
+        else:
+            chunks.append(Chunk(group, [index]))
+    return chunks
+
+
+class GRPOTrainer:
+    """Holds the adapter, optimizer and history; `run` trains until settings.steps (resumable)."""
+
+    def __init__(self, models: TrainingModels, reward: Reward, data: list[TrainingItem], settings: GRPOSettings,
+                 checkpoint: Path | None = None, resume: bool = False, start_lora: LoRAWeights | None = None):
+        """checkpoint: the LoRA .safetensors to write; its training state goes next to it (.training-state)."""
+        settings.check()
+        if not data:
+            raise ValueError("the prompt list is empty; give at least one prompt (one per line) or edit pair")
+        editing = [item.source is not None for item in data]
+        if any(editing) and not all(editing):
+            raise ValueError("mixing prompts and edit pairs in one run is not supported; train one kind per stage")
+        self.models, self.reward, self.data, self.settings = models, reward, data, settings
+        self.lora_file = checkpoint
+        self.checkpoint = None if checkpoint is None else checkpoint.with_suffix(STATE_SUFFIX)
+        self.rank, self.world = _rank_world()
+        self.transformer = models.transformer()
+        self.params = add_lora(self.transformer, settings.lora_rank, settings.lora_alpha, settings.seed)
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.step, self.history = 0, []
+        self.references: dict[int, torch.Tensor] = {}
+        try:
+            if resume and self.checkpoint is not None and self.checkpoint.exists():
+                self._restore(load_state(self.checkpoint))
+            elif start_lora is not None:
+                load_into_adapter(self.transformer, start_lora, settings.lora_rank, settings.lora_alpha)
+        except Exception:
+            self.close()  # leave the shared DiT as it was
+            raise
+
+    def _restore(self, state: TrainingState) -> None:
+        check_resumable(state, self.settings, self.models.base_model, self.checkpoint)
+        load_into_adapter(self.transformer, state.lora, self.settings.lora_rank, self.settings.lora_alpha)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.step, self.history = state.step, state.history
+        log.info("UniPic2 GRPO: resumed %s at step %d", self.checkpoint, self.step)
+
+    def close(self) -> None:
+        """Remove the adapter from the (shared, cached) DiT."""
+        remove_lora(self.transformer)
+
+    def lora(self) -> LoRAWeights:
+        s = self.settings
+        info = {"base_model": self.models.base_model, "steps": self.step, "rewards": self.reward.names,
+                "settings": asdict(s), "format": "unipic2-grpo-lora"}
+        return lora_weights(self.transformer, s.lora_rank, s.lora_alpha, info)
+
+    def save(self) -> None:
+        if self.checkpoint is None or self.rank != 0:
+            return
+        state = TrainingState(self.lora(), self.optimizer.state_dict(), self.step, self.history,
+                              asdict(self.settings), self.models.base_model)
+        save_state(state, self.checkpoint)
+        save_lora(state.lora, self.lora_file)
+
+    # --- one training step -------------------------------------------------------------------------
+
+    def _prepare(self) -> StepInputs:
+        s = self.settings
+        items = choose_items(self.data, s, self.step)
+        sizes = [target_size(item, s.resolution) for item in items]
+        sources = [None if item.source is None else resize_image(item.source[None], *size)
+                   for item, size in zip(items, sizes)]
+        positive, negative = self.models.condition([item.prompt for item in items],
+                                                   [None if src is None else src[0] for src in sources])
+        references = [None if src is None else self.models.encode_image(src) for src in sources]
+        sigmas = [flow_sigmas(s.sampling_steps, self.models.scheduler_config, (height // 16) * (width // 16))
+                  for width, height in sizes]
+        return StepInputs(items, positive, negative, references, sigmas)
+
+    def _velocity(self, chunk: Chunk, inputs: StepInputs) -> GuidedVelocity:
+        def row(embeds):
+            if embeds is None or len(embeds.tokens) == 1:
+                return embeds
+            return PromptEmbeds(embeds.tokens[chunk.group:chunk.group + 1], embeds.pooled[chunk.group:chunk.group + 1])
+
+        return GuidedVelocity(self.transformer, row(inputs.positive), row(inputs.negative), self.settings.guidance,
+                              inputs.references[chunk.group], len(chunk.indices), self.models.device)
+
+    def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
+        s = self.settings
+        for chunk in chunks:
+            width, height = target_size(inputs.items[chunk.group], s.resolution)
+            shape = (self.models.latent_channels, height // 8, width // 8)
+            noise, step_noise = [], []
+            for index in chunk.indices:  # per-image generators: the same image whatever the rank split
+                g = step_generator(s.seed, self.step, index)
+                noise.append(torch.randn(shape, generator=g))
+                step_noise.append(torch.randn((s.sampling_steps, *shape), generator=g))
+            noise = torch.stack(noise).to(self.models.device)
+            step_noise = torch.stack(step_noise, dim=1)
+            chunk.trajectory = sample_trajectory(self._velocity(chunk, inputs), noise, inputs.sigmas[chunk.group],
+                                                 s.noise_level, step_noise)
+        for chunk in chunks:
+            chunk.images = self.models.decode(chunk.trajectory.final)
+
+    def _rewards(self, chunks: list[Chunk], items: list[TrainingItem]) -> dict[str, torch.Tensor]:
+        """Scores of all K * G images of the step (gathered over ranks): {name: [K * G]} plus 'total'."""
+        local: dict[str, list[torch.Tensor]] = {}
+        for chunk in chunks:
+            item = items[chunk.group]
+            sources = None
+            if item.source is not None:
+                height, width = chunk.images.shape[1:3]
+                sources = resize_image(item.source[None], width, height).expand(len(chunk.indices), -1, -1, -1)
+            scores = self.reward.score(chunk.images, [item.prompt] * len(chunk.indices), sources)
+            scores["total"] = self.reward.total(scores)
+            for name, value in scores.items():
+                local.setdefault(name, []).append(value)
+        out = {name: torch.cat(values) for name, values in local.items()}
+        if self.world > 1:
+            for name, value in out.items():
+                gathered = [torch.empty_like(value) for _ in range(self.world)]
+                dist.all_gather(gathered, value)
+                out[name] = torch.cat(gathered)
+        return out
+
+    def _train(self, chunks: list[Chunk], inputs: StepInputs, advantages: torch.Tensor, valid: torch.Tensor) -> dict:
+        s = self.settings
+        steps = trained_steps(s.sampling_steps, s.timestep_fraction)
+        trained_images = int(valid.sum().item())
+        sums = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clip": 0.0}
+        terms_count = 0
+        for chunk in chunks:
+            chunk_valid = valid[chunk.indices]
+            if not bool(chunk_valid.all()):
+                continue  # a skipped (NaN) group: no gradient from it
+            adv = advantages[chunk.indices].to(self.models.device)
+            velocity = self._velocity(chunk, inputs)
+            sig = inputs.sigmas[chunk.group]
+            for j in steps:
+                log_prob, mean = step_policy(velocity, chunk.trajectory, sig, j, s.noise_level)
+                ref_mean = None
+                if s.beta > 0:
+                    with torch.no_grad():
+                        self.transformer.disable_adapters()
+                        try:
+                            _, ref_mean = step_policy(velocity, chunk.trajectory, sig, j, s.noise_level)
+                        finally:
+                            self.transformer.enable_adapters()
+                terms = grpo_loss(log_prob, chunk.trajectory.log_probs[j], adv, s.clip_range, s.beta, mean,
+                                  ref_mean, sde_noise_scale(sig, j, s.noise_level))
+                # Weighted so the summed gradient is the mean over all trained images and timesteps of all ranks.
+                (terms.loss * len(chunk.indices) / (trained_images * len(steps))).backward()
+                sums["loss"] += terms.loss.item(); sums["policy"] += terms.policy.item()
+                sums["kl"] += terms.kl.item(); sums["clip"] += terms.clip_fraction.item()
+                terms_count += 1
+        if self.world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        if trained_images:
+            torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v / max(terms_count, 1) for k, v in sums.items()}
+
+    def train_step(self) -> StepReport:
+        s, started = self.settings, time.monotonic()
+        inputs = self._prepare()
+        chunks = plan_chunks(s, self.rank, self.world)
+        self.transformer = self.models.transformer()
+        self._sample(chunks, inputs)
+        scores = self._rewards(chunks, inputs.items)
+        total = scores["total"]
+        groups = total.reshape(-1, s.group_size)
+        finite = torch.isfinite(groups).all(dim=1)
+        valid = finite.repeat_interleave(s.group_size)
+        skipped = int((~finite).sum().item())
+        if skipped:
+            log.warning("UniPic2 GRPO step %d: %d group(s) got a non-finite reward and are skipped",
+                        self.step + 1, skipped)
+        advantages = torch.zeros_like(groups)
+        if finite.any():  # advantages over the kept groups only (the batch std must not see skipped ones)
+            kept = group_advantages(groups[finite].reshape(-1), s.group_size, s.batch_std, s.advantage_clip)
+            advantages[finite] = kept.reshape(-1, s.group_size)
+        advantages = advantages.reshape(-1)
+        self.transformer = self.models.transformer()  # the reward may have moved it off the device
+        losses = self._train(chunks, inputs, advantages, valid)
+        self.step += 1
+        rewards = {}
+        for name, value in scores.items():
+            kept = value[valid]
+            rewards[name] = (kept.mean().item(), kept.std().item() if len(kept) > 1 else 0.0) if len(kept) \
+                else (math.nan, math.nan)
+        report = StepReport(self.step, s.steps, rewards, losses["loss"], losses["policy"], losses["kl"],
+                            losses["clip"], skipped, time.monotonic() - started, chunks[0].images)
+        self.history.append({"step": report.step, "rewards": rewards, "loss": report.loss,
+                             "policy_loss": report.policy_loss, "kl": report.kl,
+                             "clip_fraction": report.clip_fraction, "skipped_groups": skipped,
+                             "elapsed": report.elapsed})
+        return report
+
+    def run(self, hooks: Hooks = Hooks()) -> TrainingResult:
+        """Train to settings.steps; checkpoint every save_every steps, at the end and when cancelled."""
+        samples = torch.zeros(1, 64, 64, 3)
+        cancelled = False
+        saved_at = self.step
+        while self.step < self.settings.steps:
+            report = self.train_step()
+            samples = report.samples
+            hooks.on_step(report)
+            every = self.settings.save_every
+            if every and self.step % every == 0:
+                self.save()
+                saved_at = self.step
+            if hooks.cancel_requested():
+                cancelled = True
+                break
+        if saved_at != self.step:
+            self.save()
+        return TrainingResult(self.lora(), self.history, samples, cancelled)

@@ -1,0 +1,74 @@
+"""Builds the loop's TrainingModels from loaded components (Kontext text encoders or the MetaQuery MLLM).
+
+Each component comes through a `*_on_device()` callable: the node passes ComfyUI's memory manager (which may
+move the 7B MLLM out while the DiT trains), a plain script passes components it already placed.
+"""
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .grpo_training import TrainingModels
+from .images import model_to_raw, raw_to_model, vae_decode, vae_encode, vae_scaling
+from .loading import KontextComponents, MetaQueryComponents
+from .metaquery import MetaQueryMLLM, encode_metaquery
+from .sampling import PromptEmbeds
+from .text_encoding import SD3TextEncoders, encode_prompts
+
+
+def text_condition(encoders_on_device: Callable[[], SD3TextEncoders], negative_prompt: str):
+    def condition(prompts: list[str], sources: list) -> tuple[PromptEmbeds, PromptEmbeds]:
+        encoders = encoders_on_device()
+        return encode_prompts(encoders, prompts), encode_prompts(encoders, [negative_prompt])
+
+    return condition
+
+
+def metaquery_condition(mllm_on_device: Callable[[], MetaQueryMLLM], negative_prompt: str):
+    """Text-to-image: prompts batched; editing: each source goes to the MLLM with its instruction and the negative."""
+
+    def condition(prompts: list[str], sources: list) -> tuple[PromptEmbeds, PromptEmbeds]:
+        encoder = mllm_on_device()
+        if sources[0] is None:
+            return encode_metaquery(encoder, prompts), encode_metaquery(encoder, [negative_prompt])
+        rows = [encode_metaquery(encoder, [prompt, negative_prompt], [source])
+                for prompt, source in zip(prompts, sources)]
+        side = lambda i: PromptEmbeds(torch.cat([r.tokens[i:i + 1] for r in rows]),
+                                      torch.cat([r.pooled[i:i + 1] for r in rows]))
+        return side(0), side(1)
+
+    return condition
+
+
+def training_models(transformer_on_device: Callable[[], torch.nn.Module], vae_on_device: Callable[[], torch.nn.Module],
+                    condition, scheduler_config: dict, device: torch.device, base_model: str) -> TrainingModels:
+    vae = vae_on_device()
+    shift, scale = vae_scaling(vae)
+    return TrainingModels(
+        transformer=transformer_on_device,
+        condition=condition,
+        encode_image=lambda image: raw_to_model(vae_encode(vae_on_device(), image), shift, scale).to(device),
+        decode=lambda latents: vae_decode(vae_on_device(), model_to_raw(latents, shift, scale)),
+        scheduler_config=scheduler_config,
+        latent_channels=vae.config.latent_channels,
+        device=device,
+        base_model=base_model,
+    )
+
+
+def models_on_device(components: KontextComponents | MetaQueryComponents, folder: str | Path,
+                     device: torch.device, negative_prompt: str = "") -> TrainingModels:
+    """Everything moved to `device` once (a plain script or torchrun, without ComfyUI)."""
+    components.transformer.to(device)
+    components.vae.to(device)
+    if isinstance(components, KontextComponents):
+        for module in components.text_encoders.modules():
+            module.to(device)
+        condition = text_condition(lambda: components.text_encoders, negative_prompt)
+    else:
+        components.mllm.mllm.to(device)
+        components.mllm.conditioner.to(device)
+        condition = metaquery_condition(lambda: components.mllm, negative_prompt)
+    return training_models(lambda: components.transformer, lambda: components.vae, condition,
+                           components.scheduler_config, device, Path(folder).name)
