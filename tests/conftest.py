@@ -93,6 +93,9 @@ class InProcessHost:
         (models / "UniPic2-tiny-Kontext").symlink_to(tiny_kontext_dir, target_is_directory=True)
         (models / "UniPic2-tiny-MetaQuery").symlink_to(tiny_metaquery_dir, target_is_directory=True)
         folder_paths.add_model_folder_path("unipic2", str(models))
+        self.loras = work / "models" / "loras"  # first in the list, so trained LoRAs land here
+        self.loras.mkdir()
+        folder_paths.folder_names_and_paths["loras"][0].insert(0, str(self.loras))
         # the module's name differs between hosts (folder name, or the full path on new ones)
         self.pack = next(m for m in list(sys.modules.values())
                          if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))

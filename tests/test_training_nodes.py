@@ -1,0 +1,109 @@
+"""GRPO training, reward and LoRA nodes inside the real ComfyUI host (in-process)."""
+
+import pytest
+import torch
+
+from test_nodes_in_host import TINY
+
+
+def trainer_inputs(**overrides):
+    values = dict(lora_name="node_test", steps=2, group_size=2, prompts_per_step=1, sampling_steps=2,
+                  noise_level=0.7, guidance=3.5, beta=0.04, learning_rate=1e-2, lora_rank=4, lora_alpha=8.0,
+                  clip_range=1e-4, timestep_fraction=0.99, advantage_std="group", resolution=64, micro_batch=0,
+                  seed=0, save_every=1, resume=False, negative_prompt="")
+    return {**values, **overrides}
+
+
+@pytest.fixture(scope="module")
+def kontext(host):
+    return host.node("LoadUniPic2Kontext").load(TINY, "fp32")
+
+
+@pytest.fixture(scope="module")
+def trained(host, kontext):
+    model, text, vae = kontext
+    prompts = host.node("UniPic2PromptList").make("a red fox\na blue lake")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        return host.node("UniPic2GRPOTrainer").train(model, vae, prompts, reward, text_encoders=text,
+                                                     **trainer_inputs())
+
+
+def test_trainer_node_trains_writes_and_restores_the_model(host, kontext, trained):
+    model = kontext[0]
+    lora, curves, samples, summary = trained
+    assert lora.info["steps"] == 2 and lora.info["base_model"] == TINY
+    assert (host.loras / "unipic2" / "node_test.safetensors").exists()
+    assert (host.loras / "unipic2" / "node_test.training-state").exists()
+    assert curves.shape == (1, 512, 768, 3) and curves.std() > 0
+    assert samples.shape == (1, 64, 128, 3)  # a grid of the G = 2 latest samples
+    assert "2 steps" in summary
+    # The cached DiT is left without adapter modules: ModelPatcher keys are the original ones.
+    assert not any("lora" in key for key in model.patcher.model.state_dict())
+
+
+def test_apply_lora_at_strength_zero_is_the_base_model_exactly(host, kontext, trained):
+    model, text, _ = kontext
+    conditioning = host.node("UniPic2TextEncode").encode(text, "a red fox", "")
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    args = dict(seed=3, steps=3, guidance=3.5, sampler="euler", noise_level=0.7, shift=0.0, denoise=1.0)
+    sampler = host.node("UniPic2Sampler")
+    lora = host.node("UniPic2LoadLoRA").load("unipic2/node_test.safetensors")[0]
+    zero = host.node("UniPic2ApplyLoRA").apply(model, lora, 0.0)[0]
+    one = host.node("UniPic2ApplyLoRA").apply(model, lora, 1.0)[0]
+    base = sampler.sample(model, *conditioning, latent, **args)[0]["samples"]
+    assert torch.equal(sampler.sample(zero, *conditioning, latent, **args)[0]["samples"], base)
+    assert not torch.equal(sampler.sample(one, *conditioning, latent, **args)[0]["samples"], base)
+    assert torch.equal(sampler.sample(model, *conditioning, latent, **args)[0]["samples"], base)  # removed again
+
+
+def test_apply_lora_patches_weights_at_the_trained_scale(host, kontext, trained):
+    import comfy.model_management as mm
+
+    model = kontext[0]
+    lora = trained[0]
+    module = lora.modules()[0]
+    down, up = lora.pair(module)
+    base = model.transformer.get_submodule(module).weight.detach().clone()
+    patched = host.node("UniPic2ApplyLoRA").apply(model, lora, 0.5)[0]
+    mm.load_models_gpu([patched.patcher])
+    weight = patched.transformer.get_submodule(module).weight.detach().clone()
+    mm.unload_all_models()
+    assert torch.allclose(weight, base + 0.5 * up @ down, atol=1e-6)
+    assert not torch.equal(weight, base)
+    assert torch.equal(model.transformer.get_submodule(module).weight, base)  # removable: unpatched again
+
+
+def test_save_lora_never_overwrites(host, trained):
+    node = host.node("UniPic2SaveLoRA")
+    first = node.save(trained[0], "unipic2/saved")["ui"]["text"][0]
+    second = node.save(trained[0], "unipic2/saved")["ui"]["text"][0]
+    assert first.endswith("saved_00001.safetensors") and second.endswith("saved_00002.safetensors")
+    with pytest.raises(ValueError, match="leaves models/loras"):
+        node.save(trained[0], "../../escape")
+
+
+def test_trainer_node_refuses_bad_inputs(host, kontext):
+    model, text, vae = kontext
+    prompts = host.node("UniPic2PromptList").make("a red fox")[0]
+    reward = host.node("UniPic2JPEGReward").make("compressibility")[0]
+    trainer = host.node("UniPic2GRPOTrainer")
+    with pytest.raises(ValueError, match="exactly one of 'text_encoders'"):
+        trainer.train(model, vae, prompts, reward, **trainer_inputs())
+    with pytest.raises(ValueError, match="group_size is 1"):
+        trainer.train(model, vae, prompts, reward, text_encoders=text, **trainer_inputs(group_size=1))
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        host.node("UniPic2PromptList").make("\n\n")
+    with pytest.raises(ValueError, match="2 image.*1 instruction"):
+        host.node("UniPic2EditPairs").make("one", images=torch.rand(2, 64, 64, 3))
+    assert not any("lora" in key for key in model.patcher.model.state_dict())
+
+
+def test_combined_reward_reports_each_term(host):
+    bright = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    jpeg = host.node("UniPic2JPEGReward").make("incompressibility")[0]
+    combined = host.node("UniPic2CombineRewards").combine(bright, 2.0, jpeg, 0.5)[0]
+    images = torch.rand(3, 64, 64, 3)
+    scores = combined.score(images, ["x"] * 3, None)
+    assert set(scores) == {"brightness", "jpeg_incompressibility"}
+    assert torch.allclose(combined.total(scores), 2.0 * scores["brightness"] + 0.5 * scores["jpeg_incompressibility"])

@@ -1,0 +1,97 @@
+"""GRPO-LoRA training outside ComfyUI, on one GPU or many (data-parallel under torchrun).
+
+    torchrun --nproc_per_node 8 -m unipic_core.grpo_torchrun --checkpoint models/unipic2/UniPic2-SD3.5M-Kontext-2B \
+        --prompts prompts.txt --reward jpeg-compressibility --output my_lora.safetensors --group-size 16
+
+Each process takes a contiguous slice of the K * G images of a step; rewards are gathered for the advantages and
+LoRA gradients summed (gloo on CPU, nccl on GPUs), so the update equals a single process's with the same global
+batch. Only rank 0 writes the LoRA and its resumable .training-state. Without torchrun it runs as one process.
+"""
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .folders import is_metaquery_folder
+from .grpo_training import GRPOSettings, GRPOTrainer, Hooks
+from .loading import load_kontext, load_metaquery
+from .rewards import colour_reward, edit_consistency_reward, jpeg_reward
+from .training_data import edit_pairs, prompt_lines, read_folder_images, read_prompts
+from .training_models import models_on_device
+
+REWARDS = {
+    "brightness": lambda: colour_reward((1.0, 1.0, 1.0)),
+    "jpeg-compressibility": lambda: jpeg_reward(incompressible=False),
+    "jpeg-incompressibility": lambda: jpeg_reward(incompressible=True),
+    "edit-consistency": lambda: edit_consistency_reward("l1"),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="UniPic2 Kontext or MetaQuery folder (diffusers layout)")
+    parser.add_argument("--mllm", default=None, help="Qwen2.5-VL folder for MetaQuery (default: inside checkpoint)")
+    parser.add_argument("--prompts", default="", help="text file, one prompt per line (text-to-image)")
+    parser.add_argument("--edit-images", default="", help="folder of source images (editing)")
+    parser.add_argument("--edit-instructions", default="", help="text file, one instruction per source image")
+    parser.add_argument("--reward", choices=sorted(REWARDS), required=True)
+    parser.add_argument("--output", required=True, help="LoRA .safetensors to write (state saved next to it)")
+    parser.add_argument("--resume", action="store_true", help="continue from --output's .training-state")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    for field in dataclasses.fields(GRPOSettings):
+        kind = field.type
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=field.default)
+        else:
+            parser.add_argument(flag, type=kind, default=field.default)
+    return parser.parse_args(argv)
+
+
+def training_data(args):
+    if args.prompts:
+        return read_prompts("", args.prompts)
+    if not (args.edit_images and args.edit_instructions):
+        raise SystemExit("give --prompts, or --edit-images with --edit-instructions")
+    instructions = prompt_lines(Path(args.edit_instructions).read_text(encoding="utf-8"))
+    return edit_pairs(read_folder_images(args.edit_images), instructions)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available()
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    dtype = DTYPES[args.dtype] if cuda else torch.float32
+    settings = GRPOSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOSettings)})
+    folder = Path(args.checkpoint)
+    components = (load_metaquery(folder, args.mllm, dtype) if is_metaquery_folder(folder)
+                  else load_kontext(folder, dtype))
+    models = models_on_device(components, folder, device, settings.negative_prompt)
+
+    def report(step):
+        if rank == 0:
+            total = step.rewards["total"]
+            print(f"step {step.step}/{step.total_steps} reward {total[0]:.4f} ± {total[1]:.4f} "
+                  f"loss {step.loss:.4g} kl {step.kl:.4g} {step.elapsed:.1f}s", flush=True)
+
+    trainer = GRPOTrainer(models, REWARDS[args.reward](), training_data(args), settings, Path(args.output),
+                          args.resume)
+    try:
+        trainer.run(Hooks(on_step=report))
+    finally:
+        trainer.close()
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
