@@ -105,12 +105,16 @@ def training_mode():
 
 
 def make_trainable(module: torch.nn.Module) -> None:
-    """Replace inference tensors (created when the loader ran under inference_mode) by normal ones: autograd
-    cannot save inference tensors for backward. A no-op once done."""
+    """Replace inference tensors (made when the loader ran under inference_mode) by normal copies: autograd can
+    neither save nor version-count them. A no-op once done."""
     with torch.inference_mode(False), torch.no_grad():
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            if tensor.is_inference():
-                tensor.data = tensor.data.clone()
+        for sub in module.modules():
+            for name, param in sub._parameters.items():
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+            for name, buffer in sub._buffers.items():
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
 
 
 def cancel_requested() -> bool:

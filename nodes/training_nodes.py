@@ -154,6 +154,7 @@ class UniPic2GRPOTrainer:
         if result.cancelled:
             log.info("UniPic2 GRPO Trainer: cancelled after step %d; checkpoint kept in %s", trainer.step, lora_file)
             host.check_cancel()
+        log.info("UniPic2 GRPO Trainer: LoRA written to %s", lora_file)
         history = result.history
         first, last = history[0]["rewards"]["total"][0], history[-1]["rewards"]["total"][0]
         summary = (f"UniPic2 GRPO: {trainer.step} steps, mean reward {first:.4f} (step 1) -> {last:.4f} (step "

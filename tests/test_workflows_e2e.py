@@ -1,6 +1,7 @@
 """Every workflow in workflows/ on a real ComfyUI server on 127.0.0.1, converted from UI format via /object_info."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,12 @@ WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352),
                   "unipic2_metaquery_t2i.json": (384, 512), "unipic2_metaquery_edit.json": (512, 352)}
 TEXT_WORKFLOWS = {"unipic2_understand.json"}
+# GRPO workflow -> (LoRA files its trainers write, images it saves: curves and samples per trainer, + generation)
+GRPO_WORKFLOWS = {"unipic2_grpo_t2i.json": (["unipic2_grpo_t2i"], 2),
+                  "unipic2_grpo_edit.json": (["unipic2_grpo_edit"], 2),
+                  "unipic2_grpo_pdtr.json": (["unipic2_pdtr_edit", "unipic2_pdtr_t2i"], 5)}
+LORA_LINE = re.compile(r"UniPic2 GRPO Trainer: LoRA written to (\S+)")
+CURVES_SIZE = (768, 512)
 LOAD_LINE = "UniPic2: loading Kontext checkpoint"
 TINY = {loader: tiny for loader, (_, tiny, _) in LOADERS.items()}
 
@@ -44,7 +51,7 @@ def images_of(server, entry: dict) -> list[np.ndarray]:
 
 
 def test_shipped_workflows_are_ui_format_with_our_nodes():
-    assert {w.name for w in WORKFLOWS} == set(EXPECTED_SIZES) | TEXT_WORKFLOWS
+    assert {w.name for w in WORKFLOWS} == set(EXPECTED_SIZES) | TEXT_WORKFLOWS | set(GRPO_WORKFLOWS)
     for workflow in WORKFLOWS:
         data = json.loads(workflow.read_text())
         assert {"nodes", "links", "version"} <= data.keys(), workflow.name
@@ -61,7 +68,7 @@ def test_ui_to_api_maps_links_and_skips_the_seed_control_value(server):
     assert sampler["inputs"]["model"] == [loader_id, 0]
 
 
-@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda w: w.name)
+@pytest.mark.parametrize("workflow", [w for w in WORKFLOWS if w.name not in GRPO_WORKFLOWS], ids=lambda w: w.name)
 def test_workflow_runs_on_a_server_and_gives_its_output(server, workflow):
     entry = run_workflow(server, workflow)
     if workflow.name in TEXT_WORKFLOWS:
@@ -89,3 +96,21 @@ def test_understand_workflow_is_deterministic_per_seed(server):
     understand = PACK_DIR / "workflows" / "unipic2_understand.json"
     answers = [output_texts(run_workflow(server, understand, seed=s))[0] for s in (5, 6, 5)]
     assert answers[0] == answers[2]
+
+
+@pytest.mark.parametrize("name", sorted(GRPO_WORKFLOWS))
+def test_grpo_workflow_trains_and_writes_its_lora_and_curves(server, name):
+    from unipic_core.lora import load_lora
+
+    loras, image_count = GRPO_WORKFLOWS[name]
+    entry = run_workflow(server, PACK_DIR / "workflows" / name)
+    images = images_of(server, entry)
+    assert len(images) == image_count
+    curves = [image for image in images if (image.shape[1], image.shape[0]) == CURVES_SIZE]
+    assert len(curves) == len(loras) and all(c.std() > 0 for c in curves)
+    written = {Path(p).stem: Path(p) for p in LORA_LINE.findall(server.log())}
+    for lora in loras:
+        assert load_lora(written[lora]).info["steps"] == 10
+    if name == "unipic2_grpo_pdtr.json":  # the text-to-image stage continued the edit stage's LoRA
+        second = load_lora(written["unipic2_pdtr_t2i"])
+        assert second.info["rewards"] == ["jpeg_compressibility"]

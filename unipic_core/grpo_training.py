@@ -13,9 +13,10 @@ resumed run therefore needs only the step number to continue exactly where it st
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -281,6 +282,8 @@ class GRPOTrainer:
             step_noise = torch.stack(step_noise, dim=1)
             chunk.trajectory = sample_trajectory(self._velocity(chunk, inputs), noise, inputs.sigmas[chunk.group],
                                                  s.noise_level, step_noise)
+
+    def _decode(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
             chunk.images = self.models.decode(chunk.trajectory.final)
 
@@ -346,13 +349,19 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {k: v / max(terms_count, 1) for k, v in sums.items()}
 
-    def train_step(self) -> StepReport:
+    def train_step(self, phase: Callable[[str], ContextManager] = lambda name: nullcontext()) -> StepReport:
+        """One step; phase(name) wraps each part (prepare, sampling, decoding, reward, update) for benchmarks."""
         s, started = self.settings, time.monotonic()
-        inputs = self._prepare()
+        with phase("prepare"):
+            inputs = self._prepare()
         chunks = plan_chunks(s, self.rank, self.world)
-        self.transformer = self.models.transformer()
-        self._sample(chunks, inputs)
-        scores = self._rewards(chunks, inputs.items)
+        with phase("sampling"):
+            self.transformer = self.models.transformer()
+            self._sample(chunks, inputs)
+        with phase("decoding"):
+            self._decode(chunks)
+        with phase("reward"):
+            scores = self._rewards(chunks, inputs.items)
         total = scores["total"]
         groups = total.reshape(-1, s.group_size)
         finite = torch.isfinite(groups).all(dim=1)
@@ -366,8 +375,9 @@ class GRPOTrainer:
             kept = group_advantages(groups[finite].reshape(-1), s.group_size, s.batch_std, s.advantage_clip)
             advantages[finite] = kept.reshape(-1, s.group_size)
         advantages = advantages.reshape(-1)
-        self.transformer = self.models.transformer()  # the reward may have moved it off the device
-        losses = self._train(chunks, inputs, advantages, valid)
+        with phase("update"):
+            self.transformer = self.models.transformer()  # the reward may have moved it off the device
+            losses = self._train(chunks, inputs, advantages, valid)
         self.step += 1
         rewards = {}
         for name, value in scores.items():

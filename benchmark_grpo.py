@@ -1,0 +1,132 @@
+"""Benchmark (not a test): one GRPO training step, split into its phases, against generating the same images.
+
+    python benchmark_grpo.py [--sizes tiny mid] [--group-size 4] [--sampling-steps 4] [--resolution 256]
+                             [--full-size] [--device cpu|cuda]
+
+For each config it runs a few training steps and prints, per phase (prepare, sampling, decoding, reward, update),
+the time and peak memory of the fastest step, then the whole step against a reference run in the same process:
+plain flow-sde generation of the same K * G images (sampling + decoding, no log-probs, no LoRA). The ratio is
+what training costs over generating its samples. --full-size uses SD3.5-Medium's DiT and VAE with random weights
+(speed does not depend on the weights), bf16 DiT on a GPU, random prompt embeddings in place of the text
+encoders; the paper's setting is --resolution 512 --group-size 16 --sampling-steps 10.
+"""
+
+import argparse
+import contextlib
+import tempfile
+import time
+
+import torch
+from diffusers import AutoencoderKL
+
+from benchmark_sampling import PeakMemory, measure
+from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem, TrainingModels
+from unipic_core.kontext_transformer import KontextSD3Transformer
+from unipic_core.loading import load_kontext
+from unipic_core.rewards import jpeg_reward
+from unipic_core.sampling import PromptEmbeds, sample
+from unipic_core.schedule import flow_sigmas
+from unipic_core.tiny import SD35M_TRANSFORMER, write_kontext_folder
+from unipic_core.training_models import models_on_device, training_models
+
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
+PROMPTS = [TrainingItem("a photo of a red apple on a wooden table")]
+
+
+def full_size_models(device: torch.device) -> TrainingModels:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer = KontextSD3Transformer(**SD35M_TRANSFORMER).to(device, dtype).eval()
+    vae = AutoencoderKL(**SD3_VAE).to(device, dtype).eval()
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(0)
+    embeds = [PromptEmbeds(torch.randn(1, 333, cfg.joint_attention_dim, generator=g),
+                           torch.randn(1, cfg.pooled_projection_dim, generator=g)) for _ in "pn"]
+    condition = lambda prompts, sources: (PromptEmbeds(embeds[0].tokens.expand(len(prompts), -1, -1),
+                                                       embeds[0].pooled.expand(len(prompts), -1)), embeds[1])
+    return training_models(lambda: transformer, lambda: vae, condition, {"shift": 3.0}, device, "SD3.5-M-random")
+
+
+class Phases:
+    """phase(name) context manager recording (seconds, peak MiB) per phase of the current step."""
+
+    def __init__(self, device):
+        self.device, self.steps = device, []
+
+    def new_step(self):
+        self.steps.append({})
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        with PeakMemory(self.device) as memory:
+            start = time.perf_counter()
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        self.steps[-1][name] = (seconds, memory.peak)
+
+
+def bench(name: str, models: TrainingModels, settings: GRPOSettings, repeats: int) -> None:
+    trainer = GRPOTrainer(models, jpeg_reward(), PROMPTS, settings)
+    phases = Phases(models.device)
+    try:
+        for _ in range(repeats + 1):  # the first step warms up
+            phases.new_step()
+            trainer.train_step(phases)
+        positive, negative = models.condition([PROMPTS[0].prompt], [None])
+        size = settings.resolution // 8
+        noise = torch.randn(settings.group_size, models.latent_channels, size, size).to(models.device)
+        sigmas = flow_sigmas(settings.sampling_steps, models.scheduler_config, (size // 2) ** 2)
+        generator = torch.Generator().manual_seed(0)
+
+        def generate():
+            with torch.no_grad():
+                latents = sample(trainer.transformer, noise, sigmas, positive, negative, settings.guidance,
+                                 sampler="flow-sde", noise_level=settings.noise_level, generator=generator)
+                models.decode(latents)
+
+        measure(generate, models.device)
+        reference = [measure(generate, models.device) for _ in range(repeats)]
+    finally:
+        trainer.close()
+    steps = phases.steps[1:]
+    totals = [(sum(t for t, _ in s.values()), max(m for _, m in s.values())) for s in steps]
+    best = min(range(len(steps)), key=lambda i: totals[i][0])
+    print(f"{name}: G={settings.group_size} T={settings.sampling_steps} {settings.resolution}px, "
+          f"micro_batch={settings.micro_batch or settings.group_size}")
+    for phase, (seconds, mib) in steps[best].items():
+        print(f"  {phase:>9} {seconds:8.3f} s {mib:9.1f} MiB")
+    step_time, step_mem = min(t for t, _ in totals), min(m for _, m in totals)
+    ref_time, ref_mem = min(t for t, _ in reference), min(m for _, m in reference)
+    print(f"  step {step_time:.3f} s, peak {step_mem:.1f} MiB | generating the same images {ref_time:.3f} s, "
+          f"{ref_mem:.1f} MiB | ratio time {step_time / ref_time:.2f} memory {step_mem / max(ref_mem, 1e-6):.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="*", default=["tiny", "mid"])
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--sampling-steps", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full-size", action="store_true", help="SD3.5-M DiT + SD3 VAE, random weights")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    settings = GRPOSettings(group_size=args.group_size, sampling_steps=args.sampling_steps,
+                            resolution=args.resolution, micro_batch=args.micro_batch)
+    print(f"device {device}, torch {torch.__version__}; LoRA r=32 alpha=64, beta=0.04, CFG 3.5, fp32 SDE maths")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            folder = write_kontext_folder(f"{tmp}/{size}", size)
+            bench(size, models_on_device(load_kontext(folder), folder, device), settings, args.repeats)
+    if args.full_size:
+        bench("SD3.5-M (random weights)", full_size_models(device), settings, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
