@@ -91,6 +91,8 @@ class UniPic2GRPOTrainer:
                                                     "step's."}),
             "resolution": _int(512, 64, 2048, "Text-to-image size (square); longer edge for editing (multiple of 32)."),
             "micro_batch": _int(0, 0, 256, "Images per DiT forward; 0 = a whole group. Lower it to save VRAM."),
+            "updates_per_step": _int(2, 1, 256, "Optimizer steps per batch of samples (Flow-GRPO: 2); from the "
+                                     "second on, the ratio moves off 1 and the clip range acts."),
             "seed": _int(0, 0, 2**31 - 1, "Seeds LoRA init, prompt order and all noise."),
             "save_every": _int(10, 0, 100000, "Checkpoint every N steps (0: only at the end / on Cancel)."),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from lora_name's checkpoint if there is one."}),
@@ -103,7 +105,7 @@ class UniPic2GRPOTrainer:
 
     def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
               noise_level, guidance, beta, learning_rate, lora_rank, lora_alpha, clip_range, timestep_fraction,
-              advantage_std, resolution, micro_batch, seed, save_every, resume, negative_prompt,
+              advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
               text_encoders=None, mllm=None, lora=None):
         from ..unipic_core.curves import plot_curves, sample_grid
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
@@ -119,7 +121,8 @@ class UniPic2GRPOTrainer:
             steps=steps, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
             noise_level=noise_level, guidance=guidance, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
             lora_alpha=lora_alpha, clip_range=clip_range, batch_std=advantage_std == "batch",
-            timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch, seed=seed,
+            timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch,
+            updates_per_step=updates_per_step, seed=seed,
             negative_prompt=negative_prompt, save_every=save_every)
         lora_file = Path(host.lora_folder()) / f"{name}.safetensors"
 

@@ -140,3 +140,22 @@ def test_brightness_reward_rises_within_fifteen_steps(models):
     # large does not come from sampling noise.
     standard_error = (sum(stds[:3]) / 3) / math.sqrt(3 * settings.group_size)
     assert last - first > max(5 * standard_error, 0.02), (means, standard_error)
+
+
+def test_metaquery_model_trains_on_prompts_and_edit_pairs(tiny_metaquery_dir):
+    from unipic_core.loading import load_metaquery
+
+    models = models_on_device(load_metaquery(tiny_metaquery_dir), tiny_metaquery_dir, torch.device("cpu"))
+    _, t2i = train(models, small(steps=1))
+    pairs = edit_pairs([torch.rand(64, 64, 3)], ["make it snow"])
+    _, edit = train(models, small(steps=1), pairs, edit_consistency_reward("l2"))
+    assert t2i.lora.info["base_model"] == edit.lora.info["base_model"] == "UniPic2-tiny-MetaQuery"
+    assert math.isfinite(t2i.history[0]["loss"]) and math.isfinite(edit.history[0]["loss"])
+    assert any(v.abs().max() > 0 for k, v in edit.lora.tensors.items() if "lora_B" in k)
+
+
+def test_the_clip_acts_only_from_the_second_update_of_a_step(models):
+    _, one = train(models, small(steps=1, updates_per_step=1, learning_rate=5e-2))
+    _, two = train(models, small(steps=1, updates_per_step=2, learning_rate=5e-2))
+    assert one.history[0]["clip_fraction"] == 0.0  # freshly sampled data: every ratio is exactly 1
+    assert two.history[0]["clip_fraction"] > 0.0  # after the first update the ratios leave [1 - eps, 1 + eps]

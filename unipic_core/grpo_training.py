@@ -56,6 +56,7 @@ class GRPOSettings:
     resolution: int = 512
     micro_batch: int = 0  # images per DiT forward; 0 = a whole group
     grad_clip: float = 1.0
+    updates_per_step: int = 2  # optimizer steps per batch of samples (Flow-GRPO: two per epoch)
     seed: int = 0
     negative_prompt: str = ""
     save_every: int = 0  # 0 = only at the end
@@ -70,6 +71,9 @@ class GRPOSettings:
             problems.append(f"noise_level is {self.noise_level}; GRPO needs a stochastic sampler, use e.g. 0.7")
         if self.resolution < 64 or self.resolution % SIZE_MULTIPLE:
             problems.append(f"resolution {self.resolution} must be a multiple of {SIZE_MULTIPLE}, at least 64")
+        if self.updates_per_step < 1 or self.updates_per_step > self.group_size * self.prompts_per_step:
+            problems.append(f"updates_per_step must be between 1 and the step's images "
+                            f"({self.group_size * self.prompts_per_step})")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             problems.append("lora_rank must be at least 1 and lora_alpha positive")
         if problems:
@@ -259,14 +263,14 @@ class GRPOTrainer:
                   for width, height in sizes]
         return StepInputs(items, positive, negative, references, sigmas)
 
-    def _velocity(self, chunk: Chunk, inputs: StepInputs) -> GuidedVelocity:
+    def _velocity(self, chunk: Chunk, inputs: StepInputs, batch: int | None = None) -> GuidedVelocity:
         def row(embeds):
             if embeds is None or len(embeds.tokens) == 1:
                 return embeds
             return PromptEmbeds(embeds.tokens[chunk.group:chunk.group + 1], embeds.pooled[chunk.group:chunk.group + 1])
 
         return GuidedVelocity(self.transformer, row(inputs.positive), row(inputs.negative), self.settings.guidance,
-                              inputs.references[chunk.group], len(chunk.indices), self.models.device)
+                              inputs.references[chunk.group], batch or len(chunk.indices), self.models.device)
 
     def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
         s = self.settings
@@ -308,45 +312,72 @@ class GRPOTrainer:
                 out[name] = torch.cat(gathered)
         return out
 
+    def _update_parts(self, chunks: list[Chunk], valid: torch.Tensor) -> list[list[tuple[Chunk, list[int]]]]:
+        """This rank's trainable images as (chunk, rows) pieces, in `updates_per_step` parts.
+
+        Parts are ranges of *global* image indices, so every rank takes part in every update and the updates are
+        the same whatever the number of processes.
+        """
+        total, updates = len(valid), self.settings.updates_per_step
+        parts: list[list[tuple[Chunk, list[int]]]] = [[] for _ in range(updates)]
+        for chunk in chunks:
+            if not bool(valid[chunk.indices].all()):
+                continue  # a skipped (NaN) group: no gradient from it
+            for row, index in enumerate(chunk.indices):
+                part = parts[index * updates // total]
+                if part and part[-1][0] is chunk:
+                    part[-1][1].append(row)
+                else:
+                    part.append((chunk, [row]))
+        return parts
+
+    def _piece_loss(self, chunk: Chunk, rows: list[int], inputs: StepInputs, advantages: torch.Tensor,
+                    j: int):
+        s = self.settings
+        trajectory = Trajectory(chunk.trajectory.latents[:, rows], chunk.trajectory.log_probs[:, rows])
+        velocity = self._velocity(chunk, inputs, len(rows))
+        sigmas = inputs.sigmas[chunk.group]
+        log_prob, mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
+        ref_mean = None
+        if s.beta > 0:
+            with torch.no_grad():
+                self.transformer.disable_adapters()
+                try:
+                    _, ref_mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
+                finally:
+                    self.transformer.enable_adapters()
+        adv = advantages[[chunk.indices[r] for r in rows]].to(self.models.device)
+        return grpo_loss(log_prob, trajectory.log_probs[j], adv, s.clip_range, s.beta, mean, ref_mean,
+                         sde_noise_scale(sigmas, j, s.noise_level))
+
     def _train(self, chunks: list[Chunk], inputs: StepInputs, advantages: torch.Tensor, valid: torch.Tensor) -> dict:
+        """Flow-GRPO's update: the step's images in `updates_per_step` parts (two by default, so the second
+        update sees ratios != 1 and the clip acts), each part's gradient summed over its images and trained
+        timesteps and averaged over all ranks, then grad-norm clipping and one AdamW step."""
         s = self.settings
         steps = trained_steps(s.sampling_steps, s.timestep_fraction)
-        trained_images = int(valid.sum().item())
-        sums = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clip": 0.0}
-        terms_count = 0
-        for chunk in chunks:
-            chunk_valid = valid[chunk.indices]
-            if not bool(chunk_valid.all()):
-                continue  # a skipped (NaN) group: no gradient from it
-            adv = advantages[chunk.indices].to(self.models.device)
-            velocity = self._velocity(chunk, inputs)
-            sig = inputs.sigmas[chunk.group]
-            for j in steps:
-                log_prob, mean = step_policy(velocity, chunk.trajectory, sig, j, s.noise_level)
-                ref_mean = None
-                if s.beta > 0:
-                    with torch.no_grad():
-                        self.transformer.disable_adapters()
-                        try:
-                            _, ref_mean = step_policy(velocity, chunk.trajectory, sig, j, s.noise_level)
-                        finally:
-                            self.transformer.enable_adapters()
-                terms = grpo_loss(log_prob, chunk.trajectory.log_probs[j], adv, s.clip_range, s.beta, mean,
-                                  ref_mean, sde_noise_scale(sig, j, s.noise_level))
-                # Weighted so the summed gradient is the mean over all trained images and timesteps of all ranks.
-                (terms.loss * len(chunk.indices) / (trained_images * len(steps))).backward()
-                sums["loss"] += terms.loss.item(); sums["policy"] += terms.policy.item()
-                sums["kl"] += terms.kl.item(); sums["clip"] += terms.clip_fraction.item()
-                terms_count += 1
-        if self.world > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-        if trained_images:
-            torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        total = len(valid)
+        sums, terms_count = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clip": 0.0}, 0
+        for u, part in enumerate(self._update_parts(chunks, valid)):
+            lo, hi = -(-u * total // s.updates_per_step), -(-(u + 1) * total // s.updates_per_step)
+            part_images = int(valid[lo:hi].sum().item())  # global, the same on every rank
+            for chunk, rows in part:
+                for j in steps:
+                    terms = self._piece_loss(chunk, rows, inputs, advantages, j)
+                    # Weighted so the summed gradient is the part's mean over images and timesteps of all ranks.
+                    (terms.loss * len(rows) / (part_images * len(steps))).backward()
+                    sums["loss"] += terms.loss.item(); sums["policy"] += terms.policy.item()
+                    sums["kl"] += terms.kl.item(); sums["clip"] += terms.clip_fraction.item()
+                    terms_count += 1
+            if self.world > 1:
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+            if part_images:
+                torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return {k: v / max(terms_count, 1) for k, v in sums.items()}
 
     def train_step(self, phase: Callable[[str], ContextManager] = lambda name: nullcontext()) -> StepReport:
