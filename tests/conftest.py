@@ -135,3 +135,11 @@ def fresh_transformer(tiny_kontext_dir):
     from unipic_core.loading import load_pretrained
 
     return load_pretrained(KontextSD3Transformer, tiny_kontext_dir / "transformer", torch.float32)
+
+
+def randomise_lora_b(transformer, std: float = 0.1) -> None:
+    """A trained-looking adapter (peft starts lora_B at zero), so the LoRA path really changes outputs."""
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import randomise_lora_b
 from unipic_core.grpo import (Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy,
                               trained_steps)
 from unipic_core.lora import add_lora
@@ -43,30 +44,25 @@ def _trajectory(transformer, sigmas, batch=3):
     return sample_trajectory(_velocity(transformer, batch), noise, sigmas, 0.7, step_noise)
 
 
-def test_ratio_is_exactly_one_on_the_first_update(fresh_transformer):
+@pytest.fixture
+def rollout(fresh_transformer):
+    """A DiT with a trained-looking LoRA, a 4-step SDE trajectory of 3 images sampled with it, and its velocity."""
     add_lora(fresh_transformer, 4, 8, seed=0)
-    with torch.no_grad():  # a trained-looking adapter, so the LoRA path really runs
-        for name, p in fresh_transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    randomise_lora_b(fresh_transformer)
     sigmas = flow_sigmas(4, {"shift": 3.0})
-    trajectory = _trajectory(fresh_transformer, sigmas)
-    velocity = _velocity(fresh_transformer, 3)
+    return fresh_transformer, sigmas, _trajectory(fresh_transformer, sigmas), _velocity(fresh_transformer, 3)
+
+
+def test_ratio_is_exactly_one_on_the_first_update(rollout):
+    _, sigmas, trajectory, velocity = rollout
     for j in range(4):
         log_prob, _ = step_policy(velocity, trajectory, sigmas, j, 0.7)
         assert log_prob.requires_grad
         assert torch.equal(torch.exp(log_prob - trajectory.log_probs[j]), torch.ones(3))
 
 
-def test_kl_is_zero_with_the_lora_disabled(fresh_transformer):
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    with torch.no_grad():
-        for name, p in fresh_transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
-    sigmas = flow_sigmas(4, {"shift": 3.0})
-    trajectory = _trajectory(fresh_transformer, sigmas)
-    velocity = _velocity(fresh_transformer, 3)
+def test_kl_is_zero_with_the_lora_disabled(rollout):
+    fresh_transformer, sigmas, trajectory, velocity = rollout
     log_prob, with_lora = step_policy(velocity, trajectory, sigmas, 1, 0.7)
     fresh_transformer.disable_adapters()
     _, without = step_policy(velocity, trajectory, sigmas, 1, 0.7)

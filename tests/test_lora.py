@@ -7,15 +7,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import safe_open, save_file
 
+from conftest import randomise_lora_b
 from unipic_core.lora import (TARGET_MODULES, LoRAError, add_lora, adapter_tensors, load_into_adapter, load_lora,
                               lora_weights, remove_lora, save_lora)
-
-
-def _randomise_adapter(transformer):
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
 
 
 def _forward(transformer):
@@ -40,7 +34,7 @@ def test_adapter_targets_both_attention_streams(fresh_transformer):
 
 def test_file_loads_in_diffusers_at_the_trained_scale(fresh_transformer, tiny_kontext, tmp_path):
     add_lora(fresh_transformer, 4, alpha=12, seed=0)  # scale alpha / r = 3
-    _randomise_adapter(fresh_transformer)
+    randomise_lora_b(fresh_transformer, 0.2)
     expected = _forward(fresh_transformer)
     path = save_lora(lora_weights(fresh_transformer, 4, 12, {"base_model": "tiny"}), tmp_path / "l.safetensors")
     remove_lora(fresh_transformer)
@@ -59,7 +53,7 @@ def test_file_loads_in_diffusers_at_the_trained_scale(fresh_transformer, tiny_ko
 
 def test_file_round_trip_keeps_tensors_and_metadata(fresh_transformer, tmp_path):
     add_lora(fresh_transformer, 4, alpha=8, seed=0)
-    _randomise_adapter(fresh_transformer)
+    randomise_lora_b(fresh_transformer, 0.2)
     lora = lora_weights(fresh_transformer, 4, 8, {"base_model": "tiny", "steps": 7, "rewards": ["brightness"]})
     path = save_lora(lora, tmp_path / "sub" / "l.safetensors")
     loaded = load_lora(path)

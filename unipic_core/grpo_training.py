@@ -213,7 +213,6 @@ class GRPOTrainer:
         self.params = add_lora(self.transformer, settings.lora_rank, settings.lora_alpha, settings.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step, self.history = 0, []
-        self.references: dict[int, torch.Tensor] = {}
         try:
             if resume and self.checkpoint is not None and self.checkpoint.exists():
                 self._restore(load_state(self.checkpoint))
