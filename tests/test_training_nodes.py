@@ -107,3 +107,46 @@ def test_combined_reward_reports_each_term(host):
     scores = combined.score(images, ["x"] * 3, None)
     assert set(scores) == {"brightness", "jpeg_incompressibility"}
     assert torch.allclose(combined.total(scores), 2.0 * scores["brightness"] + 0.5 * scores["jpeg_incompressibility"])
+
+
+def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, tmp_path):
+    """The file as a native ComfyUI LoraLoader reads it on an SD3 model: the host's diffusers->MMDiT key map
+    (fused qkv slices) and its load_lora / calculate_weight, at strength 0.7."""
+    import comfy.lora
+    import comfy.utils
+
+    if not hasattr(comfy.utils, "mmdit_to_diffusers"):
+        pytest.skip("this host predates SD3 (no comfy.utils.mmdit_to_diffusers); run with UNIPIC2_COMFYUI")
+    from unipic_core.kontext_transformer import KontextSD3Transformer
+    from unipic_core.lora import add_lora, load_lora, lora_weights, save_lora
+
+    from conftest import randomise_lora_b
+
+    # ComfyUI's SD3 map assumes SD3's 64-wide heads, one per block: a 2-block DiT of width 128.
+    dit = KontextSD3Transformer(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+                                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
+                                pooled_projection_dim=20, out_channels=16, pos_embed_max_size=32)
+    add_lora(dit, 4, 8, seed=0)
+    randomise_lora_b(dit)
+    lora = load_lora(save_lora(lora_weights(dit, 4, 8, {}), tmp_path / "sd3.safetensors"))
+
+    diffusers_keys = comfy.utils.mmdit_to_diffusers({"depth": 2}, output_prefix="diffusion_model.")
+    key_map = {f"transformer.{k[:-len('.weight')]}": v for k, v in diffusers_keys.items() if k.endswith(".weight")}
+    patches = comfy.lora.load_lora(lora.tensors, key_map)
+    assert len(patches) == len(lora.modules())  # every module found its place in the MMDiT
+
+    def patched(target: str, shape) -> torch.Tensor:
+        weight = torch.zeros(shape)
+        for key, patch in patches.items():
+            name, offset = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+            if name == target:
+                weight = comfy.lora.calculate_weight([(0.7, patch, 1.0, offset, None)], weight, name)
+        return weight
+
+    qkv = patched("diffusion_model.joint_blocks.1.x_block.attn.qkv.weight", (384, 128))
+    for i, projection in enumerate(("to_q", "to_k", "to_v")):
+        down, up = lora.pair(f"transformer_blocks.1.attn.{projection}")
+        assert torch.allclose(qkv[i * 128:(i + 1) * 128], 0.7 * up @ down, atol=1e-6)
+    out = patched("diffusion_model.joint_blocks.0.context_block.attn.proj.weight", (128, 128))
+    down, up = lora.pair("transformer_blocks.0.attn.to_add_out")
+    assert torch.allclose(out, 0.7 * up @ down, atol=1e-6)
