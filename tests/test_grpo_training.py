@@ -130,16 +130,17 @@ def test_brightness_reward_rises_within_fifteen_steps(models):
     for any policy to move, so here pixels are a fixed map of the latent (sigmoid of its first three channels);
     the DiT, LoRA, SDE sampling, reward, advantages and AdamW are the real ones."""
     models.decode = lambda latents: torch.sigmoid(latents[:, :3].float()).movedim(1, -1)
+    # One update per step: with this test's large learning rate, a second update would be mostly clipped away.
     settings = small(steps=15, group_size=8, sampling_steps=4, lora_rank=8, lora_alpha=16, learning_rate=3e-2,
-                     beta=0.0)
+                     beta=0.0, updates_per_step=1)
     _, result = train(models, settings)
     means = [h["rewards"]["brightness"][0] for h in result.history]
     stds = [h["rewards"]["brightness"][1] for h in result.history]
     first, last = sum(means[:3]) / 3, sum(means[-3:]) / 3
-    # Margin: five standard errors of a 3-step mean at the start (each step averages G = 8 images), so a rise this
-    # large does not come from sampling noise.
+    # Margin: 0.04 (about 13 standard errors of a 3-step mean at the start, ~0.003 with G = 8 images a step), so
+    # the rise cannot come from sampling noise; measured here: 0.494 -> 0.578.
     standard_error = (sum(stds[:3]) / 3) / math.sqrt(3 * settings.group_size)
-    assert last - first > max(5 * standard_error, 0.02), (means, standard_error)
+    assert last - first > max(5 * standard_error, 0.04), (means, standard_error)
 
 
 def test_metaquery_model_trains_on_prompts_and_edit_pairs(tiny_metaquery_dir):
