@@ -117,8 +117,70 @@ def make_trainable(module: torch.nn.Module) -> None:
                     sub._buffers[name] = buffer.clone()
 
 
+_LAST_MESSAGES: dict[str, dict] = {}  # (event/node) -> the latest message, for browsers that reconnect
+
+
+def _server():
+    from server import PromptServer
+
+    return getattr(PromptServer, "instance", None)
+
+
+def send_to_client(event: str, node_id: str, data: dict) -> None:
+    """A pack message over ComfyUI's websocket to the client that queued the running prompt (web/ listens); the
+    latest one per node is also kept for `GET /unipic2/messages/<event>`, so a reloaded page catches up at once.
+    Without a server (the in-process tests, a script) there is no one to tell."""
+    message = {"node": node_id, **data}
+    _LAST_MESSAGES[f"{event}/{node_id}"] = message
+    server = _server()
+    if server is not None and server.client_id is not None:
+        server.send_sync(event, message, server.client_id)
+
+
+def register_routes() -> None:
+    server = _server()
+    if server is None:
+        return
+    from aiohttp import web
+
+    @server.routes.get("/unipic2/messages/{event}")
+    async def latest_messages(request):
+        prefix = request.match_info["event"] + "/"
+        return web.json_response([m for key, m in _LAST_MESSAGES.items() if key.startswith(prefix)])
+
+
+def jpeg_data_url(image: torch.Tensor, height: int = 96) -> str:
+    """IMAGE [H, W, 3] 0..1 -> a small 'data:image/jpeg;base64,...' for the browser."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    picture = Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype("uint8"))
+    picture = picture.resize((max(1, round(picture.width * height / picture.height)), height))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def cancel_requested() -> bool:
     return mm.processing_interrupted()
+
+
+def download_progress():
+    """A tqdm class for hub downloads: the console bar as usual, mirrored on ComfyUI's progress bar."""
+    from tqdm.auto import tqdm
+
+    class ComfyProgress(tqdm):
+        def update(self, n=1):
+            shown = super().update(n)
+            total = max(int(self.total or 0), int(self.n), 1)
+            if not hasattr(self, "comfy_bar"):
+                self.comfy_bar = comfy.utils.ProgressBar(total)
+            self.comfy_bar.update_absolute(int(self.n), total)
+            return shown
+
+    return ComfyProgress
 
 
 def check_cancel() -> None:

@@ -1,12 +1,26 @@
 """GRPO training in the graph: prompt lists, edit pairs and the UniPic2 GRPO Trainer."""
 
 import logging
+import math
 from pathlib import Path
 
 from ..unipic_core import training_data
 from . import host
 
 log = logging.getLogger("unipic2")
+
+TRAINING_EVENT = "unipic2.grpo"  # one message per training step; web/unipic2_training.js draws it on the node
+
+
+def json_safe(value):
+    """JSON has no NaN: non-finite numbers (a skipped group's reward) travel as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class UniPic2PromptList:
@@ -96,8 +110,8 @@ class UniPic2GRPOTrainer:
             "seed": _int(0, 0, 2**31 - 1, "Seeds LoRA init, prompt order and all noise."),
             "save_every": _int(10, 0, 100000, "Checkpoint every N steps (0: only at the end / on Cancel)."),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from lora_name's checkpoint if there is one."}),
-            "negative_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "For CFG."}),
-        }, "optional": {
+            "negative_prompt": ("STRING", {"default": "", "tooltip": "Negative prompt for CFG."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}, "optional": {
             "text_encoders": ("UNIPIC2_TEXT", {"tooltip": "Kontext text encoders (connect this or mllm)."}),
             "mllm": ("UNIPIC2_MLLM", {"tooltip": "MetaQuery MLLM (connect this or text_encoders)."}),
             "lora": ("UNIPIC2_LORA", {"tooltip": "Start from this LoRA (e.g. the PDTR edit stage's)."}),
@@ -106,7 +120,7 @@ class UniPic2GRPOTrainer:
     def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
               noise_level, guidance, beta, learning_rate, lora_rank, lora_alpha, clip_range, timestep_fraction,
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
-              text_encoders=None, mllm=None, lora=None):
+              text_encoders=None, mllm=None, lora=None, node_id=None):
         from ..unipic_core.curves import plot_curves, sample_grid
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
         from ..unipic_core.training_models import metaquery_condition, text_condition, training_models
@@ -144,7 +158,12 @@ class UniPic2GRPOTrainer:
             log.info("UniPic2 GRPO step %d/%d: reward %.4f (std %.4f), loss %.3g, kl %.3g, clipped %.2f, %.1fs",
                      report.step, report.total_steps, total[0], total[1], report.loss, report.kl,
                      report.clip_fraction, report.elapsed)
-            progress.update(report.step, report.total_steps, sample_grid(report.samples)[0])
+            progress.update(report.step, report.total_steps)  # samples travel with the chart, not as a preview
+            grid = sample_grid(report.samples, columns=len(report.samples))[0]
+            # The whole history each time: a page reloaded mid-run (and so deaf for a moment) catches up at once.
+            host.send_to_client(TRAINING_EVENT, node_id, {"total": report.total_steps,
+                                                          "history": json_safe(trainer.history),
+                                                          "preview": host.jpeg_data_url(grid)})
 
         with host.training_mode():
             models = training_models(transformer_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
