@@ -48,7 +48,7 @@ def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: s
             return local[name]
         from ..unipic_core.loading import download_repo
 
-        return download_repo(choice, Path(host.unipic2_download_folder()) / name)
+        return download_repo(choice, Path(host.unipic2_download_folder()) / name, host.download_progress())
     raise ValueError(f"UniPic2 Load: {what} '{choice}' not found; put the folder in "
                      f"{host.unipic2_download_folder()} or pick one of {', '.join(repos)}")
 

@@ -1,5 +1,6 @@
 """The pack's nodes inside the real ComfyUI host, in this process (DESIGN.md section 7)."""
 
+import importlib
 import logging
 
 import pytest
@@ -217,3 +218,18 @@ def test_two_references_are_refused_with_a_fix(host, loaded, conditioning):
 def test_missing_checkpoint_choice_says_where_to_put_it(host):
     with pytest.raises(ValueError, match="checkpoint 'nope' not found; put the folder in"):
         host.node("LoadUniPic2Kontext").load("nope", "fp32")
+
+
+def test_hub_download_progress_reaches_comfyuis_progress_bar(host, progress_hook, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def fake_snapshot_download(repo_id, local_dir, tqdm_class):  # three files, as the hub client reports them
+        bar = tqdm_class(total=3, desc=f"Fetching {repo_id}")
+        for _ in range(3):
+            bar.update(1)
+        bar.close()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loading = importlib.import_module(f"{host.pack.__name__}.unipic_core.loading")
+    loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.pack.nodes.host.download_progress())
+    assert [(value, total) for value, total, _ in progress_hook] == [(1, 3), (2, 3), (3, 3)]

@@ -128,14 +128,18 @@ def load_kontext(folder: str | Path, dtype: torch.dtype = torch.float32) -> Kont
     )
 
 
-def download_repo(repo_id: str, destination: Path) -> Path:
-    """Download a hub repo into `destination` (tqdm progress on the console); a clear error when offline."""
+def download_repo(repo_id: str, destination: Path, tqdm_class=None) -> Path:
+    """Download a hub repo into `destination`; a clear error when offline.
+
+    Progress goes to the console through tqdm; tqdm_class (a tqdm subclass) can mirror it elsewhere, e.g. to
+    ComfyUI's progress bar.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     log.info("UniPic2: downloading %s into %s", repo_id, destination)
     try:
-        snapshot_download(repo_id, local_dir=str(destination))
+        snapshot_download(repo_id, local_dir=str(destination), tqdm_class=tqdm_class)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise CheckpointError(
             f"could not download {repo_id} ({type(err).__name__}: {err}). Without internet access, download it "
