@@ -2,13 +2,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test
 demo: $(VENV)/.installed
 	$(BIN)/python demo.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest tests
+
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)

@@ -56,17 +56,22 @@ def free_port() -> int:
 class Server:
     """`python main.py --cpu` on 127.0.0.1 with its input, output, temp and extra model folders under work_dir.
 
-    work_dir/models/unipic2 is registered as an extra model folder, so nothing is written into the host's own
-    folders. stdout and stderr go to work_dir/comfyui.log.
+    work_dir/models/unipic2 and work_dir/models/loras are registered as extra model folders, so nothing is
+    written into the host's own folders. stdout and stderr go to work_dir/comfyui.log.
     """
 
     def __init__(self, comfy: Path, work_dir: Path):
         work_dir = Path(work_dir).resolve()
         self.input, self.output, self.models = work_dir / "input", work_dir / "output", work_dir / "models"
-        for folder in (self.input, self.output, self.models / "unipic2"):
+        for folder in (self.input, self.output, self.models / "unipic2", self.models / "loras"):
             folder.mkdir(parents=True, exist_ok=True)
         extra_paths = work_dir / "extra_model_paths.yaml"
-        extra_paths.write_text(f"unipic2_work:\n    base_path: {self.models}\n    unipic2: unipic2\n")
+        # Hosts that know `is_default` put these folders first, so LoRAs trained here stay in work_dir; older
+        # hosts (a fresh copy per run) append them.
+        extra_config = Path(comfy) / "utils" / "extra_config.py"
+        knows_default = extra_config.exists() and "is_default" in extra_config.read_text()
+        extra_paths.write_text(f"unipic2_work:\n    base_path: {self.models}\n    unipic2: unipic2\n    loras: loras\n"
+                               + ("    is_default: true\n" if knows_default else ""))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work_dir / "comfyui.log"
