@@ -84,7 +84,8 @@ class UniPic2GRPOTrainer:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("UNIPIC2_MODEL", {"tooltip": "The DiT to train a LoRA for (LoRAs already applied stay frozen)."}),
+            "model": ("UNIPIC2_MODEL", {"tooltip": "The DiT to train a LoRA for (straight from the loader; to "
+                                        "continue a LoRA, connect it to 'lora')."}),
             "vae": ("UNIPIC2_VAE", {"tooltip": "Decodes samples for the reward and encodes edit sources."}),
             "prompts": ("UNIPIC2_PROMPTS", {"tooltip": "UniPic2 Prompt List (text-to-image) or Edit Pairs."}),
             "reward": ("UNIPIC2_REWARD", {"tooltip": "A reward node, or Combine Rewards."}),
@@ -128,6 +129,9 @@ class UniPic2GRPOTrainer:
         if (text_encoders is None) == (mllm is None):
             raise ValueError("UniPic2 GRPO Trainer: connect exactly one of 'text_encoders' (Kontext) or 'mllm' "
                              "(MetaQuery)")
+        if model.patcher.patches:  # peft wraps the patched layers, and ComfyUI could no longer unpatch them
+            raise ValueError("UniPic2 GRPO Trainer: the model carries weight patches (Apply LoRA); connect that LoRA "
+                             "to the trainer's 'lora' input instead, to continue training it")
         name = lora_name.strip()
         if not name or Path(name).name != name:
             raise ValueError(f"UniPic2 GRPO Trainer: lora_name '{lora_name}' must be a plain file name")

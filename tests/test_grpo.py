@@ -93,10 +93,10 @@ def test_constant_reward_group_has_zero_advantage_and_no_gradient():
 def test_advantages_are_normalised_per_group_or_batch_and_clipped():
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
     per_group = group_advantages(rewards, 3)
-    assert torch.allclose(per_group[:3], per_group[3:], atol=1e-4)  # each group normalised by its own std
+    assert torch.allclose(per_group[:3], per_group[3:], atol=1e-3)  # each group normalised by its own std
     batch = group_advantages(rewards, 3, batch_std=True)
     assert torch.allclose(batch, (rewards.reshape(2, 3) - rewards.reshape(2, 3).mean(1, keepdim=True)).reshape(-1)
-                          / (rewards.std() + 1e-4))
+                          / (rewards.std(correction=0) + 1e-4))
     spiky = torch.tensor([0.0] * 99 + [1.0])
     assert group_advantages(spiky, 100).max().item() == 5.0
 

@@ -16,7 +16,7 @@ PROMPTS = [TrainingItem("a red fox"), TrainingItem("a blue lake")]
 
 
 def small(**overrides) -> GRPOSettings:
-    values = dict(steps=2, group_size=4, sampling_steps=3, resolution=64, lora_rank=4, lora_alpha=8,
+    values = dict(steps=2, group_size=4, sampling_steps=3, resolution=64, lora_rank=4, lora_alpha=12,
                   learning_rate=1e-2, save_every=0)
     return GRPOSettings(**{**values, **overrides})
 
@@ -36,13 +36,14 @@ def train(models, settings, data=PROMPTS, reward=None, **kwargs):
 
 
 def test_resume_equals_training_straight_through(models, tmp_path):
+    # alpha / r = 3 is not a power of two: the checkpoint must hold the raw adapter for this to be exact.
     _, straight = train(models, small(steps=4), checkpoint=tmp_path / "a.safetensors")
     _, first_half = train(models, small(steps=2), checkpoint=tmp_path / "b.safetensors")
     trainer, resumed = train(models, small(steps=4), checkpoint=tmp_path / "b.safetensors", resume=True)
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     assert resumed.history[:2] == first_half.history
     for key, value in straight.lora.tensors.items():
-        assert torch.allclose(resumed.lora.tensors[key], value, atol=1e-6), key
+        assert torch.equal(resumed.lora.tensors[key], value), key
     assert any(v.abs().max() > 0 for k, v in straight.lora.tensors.items() if "lora_B" in k)
     saved = load_lora(tmp_path / "b.safetensors")
     assert saved.info["steps"] == 4 and saved.info["rewards"] == ["brightness"]
@@ -125,22 +126,22 @@ def test_failed_checkpoint_write_keeps_the_previous_one(models, tmp_path, monkey
     assert path.with_suffix(".training-state").read_bytes() == state and path.read_bytes() == lora
 
 
-def test_brightness_reward_rises_within_fifteen_steps(models):
+def test_brightness_reward_rises_within_twenty_five_steps(models):
     """Learning test. The tiny random VAE decodes any latent to a brightness within about 0.448..0.455, too flat
     for any policy to move, so here pixels are a fixed map of the latent (sigmoid of its first three channels);
     the DiT, LoRA, SDE sampling, reward, advantages and AdamW are the real ones."""
     models.decode = lambda latents: torch.sigmoid(latents[:, :3].float()).movedim(1, -1)
     # One update per step: with this test's large learning rate, a second update would be mostly clipped away.
-    settings = small(steps=15, group_size=8, sampling_steps=4, lora_rank=8, lora_alpha=16, learning_rate=3e-2,
+    settings = small(steps=25, group_size=8, sampling_steps=4, lora_rank=8, lora_alpha=16, learning_rate=3e-2,
                      beta=0.0, updates_per_step=1)
     _, result = train(models, settings)
     means = [h["rewards"]["brightness"][0] for h in result.history]
     stds = [h["rewards"]["brightness"][1] for h in result.history]
     first, last = sum(means[:3]) / 3, sum(means[-3:]) / 3
-    # Margin: 0.04 (about 13 standard errors of a 3-step mean at the start, ~0.003 with G = 8 images a step), so
-    # the rise cannot come from sampling noise; measured here: 0.494 -> 0.578.
+    # Margin: 0.025, about 8 standard errors of a 3-step mean at the start (~0.003 with G = 8 images a step), so
+    # the rise cannot come from sampling noise. Measured with seeds 0, 1, 2: rises of 0.043, 0.063, 0.081.
     standard_error = (sum(stds[:3]) / 3) / math.sqrt(3 * settings.group_size)
-    assert last - first > max(5 * standard_error, 0.04), (means, standard_error)
+    assert last - first > max(5 * standard_error, 0.025), (means, standard_error)
 
 
 def test_metaquery_model_trains_on_prompts_and_edit_pairs(tiny_metaquery_dir):
@@ -160,3 +161,12 @@ def test_the_clip_acts_only_from_the_second_update_of_a_step(models):
     _, two = train(models, small(steps=1, updates_per_step=2, learning_rate=5e-2))
     assert one.history[0]["clip_fraction"] == 0.0  # freshly sampled data: every ratio is exactly 1
     assert two.history[0]["clip_fraction"] > 0.0  # after the first update the ratios leave [1 - eps, 1 + eps]
+
+
+def test_any_seed_the_widget_allows_works(models):
+    from unipic_core.grpo_training import step_generator
+
+    assert not torch.equal(torch.randn(3, generator=step_generator(2**31 - 1, 7, 2)),
+                           torch.randn(3, generator=step_generator(2**31 - 1, 7, 3)))
+    _, result = train(models, small(steps=1, seed=2**31 - 1))
+    assert math.isfinite(result.history[0]["loss"])

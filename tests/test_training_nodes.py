@@ -150,3 +150,37 @@ def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, tmp_path):
     out = patched("diffusion_model.joint_blocks.0.context_block.attn.proj.weight", (128, 128))
     down, up = lora.pair("transformer_blocks.0.attn.to_add_out")
     assert torch.allclose(out, 0.7 * up @ down, atol=1e-6)
+
+
+def test_cancel_from_the_progress_hook_keeps_the_step_it_ended(host, kontext):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from unipic_core.lora import load_lora
+
+    model, text, vae = kontext
+    prompts = host.node("UniPic2PromptList").make("a red fox")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+
+    def cancel_at_step_two(value, total, preview, **_):  # what a server's hook does once Cancel is pressed
+        if value == 2:
+            raise mm.InterruptProcessingException()
+
+    comfy.utils.set_progress_bar_global_hook(cancel_at_step_two)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            host.node("UniPic2GRPOTrainer").train(model, vae, prompts, reward, text_encoders=text,
+                                                  **trainer_inputs(lora_name="cancelled", steps=5, save_every=0))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert load_lora(host.loras / "unipic2" / "cancelled.safetensors").info["steps"] == 2
+    assert not any("lora" in key for key in model.patcher.model.state_dict())
+
+
+def test_trainer_refuses_a_model_with_applied_loras(host, kontext, trained):
+    model, text, vae = kontext
+    patched = host.node("UniPic2ApplyLoRA").apply(model, trained[0], 1.0)[0]
+    prompts = host.node("UniPic2PromptList").make("a red fox")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    with pytest.raises(ValueError, match="connect that LoRA to the trainer's 'lora' input"):
+        host.node("UniPic2GRPOTrainer").train(patched, vae, prompts, reward, text_encoders=text, **trainer_inputs())

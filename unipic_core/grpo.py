@@ -67,7 +67,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, batch_std: bool = F
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     groups = rewards.float().reshape(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
-    std = rewards.float().std() if batch_std else groups.std(dim=1, keepdim=True)
+    # Population std, as Flow-GRPO's np.std
+    std = rewards.float().std(correction=0) if batch_std else groups.std(dim=1, keepdim=True, correction=0)
     return (centred / (std + ADVANTAGE_EPS)).clamp(-clip, clip).reshape(-1)
 
 

@@ -66,10 +66,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if distributed else 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     dtype = DTYPES[args.dtype] if cuda else torch.float32
     settings = GRPOSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOSettings)})
     folder = Path(args.checkpoint)

@@ -10,6 +10,7 @@ Randomness is a pure function of (seed, step, image index): prompt choice, initi
 resumed run therefore needs only the step number to continue exactly where it stopped.
 """
 
+import hashlib
 import logging
 import math
 import time
@@ -23,7 +24,8 @@ import torch.distributed as dist
 
 from .grpo import Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
 from .images import longer_edge_size, resize_image
-from .lora import LoRAWeights, add_lora, load_into_adapter, lora_weights, remove_lora, save_lora
+from .lora import (LoRAWeights, adapter_tensors, add_lora, load_into_adapter, lora_weights, remove_lora, save_lora,
+                   set_adapter_tensors)
 from .rewards import Reward
 from .sampling import GuidedVelocity, PromptEmbeds, sde_noise_scale
 from .schedule import flow_sigmas
@@ -138,7 +140,8 @@ def _rank_world() -> tuple[int, int]:
 
 def step_generator(seed: int, step: int, index: int = -1) -> torch.Generator:
     """A CPU generator that depends only on (seed, step, image index); index -1 is the step's prompt choice."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + index + 1)
+    digest = hashlib.sha256(f"{seed}/{step}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
 
 
 def choose_items(data: list[TrainingItem], settings: GRPOSettings, step: int) -> list[TrainingItem]:
@@ -224,8 +227,10 @@ class GRPOTrainer:
 
     def _restore(self, state: TrainingState) -> None:
         check_resumable(state, self.settings, self.models.base_model, self.checkpoint)
-        load_into_adapter(self.transformer, state.lora, self.settings.lora_rank, self.settings.lora_alpha)
+        set_adapter_tensors(self.transformer, state.adapter)
         self.optimizer.load_state_dict(state.optimizer)
+        for group in self.optimizer.param_groups:  # the run's learning rate, not the checkpoint's
+            group["lr"] = self.settings.learning_rate
         self.step, self.history = state.step, state.history
         log.info("UniPic2 GRPO: resumed %s at step %d", self.checkpoint, self.step)
 
@@ -242,10 +247,10 @@ class GRPOTrainer:
     def save(self) -> None:
         if self.checkpoint is None or self.rank != 0:
             return
-        state = TrainingState(self.lora(), self.optimizer.state_dict(), self.step, self.history,
-                              asdict(self.settings), self.models.base_model)
+        state = TrainingState(adapter_tensors(self.transformer), self.optimizer.state_dict(), self.step,
+                              self.history, asdict(self.settings), self.models.base_model)
         save_state(state, self.checkpoint)
-        save_lora(state.lora, self.lora_file)
+        save_lora(self.lora(), self.lora_file)
 
     # --- one training step -------------------------------------------------------------------------
 
@@ -305,10 +310,11 @@ class GRPOTrainer:
                 local.setdefault(name, []).append(value)
         out = {name: torch.cat(values) for name, values in local.items()}
         if self.world > 1:
-            for name, value in out.items():
+            for name, value in out.items():  # on the compute device: NCCL gathers no CPU tensors
+                value = value.to(self.models.device)
                 gathered = [torch.empty_like(value) for _ in range(self.world)]
                 dist.all_gather(gathered, value)
-                out[name] = torch.cat(gathered)
+                out[name] = torch.cat(gathered).cpu()
         return out
 
     def _update_parts(self, chunks: list[Chunk], valid: torch.Tensor) -> list[list[tuple[Chunk, list[int]]]]:
@@ -430,7 +436,11 @@ class GRPOTrainer:
         while self.step < self.settings.steps:
             report = self.train_step()
             samples = report.samples
-            hooks.on_step(report)
+            try:
+                hooks.on_step(report)
+            except BaseException:  # a host's progress hook raises on Cancel: keep this step first
+                self.save()
+                raise
             every = self.settings.save_every
             if every and self.step % every == 0:
                 self.save()

@@ -110,11 +110,13 @@ EDIT_METRICS = ("l1", "l2")
 def edit_consistency_reward(metric: str = "l1", mask: torch.Tensor | None = None) -> Reward:
     """1 - distance to the source image over the pixels that should stay unchanged.
 
-    mask [1 or N, H, W] in 0..1 marks the region the edit may change (1 = free); it is resized to each image.
+    mask [1, H, W] in 0..1 marks the region the edit may change (1 = free); it is resized to each image.
     metric: l1 (mean absolute difference) or l2 (mean squared difference).
     """
     if metric not in EDIT_METRICS:
         raise ValueError(f"metric must be one of {EDIT_METRICS}, got {metric!r}")
+    if mask is not None and mask.shape[0] != 1:
+        raise ValueError(f"mask: one mask for all edit pairs is supported, got a batch of {mask.shape[0]}")
 
     def score(images, prompts, sources):
         height, width = images.shape[1:3]

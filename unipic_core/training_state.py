@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .lora import LoRAError, LoRAWeights, atomic_write
+from .lora import LoRAError, atomic_write
 
 # Settings that change what the adapter is; resuming under other values would silently train something else.
-STRUCTURAL = ("lora_rank", "lora_alpha", "seed")
+STRUCTURAL = ("lora_rank", "lora_alpha")
 
 
 @dataclass
 class TrainingState:
-    lora: LoRAWeights  # as the file stores it (scale folded into lora_B)
+    adapter: dict[str, torch.Tensor]  # the live adapter's raw A and B (no folded scale: resume is exact)
     optimizer: dict
     step: int
     history: list[dict]
@@ -27,7 +27,7 @@ class TrainingState:
 
 def save_state(state: TrainingState, path: Path) -> None:
     """Write the checkpoint atomically; on failure the previous checkpoint is left as it was."""
-    payload = {"lora": state.lora.tensors, "lora_info": state.lora.info, "optimizer": state.optimizer,
+    payload = {"adapter": state.adapter, "optimizer": state.optimizer,
                "step": state.step, "history": state.history, "settings": state.settings,
                "base_model": state.base_model}
     try:
@@ -43,8 +43,8 @@ def load_state(path: Path) -> TrainingState:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one
         raise LoRAError(f"cannot read the training checkpoint {path}: {e}; delete it or turn resume off") from e
-    return TrainingState(LoRAWeights(payload["lora"], payload["lora_info"]), payload["optimizer"],
-                         payload["step"], payload["history"], payload["settings"], payload["base_model"])
+    return TrainingState(payload["adapter"], payload["optimizer"], payload["step"], payload["history"],
+                         payload["settings"], payload["base_model"])
 
 
 def check_resumable(state: TrainingState, settings, base_model: str, path: Path) -> None:
