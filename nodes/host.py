@@ -6,6 +6,7 @@ Uses only host APIs that exist unchanged from early-2024 ComfyUI to today (DESIG
 import contextlib
 import logging
 import os
+import sys
 
 import comfy.model_management as mm
 import comfy.utils
@@ -121,9 +122,10 @@ _LAST_MESSAGES: dict[str, dict] = {}  # (event/node) -> the latest message, for 
 
 
 def _server():
-    from server import PromptServer
-
-    return getattr(PromptServer, "instance", None)
+    """The running PromptServer, if any. Only looked up: importing ComfyUI's server module where no server runs
+    (in-process use) can fail on new hosts."""
+    module = sys.modules.get("server")
+    return getattr(getattr(module, "PromptServer", None), "instance", None)
 
 
 def send_to_client(event: str, node_id: str, data: dict) -> None:
