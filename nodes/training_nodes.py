@@ -90,7 +90,8 @@ class UniPic2GRPOTrainer:
             "prompts": ("UNIPIC2_PROMPTS", {"tooltip": "UniPic2 Prompt List (text-to-image) or Edit Pairs."}),
             "reward": ("UNIPIC2_REWARD", {"tooltip": "A reward node, or Combine Rewards."}),
             "lora_name": ("STRING", {"default": "unipic2_grpo", "tooltip": "File name under models/loras/unipic2."}),
-            "steps": _int(20, 1, 100000, "Training steps (one optimizer update each)."),
+            "steps": _int(20, 1, 100000, "Training steps: each samples, scores and updates the LoRA "
+                          "(updates_per_step optimizer steps)."),
             "group_size": _int(16, 2, 256, "G: images per prompt compared with each other (paper: 16)."),
             "prompts_per_step": _int(1, 1, 256, "K: prompts (or edit pairs) per step."),
             "sampling_steps": _int(10, 1, 100, "T: SDE sampling steps per image (paper: 10)."),
@@ -149,12 +150,16 @@ class UniPic2GRPOTrainer:
             host.make_trainable(transformer)
             return transformer
 
-        if text_encoders is not None:
-            condition = text_condition(lambda: (host.load_on_device(*text_encoders.patchers),
-                                                text_encoders.encoders)[1], negative_prompt)
-        else:
-            condition = metaquery_condition(lambda: (host.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher),
-                                                     mllm.encoder)[1], negative_prompt)
+        def text_encoders_on_device():
+            host.load_on_device(*text_encoders.patchers)
+            return text_encoders.encoders
+
+        def mllm_on_device():
+            host.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher)
+            return mllm.encoder
+
+        condition = (text_condition(text_encoders_on_device, negative_prompt) if text_encoders is not None
+                     else metaquery_condition(mllm_on_device, negative_prompt))
         progress = host.StepProgress(steps)
 
         def on_step(report):

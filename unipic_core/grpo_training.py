@@ -160,12 +160,14 @@ def target_size(item: TrainingItem, resolution: int) -> tuple[int, int]:
 
 @dataclass
 class StepInputs:
-    """A step's K prompts / edit pairs with their conditioning, reference latents and sigmas (per group)."""
+    """A step's K prompts / edit pairs with what every phase needs of them (lists are per group)."""
 
     items: list[TrainingItem]
+    sizes: list[tuple[int, int]]  # (width, height) of the generated images
+    sources: list[torch.Tensor | None]  # editing: the source IMAGE [1, H, W, 3] resized to that size
     positive: PromptEmbeds  # batch K
     negative: PromptEmbeds | None  # batch K or 1
-    references: list[torch.Tensor | None]  # model-space latent [1, C, h, w] per group (editing)
+    references: list[torch.Tensor | None]  # model-space latent [1, C, h, w] of the source (editing)
     sigmas: list[torch.Tensor]
 
 
@@ -265,7 +267,7 @@ class GRPOTrainer:
         references = [None if src is None else self.models.encode_image(src) for src in sources]
         sigmas = [flow_sigmas(s.sampling_steps, self.models.scheduler_config, (height // 16) * (width // 16))
                   for width, height in sizes]
-        return StepInputs(items, positive, negative, references, sigmas)
+        return StepInputs(items, sizes, sources, positive, negative, references, sigmas)
 
     def _velocity(self, chunk: Chunk, inputs: StepInputs, batch: int | None = None) -> GuidedVelocity:
         def row(embeds):
@@ -279,7 +281,7 @@ class GRPOTrainer:
     def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
         s = self.settings
         for chunk in chunks:
-            width, height = target_size(inputs.items[chunk.group], s.resolution)
+            width, height = inputs.sizes[chunk.group]
             shape = (self.models.latent_channels, height // 8, width // 8)
             noise, step_noise = [], []
             for index in chunk.indices:  # per-image generators: the same image whatever the rank split
@@ -295,16 +297,13 @@ class GRPOTrainer:
         for chunk in chunks:
             chunk.images = self.models.decode(chunk.trajectory.final)
 
-    def _rewards(self, chunks: list[Chunk], items: list[TrainingItem]) -> dict[str, torch.Tensor]:
+    def _rewards(self, chunks: list[Chunk], inputs: StepInputs) -> dict[str, torch.Tensor]:
         """Scores of all K * G images of the step (gathered over ranks): {name: [K * G]} plus 'total'."""
         local: dict[str, list[torch.Tensor]] = {}
         for chunk in chunks:
-            item = items[chunk.group]
-            sources = None
-            if item.source is not None:
-                height, width = chunk.images.shape[1:3]
-                sources = resize_image(item.source[None], width, height).expand(len(chunk.indices), -1, -1, -1)
-            scores = self.reward.score(chunk.images, [item.prompt] * len(chunk.indices), sources)
+            count, source = len(chunk.indices), inputs.sources[chunk.group]
+            sources = None if source is None else source.expand(count, -1, -1, -1)
+            scores = self.reward.score(chunk.images, [inputs.items[chunk.group].prompt] * count, sources)
             scores["total"] = self.reward.total(scores)
             for name, value in scores.items():
                 local.setdefault(name, []).append(value)
@@ -317,31 +316,29 @@ class GRPOTrainer:
                 out[name] = torch.cat(gathered).cpu()
         return out
 
-    def _update_parts(self, chunks: list[Chunk], valid: torch.Tensor) -> list[list[tuple[Chunk, list[int]]]]:
-        """This rank's trainable images as (chunk, rows) pieces, in `updates_per_step` parts.
+    def _update_parts(self, chunks: list[Chunk], valid: torch.Tensor,
+                      part_of: torch.Tensor) -> list[list[tuple[Chunk, list[int]]]]:
+        """This rank's trainable images as (chunk, rows) pieces, grouped by part (part_of: global index -> part).
 
         Parts are ranges of *global* image indices, so every rank takes part in every update and the updates are
         the same whatever the number of processes.
         """
-        total, updates = len(valid), self.settings.updates_per_step
-        parts: list[list[tuple[Chunk, list[int]]]] = [[] for _ in range(updates)]
+        parts: list[list[tuple[Chunk, list[int]]]] = [[] for _ in range(self.settings.updates_per_step)]
         for chunk in chunks:
             if not bool(valid[chunk.indices].all()):
                 continue  # a skipped (NaN) group: no gradient from it
             for row, index in enumerate(chunk.indices):
-                part = parts[index * updates // total]
+                part = parts[part_of[index]]
                 if part and part[-1][0] is chunk:
                     part[-1][1].append(row)
                 else:
                     part.append((chunk, [row]))
         return parts
 
-    def _piece_loss(self, chunk: Chunk, rows: list[int], inputs: StepInputs, advantages: torch.Tensor,
-                    j: int):
+    def _step_loss(self, velocity: GuidedVelocity, trajectory: Trajectory, sigmas: torch.Tensor,
+                   advantages: torch.Tensor, j: int):
+        """The GRPO loss terms of trained step j of a piece's trajectory under the current LoRA."""
         s = self.settings
-        trajectory = Trajectory(chunk.trajectory.latents[:, rows], chunk.trajectory.log_probs[:, rows])
-        velocity = self._velocity(chunk, inputs, len(rows))
-        sigmas = inputs.sigmas[chunk.group]
         log_prob, mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
         ref_mean = None
         if s.beta > 0:
@@ -351,8 +348,7 @@ class GRPOTrainer:
                     _, ref_mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
                 finally:
                     self.transformer.enable_adapters()
-        adv = advantages[[chunk.indices[r] for r in rows]].to(self.models.device)
-        return grpo_loss(log_prob, trajectory.log_probs[j], adv, s.clip_range, s.beta, mean, ref_mean,
+        return grpo_loss(log_prob, trajectory.log_probs[j], advantages, s.clip_range, s.beta, mean, ref_mean,
                          sde_noise_scale(sigmas, j, s.noise_level))
 
     def _train(self, chunks: list[Chunk], inputs: StepInputs, advantages: torch.Tensor, valid: torch.Tensor) -> dict:
@@ -361,14 +357,16 @@ class GRPOTrainer:
         timesteps and averaged over all ranks, then grad-norm clipping and one AdamW step."""
         s = self.settings
         steps = trained_steps(s.sampling_steps, s.timestep_fraction)
-        total = len(valid)
+        part_of = torch.arange(len(valid)) * s.updates_per_step // len(valid)
         sums, terms_count = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clip": 0.0}, 0
-        for u, part in enumerate(self._update_parts(chunks, valid)):
-            lo, hi = -(-u * total // s.updates_per_step), -(-(u + 1) * total // s.updates_per_step)
-            part_images = int(valid[lo:hi].sum().item())  # global, the same on every rank
+        for u, part in enumerate(self._update_parts(chunks, valid, part_of)):
+            part_images = int((valid & (part_of == u)).sum().item())  # global, the same on every rank
             for chunk, rows in part:
+                trajectory = Trajectory(chunk.trajectory.latents[:, rows], chunk.trajectory.log_probs[:, rows])
+                velocity = self._velocity(chunk, inputs, len(rows))
+                piece_advantages = advantages[[chunk.indices[r] for r in rows]].to(self.models.device)
                 for j in steps:
-                    terms = self._piece_loss(chunk, rows, inputs, advantages, j)
+                    terms = self._step_loss(velocity, trajectory, inputs.sigmas[chunk.group], piece_advantages, j)
                     # Weighted so the summed gradient is the part's mean over images and timesteps of all ranks.
                     (terms.loss * len(rows) / (part_images * len(steps))).backward()
                     sums["loss"] += terms.loss.item(); sums["policy"] += terms.policy.item()
@@ -397,7 +395,7 @@ class GRPOTrainer:
         with phase("decoding"):
             self._decode(chunks)
         with phase("reward"):
-            scores = self._rewards(chunks, inputs.items)
+            scores = self._rewards(chunks, inputs)
         total = scores["total"]
         groups = total.reshape(-1, s.group_size)
         finite = torch.isfinite(groups).all(dim=1)

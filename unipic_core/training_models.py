@@ -18,20 +18,29 @@ from .text_encoding import SD3TextEncoders, encode_prompts
 
 
 def text_condition(encoders_on_device: Callable[[], SD3TextEncoders], negative_prompt: str):
+    negative = None  # the same every step: encoded once
+
     def condition(prompts: list[str], sources: list) -> tuple[PromptEmbeds, PromptEmbeds]:
+        nonlocal negative
         encoders = encoders_on_device()
-        return encode_prompts(encoders, prompts), encode_prompts(encoders, [negative_prompt])
+        if negative is None:
+            negative = encode_prompts(encoders, [negative_prompt])
+        return encode_prompts(encoders, prompts), negative
 
     return condition
 
 
 def metaquery_condition(mllm_on_device: Callable[[], MetaQueryMLLM], negative_prompt: str):
     """Text-to-image: prompts batched; editing: each source goes to the MLLM with its instruction and the negative."""
+    text_negative = None  # text-to-image: the same every step, encoded once
 
     def condition(prompts: list[str], sources: list) -> tuple[PromptEmbeds, PromptEmbeds]:
+        nonlocal text_negative
         encoder = mllm_on_device()
         if sources[0] is None:
-            return encode_metaquery(encoder, prompts), encode_metaquery(encoder, [negative_prompt])
+            if text_negative is None:
+                text_negative = encode_metaquery(encoder, [negative_prompt])
+            return encode_metaquery(encoder, prompts), text_negative
         rows = [encode_metaquery(encoder, [prompt, negative_prompt], [source])
                 for prompt, source in zip(prompts, sources)]
         side = lambda i: PromptEmbeds(torch.cat([r.tokens[i:i + 1] for r in rows]),
