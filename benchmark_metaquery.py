@@ -15,7 +15,8 @@ import torch
 
 from benchmark_sampling import compare, report
 from unipic_core.loading import load_metaquery
-from unipic_core.metaquery import encode_metaquery, mllm_pixels, query_chat_text, to_pil
+from unipic_core.images import to_pil
+from unipic_core.metaquery import encode_metaquery, mllm_pixels, query_chat_text
 from unipic_core.tiny import write_metaquery_folder
 
 

@@ -156,9 +156,9 @@ def jpeg_data_url(image: torch.Tensor, height: int = 96) -> str:
     import base64
     import io
 
-    from PIL import Image
+    from ..unipic_core.images import to_pil
 
-    picture = Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype("uint8"))
+    picture = to_pil(image)
     picture = picture.resize((max(1, round(picture.width * height / picture.height)), height))
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
@@ -199,8 +199,7 @@ class StepProgress:
     def update(self, done: int, total: int, preview_rgb: torch.Tensor | None = None) -> None:
         preview = None
         if preview_rgb is not None:
-            from PIL import Image
+            from ..unipic_core.images import to_pil
 
-            pixels = (preview_rgb.cpu().numpy() * 255).round().astype("uint8")
-            preview = ("JPEG", Image.fromarray(pixels), 512)
+            preview = ("JPEG", to_pil(preview_rgb), 512)
         self.bar.update_absolute(done, total, preview)

@@ -7,8 +7,14 @@ what the DiT sees.
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 MIN_IMAGE_SIDE = 64
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[H, W, 3] float 0..1 -> PIL RGB."""
+    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().cpu().numpy())
 
 
 def check_image(image: torch.Tensor, name: str) -> None:

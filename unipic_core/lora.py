@@ -117,13 +117,18 @@ def load_into_adapter(transformer, lora: LoRAWeights, rank: int, alpha: float) -
     set_adapter_tensors(transformer, fold_scale(lora.tensors, rank / alpha))
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: a failure (disk full, ...) leaves the previous file intact."""
+def atomic_write(path: Path, write, what: str) -> None:
+    """write(tmp_path) then rename over `path` (parent folders created). A failure (disk full, unwritable folder)
+    raises a LoRAError naming `what` and `path`, and leaves any previous file intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise LoRAError(f"could not write {what} to {path} ({e}); free disk space or choose a writable folder -- "
+                        "any previous file there is unchanged") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -131,20 +136,12 @@ def atomic_write(path: Path, write) -> None:
 def save_lora(lora: LoRAWeights, path: str | Path) -> Path:
     """Write the .safetensors atomically (parent folders created)."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LoRAError(f"cannot create the LoRA folder {path.parent}: {e}") from e
     peft_config = lora_config(lora.rank, lora.rank).to_dict()  # lora_alpha = r: the scale is already folded
     diffusers_meta = {PREFIX + k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.items()}
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(diffusers_meta, default=str),
                 UNIPIC2_METADATA_KEY: json.dumps(lora.info)}
     tensors = {k: v.contiguous() for k, v in lora.tensors.items()}
-    try:
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    except OSError as e:
-        raise LoRAError(f"could not write the LoRA to {path} ({e}); free disk space or choose a writable "
-                        "folder -- any previous file there is unchanged") from e
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "the LoRA")
     return path
 
 

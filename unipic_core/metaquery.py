@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
+from .images import to_pil
 from .sampling import PromptEmbeds
 
 log = logging.getLogger("unipic2")
@@ -37,11 +37,6 @@ class MetaQueryMLLM:
     mllm: torch.nn.Module  # Qwen2_5_VLForConditionalGeneration
     processor: object  # Qwen2_5_VLProcessor
     conditioner: torch.nn.Module  # conditioner.MetaQueryConditioner
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """[H, W, 3] float 0..1 -> PIL RGB."""
-    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().cpu().numpy())
 
 
 def mllm_pixels(width: int, height: int) -> int:

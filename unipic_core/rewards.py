@@ -8,11 +8,9 @@ import io
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .images import resize_image
+from .images import resize_image, to_pil
 
 ScoreFn = Callable[[torch.Tensor, list[str], torch.Tensor | None], torch.Tensor]
 
@@ -67,16 +65,12 @@ def combine(weighted: list[tuple[Reward, float]]) -> Reward:
     return Reward(terms)
 
 
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-
-
 def jpeg_kilobytes(images: torch.Tensor) -> torch.Tensor:
     """Size of each image as a quality-95 JPEG, in kB."""
     sizes = []
     for image in images:
         buffer = io.BytesIO()
-        Image.fromarray(_to_uint8(image)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        to_pil(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         sizes.append(buffer.tell() / 1000)
     return torch.tensor(sizes, dtype=torch.float32)
 

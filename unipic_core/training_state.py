@@ -30,12 +30,7 @@ def save_state(state: TrainingState, path: Path) -> None:
     payload = {"adapter": state.adapter, "optimizer": state.optimizer,
                "step": state.step, "history": state.history, "settings": state.settings,
                "base_model": state.base_model}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    except OSError as e:
-        raise LoRAError(f"could not write the training checkpoint {path} ({e}); free disk space or choose a "
-                        "writable folder -- the previous checkpoint is unchanged") from e
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), "the training checkpoint")
 
 
 def load_state(path: Path) -> TrainingState:
