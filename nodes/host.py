@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.utils
@@ -69,6 +70,17 @@ def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
     """Let ComfyUI place these components on the compute device (evicting others as it sees fit)."""
     mm.load_models_gpu(list(patchers))
     return [p.model.module for p in patchers]
+
+
+def input_path(text: str, node: str, name: str) -> Path:
+    """A file or folder the user named, relative to ComfyUI's input folder, with links resolved; anything that
+    ends up outside that folder is refused (a shared server must not read files its users may not)."""
+    root = Path(folder_paths.get_input_directory()).resolve()
+    path = (root / text.strip()).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"{node}: '{name}' is '{text.strip()}', which is outside ComfyUI's input folder; put it in "
+                         f"{root} (a subfolder is fine) and give its path relative to that folder")
+    return path
 
 
 def lora_folder() -> str:

@@ -34,11 +34,13 @@ class UniPic2PromptList:
     def INPUT_TYPES(cls):
         return {"required": {"prompts": ("STRING", {"multiline": True, "default": "a red apple on a table",
                                                     "tooltip": "One prompt per line."})},
-                "optional": {"file": ("STRING", {"default": "", "tooltip": "Optional UTF-8 text file, one prompt "
-                                                 "per line, added after the box's prompts."})}}
+                "optional": {"file": ("STRING", {"default": "", "tooltip": "Optional UTF-8 text file in ComfyUI's "
+                                                 "input folder (path relative to it), one prompt per line, added "
+                                                 "after the box's prompts."})}}
 
     def make(self, prompts, file=""):
-        return (training_data.read_prompts(prompts, file),)
+        path = host.input_path(file, "UniPic2 Prompt List", "file") if file.strip() else None
+        return (training_data.read_prompts(prompts, path),)
 
 
 class UniPic2EditPairs:
@@ -54,12 +56,14 @@ class UniPic2EditPairs:
         return {"required": {"instructions": ("STRING", {"multiline": True, "default": "make it brighter",
                                                          "tooltip": "One edit instruction per line, one per image."})},
                 "optional": {"images": ("IMAGE", {"tooltip": "Source images (a batch)."}),
-                             "folder": ("STRING", {"default": "", "tooltip": "Or a folder of source images."})}}
+                             "folder": ("STRING", {"default": "", "tooltip": "Or a folder of source images inside "
+                                                   "ComfyUI's input folder (path relative to it)."})}}
 
     def make(self, instructions, images=None, folder=""):
         if (images is None) == (not folder.strip()):
             raise ValueError("UniPic2 Edit Pairs: connect 'images' or give a 'folder', exactly one of them")
-        sources = list(images) if images is not None else training_data.read_folder_images(folder)
+        sources = (list(images) if images is not None else
+                   training_data.read_folder_images(host.input_path(folder, "UniPic2 Edit Pairs", "folder")))
         return (training_data.edit_pairs(sources, training_data.prompt_lines(instructions)),)
 
 
