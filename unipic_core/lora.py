@@ -216,9 +216,14 @@ def _temp_prefix(path: Path) -> str:
 
 
 def _remove_stale_temp_files(path: Path) -> None:
-    """Remove the temp files of `path` whose writer process is gone (killed mid-write)."""
+    """Remove the temp files of `path` whose writer process is gone (killed mid-write). Best effort: a folder
+    that cannot be listed does not stop the write."""
     prefix = _temp_prefix(path)
-    for entry in path.parent.iterdir():
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
         pid = entry.name[len(prefix):]
         if entry.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             _remove_quietly(entry)
