@@ -23,14 +23,16 @@ def _grid_latent(raw: torch.Tensor, patch: int) -> torch.Tensor:
     if (grid_h, grid_w) == (height, width):
         return raw
     log.warning("UniPic2 Sampler: latent %dx%d resized to %dx%d (sides must be multiples of %d latent pixels, "
-                "i.e. images a multiple of %d px)", width, height, grid_w, grid_h, patch, patch * 8)
+                "i.e. images a multiple of %d px)", width, height, grid_w, grid_h, patch, patch * images.LATENT_TO_IMAGE)
     return F.interpolate(raw.float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
 
 
 class UniPic2Sampler:
     CATEGORY = "UniPic2/sampling"
     DESCRIPTION = ("Denoises a latent with UniPic2-Kontext. A reference latent in the conditioning (UniPic2 Edit "
-                   "Reference or native ReferenceLatent) makes it an edit; otherwise it is text-to-image.")
+                   "Reference or native ReferenceLatent) makes it an edit; otherwise it is text-to-image. Honours a "
+                   "latent's noise mask (Set Latent Noise Mask: inpainting) and timestep ranges (Conditioning Set "
+                   "Timestep Range + Conditioning Combine: switch prompts during sampling), as KSampler does.")
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
 
@@ -39,9 +41,11 @@ class UniPic2Sampler:
         return {"required": {
             "model": ("UNIPIC2_MODEL", {"tooltip": "From Load UniPic2 Kontext."}),
             "positive": ("CONDITIONING", {"tooltip": "Prompt or edit instruction (UniPic2 Text Encode, or SD3 "
-                                          "CLIPTextEncode); may carry the reference image."}),
+                                          "CLIPTextEncode); may carry the reference image, and several prompts "
+                                          "with timestep ranges."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative prompt, used when guidance > 1."}),
-            "latent": ("LATENT", {"tooltip": "Sets the output size (and batch); with denoise < 1 also the start."}),
+            "latent": ("LATENT", {"tooltip": "Sets the output size (and batch); with denoise < 1 also the start. With "
+                                  "a noise mask, only where the mask is 1 is regenerated; the rest is kept."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed; the same "
                              "seed gives the same image on any device."}),
             "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (official: 50)."}),
@@ -79,20 +83,7 @@ class UniPic2Sampler:
         pos = prompt_schedule(positive, "positive", config, batch, sigmas[:-1], to_sigma)
         neg = prompt_schedule(negative, "negative", config, batch, sigmas[:-1], to_sigma)
 
-        reference = reference_latent(positive, negative)
-        if reference is not None:
-            if reference.shape[1] != config.in_channels:
-                raise ValueError(f"UniPic2 Sampler: the reference latent has {reference.shape[1]} channels, the "
-                                 f"model needs {config.in_channels} -- encode the image with this checkpoint's VAE")
-            if reference.shape[-2:] != (height, width):
-                log.warning("UniPic2 Sampler: reference latent %s resized to the output latent %s; for best results "
-                            "feed the latent from UniPic2 Edit Reference", tuple(reference.shape[-2:]), (height, width))
-                reference = F.interpolate(reference.float(), size=(height, width), mode="bilinear")
-            if reference.shape[0] not in (1, batch):
-                raise ValueError(f"UniPic2 Sampler: reference batch {reference.shape[0]} does not match latent "
-                                 f"batch {batch}; use one reference image or one per output")
-            reference = images.raw_to_model(reference, model.vae_shift, model.vae_scale)  # GuidedVelocity expands it
-
+        reference = _model_space_reference(positive, negative, model, raw.shape)
         mask = _noise_mask(latent, batch, height, width)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(raw.shape, generator=generator, dtype=torch.float32)
@@ -115,6 +106,28 @@ class UniPic2Sampler:
                        sampler=sampler, noise_level=noise_level, generator=generator, start_latent=move(start),
                        noise_mask=move(mask), on_step=on_step)
         return ({"samples": images.model_to_raw(x, model.vae_shift, model.vae_scale).cpu()},)
+
+
+def _model_space_reference(positive: list, negative: list, model, shape: torch.Size) -> torch.Tensor | None:
+    """The conditioning's reference latent in model space at the output latent's size, or None (text-to-image).
+
+    Resizing it to the output also keeps it within the DiT's position grid, which the output was checked against.
+    """
+    reference = reference_latent(positive, negative)
+    if reference is None:
+        return None
+    batch, channels, height, width = shape
+    if reference.shape[1] != channels:
+        raise ValueError(f"UniPic2 Sampler: the reference latent has {reference.shape[1]} channels, the model "
+                         f"needs {channels} -- encode the image with this checkpoint's VAE")
+    if reference.shape[-2:] != (height, width):
+        log.warning("UniPic2 Sampler: reference latent %s resized to the output latent %s; for best results "
+                    "feed the latent from UniPic2 Edit Reference", tuple(reference.shape[-2:]), (height, width))
+        reference = F.interpolate(reference.float(), size=(height, width), mode="bilinear")
+    if reference.shape[0] not in (1, batch):
+        raise ValueError(f"UniPic2 Sampler: reference batch {reference.shape[0]} does not match latent "
+                         f"batch {batch}; use one reference image or one per output")
+    return images.raw_to_model(reference, model.vae_shift, model.vae_scale)  # GuidedVelocity expands it
 
 
 def _noise_mask(latent: dict, batch: int, height: int, width: int) -> torch.Tensor | None:
