@@ -5,6 +5,7 @@ the same keys native CLIPTextEncode (SD3) and ReferenceLatent use, so our nodes 
 entries (Conditioning Combine) with timestep ranges (Conditioning Set Timestep Range) become a prompt schedule.
 """
 
+import math
 from typing import Callable
 
 import torch
@@ -71,7 +72,7 @@ def _timed_prompt(entry, where: str, config, batch: int, percent_to_sigma) -> Ti
         raise ValueError(f"{where} has the timestep range {start} to {end}, which no step falls in -- set start "
                          "below end, both within 0..1 (Conditioning Set Timestep Range)")
     strength = extras.get("strength", 1.0)
-    if not strength > 0.0 or strength == float("inf"):
+    if not (math.isfinite(strength) and strength > 0.0):
         raise ValueError(f"{where} has strength {strength} -- use a positive strength")
     return TimedPrompt(_prompt_embeds(tokens, extras, where, config, batch), percent_to_sigma(start),
                        percent_to_sigma(end), strength)
