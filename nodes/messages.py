@@ -28,7 +28,7 @@ class Run:
         return bool(self.points) and self.points[-1]["step"] >= self.total
 
     def as_message(self) -> dict:
-        return {"prompt": self.prompt, "node": self.node, "total": self.total, "history": list(self.points),
+        return {"prompt_id": self.prompt, "node": self.node, "total": self.total, "history": list(self.points),
                 "preview": self.preview}
 
 
@@ -85,7 +85,7 @@ def send_step(event: str, node_id: str, total: int, point: dict, preview: str | 
     prompt = getattr(server, "last_prompt_id", None)
     if prompt is not None:
         _RUNS.add(event, server.client_id, prompt, node_id, total, point, preview)
-    message = {"prompt": prompt, "node": node_id, "total": total, "point": point, "preview": preview}
+    message = {"prompt_id": prompt, "node": node_id, "total": total, "point": point, "preview": preview}
     server.send_sync(event, message, server.client_id)
 
 

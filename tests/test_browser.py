@@ -181,14 +181,14 @@ def test_stray_messages_are_ignored_without_console_errors(browser):
         const send = (detail) => api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
         const point = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
         const trainer = window.app.graph._nodes.find(n => n.type === "UniPic2GRPOTrainer");
-        send({ prompt: "queued-elsewhere", node: trainer.id, total: 1, point });  // another graph's run
-        send({ prompt: "queued-here", node: 99999, total: 1, point });  // no such node
-        send({ prompt: "queued-here", node: 1, total: 1, point });  // a node of another type (the loader)
-        send({ prompt: "queued-here", node: trainer.id, total: 1, point: "garbage" });
+        send({ prompt_id: "queued-elsewhere", node: trainer.id, total: 1, point });  // another graph's run
+        send({ prompt_id: "queued-here", node: 99999, total: 1, point });  // no such node
+        send({ prompt_id: "queued-here", node: 1, total: 1, point });  // a node of another type (the loader)
+        send({ prompt_id: "queued-here", node: trainer.id, total: 1, point: "garbage" });
         send({ history: "garbage" });
         const stray = trainer.properties.unipic2_history ?? null;
         window.app.graph.remove(trainer);
-        send({ prompt: "queued-here", node: trainer.id, total: 1, point });  // deleted
+        send({ prompt_id: "queued-here", node: trainer.id, total: 1, point });  // deleted
         window.app.canvas.draw(true, true);
         return [trainer.id, stray];
     }""")
@@ -236,7 +236,7 @@ def test_a_trainer_inside_a_subgraph_gets_its_points(browser):
         const trainer = node.subgraph.nodes.find(n => n.type === "UniPic2GRPOTrainer");
         graph.extra.unipic2_prompts = ["queued-with-subgraph"];
         const point = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
-        const detail = { prompt: "queued-with-subgraph", node: `${node.id}:${trainer.id}`, total: 2, point };  // its execution id
+        const detail = { prompt_id: "queued-with-subgraph", node: `${node.id}:${trainer.id}`, total: 2, point };  // its execution id
         api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
         return trainer.properties.unipic2_history ?? null;
     }""")

@@ -91,14 +91,14 @@ def test_each_client_gets_only_its_own_runs_live_and_after_a_reload(server):
     prompt_ids, received, fetched = asyncio.run(two_clients_train(server))
     for client, prompt_id in prompt_ids.items():
         live = [m["data"] for m in received[client] if m["type"] == EVENT]
-        assert {m["prompt"] for m in live} == {prompt_id}  # the other client's run never reached this one
+        assert {m["prompt_id"] for m in live} == {prompt_id}  # the other client's run never reached this one
         # each message carries one step's point, not the history so far
-        assert all(set(m) == {"prompt", "node", "total", "point", "preview"} for m in live)
+        assert all(set(m) == {"prompt_id", "node", "total", "point", "preview"} for m in live)
         assert [m["point"]["step"] for m in live] == list(range(1, STEPS + 1))
         assert {(m["node"], m["total"]) for m in live} == {(TRAINER, STEPS)}
 
         first, second = fetched[client]
-        assert [(run["prompt"], run["node"], run["total"]) for run in first] == [(prompt_id, TRAINER, STEPS)]
+        assert [(run["prompt_id"], run["node"], run["total"]) for run in first] == [(prompt_id, TRAINER, STEPS)]
         assert first[0]["history"] == [m["point"] for m in live]
         assert first[0]["preview"].startswith("data:image/jpeg;base64,")
         assert second == []  # a finished run goes once its client has fetched it
@@ -121,8 +121,8 @@ def test_the_least_recently_updated_run_goes_beyond_the_limit():
         runs.add(EVENT, "a", prompt, "12", 5, {"step": 1}, None)
     runs.add(EVENT, "a", "p1", "12", 5, {"step": 2}, None)  # p1 is training again: p2 is now the stalest
     runs.add(EVENT, "b", "p4", "12", 5, {"step": 1}, None)
-    assert [run["prompt"] for run in runs.take(EVENT, "a")] == ["p3", "p1"]
-    assert [run["prompt"] for run in runs.take(EVENT, "b")] == ["p4"]
+    assert [run["prompt_id"] for run in runs.take(EVENT, "a")] == ["p3", "p1"]
+    assert [run["prompt_id"] for run in runs.take(EVENT, "b")] == ["p4"]
 
 
 def test_a_client_fetches_its_runs_of_the_event_and_a_finished_one_only_once():
@@ -132,6 +132,6 @@ def test_a_client_fetches_its_runs_of_the_event_and_a_finished_one_only_once():
     runs.add(EVENT, "a", "p1", "5:3", 2, {"step": 2}, None)  # a step without a preview keeps the last one
     runs.add("unipic2.other", "a", "p2", "7", 2, {"step": 1}, None)
     runs.add(EVENT, "a", "p3", "7", 2, {"step": 1}, None)
-    assert [(r["prompt"], r["preview"]) for r in runs.take(EVENT, "a")] == [("p1", "data:1"), ("p3", None)]
-    assert [r["prompt"] for r in runs.take(EVENT, "a")] == ["p3"]  # p1 finished and was fetched
+    assert [(r["prompt_id"], r["preview"]) for r in runs.take(EVENT, "a")] == [("p1", "data:1"), ("p3", None)]
+    assert [r["prompt_id"] for r in runs.take(EVENT, "a")] == ["p3"]  # p1 finished and was fetched
     assert runs.take(EVENT, "b") == []

@@ -62,12 +62,12 @@ function show(graph, run) {
   node.setDirtyCanvas?.(true, true);
 }
 
-// A live message ({prompt, node, total, point, preview}) or a catch-up ({..., history}); anything else is ignored.
+// A live message ({prompt_id, node, total, point, preview}) or a catch-up ({..., history}); anything else is ignored.
 function receive(message, points) {
-  if (typeof message?.prompt !== "string" || message.node == null || !Array.isArray(points)
+  if (typeof message?.prompt_id !== "string" || message.node == null || !Array.isArray(points)
       || !points.length || !points.every((point) => typeof point?.step === "number")) return;
-  const key = `${message.prompt}/${message.node}`;
-  const run = runs.get(key) ?? { prompt: message.prompt, node: String(message.node), points: [] };
+  const key = `${message.prompt_id}/${message.node}`;
+  const run = runs.get(key) ?? { prompt: message.prompt_id, node: String(message.node), points: [] };
   runs.delete(key);
   runs.set(key, run);  // the map's order is the eviction order
   if (runs.size > MAX_RUNS) runs.delete(runs.keys().next().value);
