@@ -15,6 +15,8 @@ MAX_RUNS = 16  # in all, over every client; the least recently updated goes firs
 
 @dataclass
 class Run:
+    """One trainer node's training in one prompt, as kept for the catch-up of the client that queued it."""
+
     event: str
     client: str
     prompt: str
@@ -55,7 +57,7 @@ class Runs:
                 del self._runs[next(iter(self._runs))]
 
     def take(self, event: str, client: str) -> list[dict]:
-        """The client's runs of this event as messages with their whole kept history; finished ones are dropped."""
+        """The client's runs of this event as messages with their whole kept history; finished ones go now."""
         with self._lock:
             mine = {key: run for key, run in self._runs.items() if run.client == client and run.event == event}
             for key, run in mine.items():

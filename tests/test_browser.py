@@ -236,7 +236,8 @@ def test_a_trainer_inside_a_subgraph_gets_its_points(browser):
         const trainer = node.subgraph.nodes.find(n => n.type === "UniPic2GRPOTrainer");
         graph.extra.unipic2_prompts = ["queued-with-subgraph"];
         const point = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
-        const detail = { prompt_id: "queued-with-subgraph", node: `${node.id}:${trainer.id}`, total: 2, point };  // its execution id
+        const executionId = `${node.id}:${trainer.id}`;  // what the server names a node inside a subgraph
+        const detail = { prompt_id: "queued-with-subgraph", node: executionId, total: 2, point };
         api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
         return trainer.properties.unipic2_history ?? null;
     }""")
