@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from ..unipic_core import training_data
-from . import host
+from . import host, messages
 
 log = logging.getLogger("unipic2")
 
@@ -173,10 +173,9 @@ class UniPic2GRPOTrainer:
                      report.clip_fraction, report.elapsed)
             progress.update(report.step, report.total_steps)  # samples travel with the chart, not as a preview
             grid = sample_grid(report.samples, columns=len(report.samples))[0]
-            # The whole history each time: a page reloaded mid-run (and so deaf for a moment) catches up at once.
-            host.send_to_client(TRAINING_EVENT, node_id, {"total": report.total_steps,
-                                                          "history": json_safe(trainer.history),
-                                                          "preview": host.jpeg_data_url(grid)})
+            # This step's point only: the page appends it (a reloaded page fetches what it missed).
+            messages.send_step(TRAINING_EVENT, node_id, report.total_steps, json_safe(trainer.history[-1]),
+                               messages.jpeg_data_url(grid))
 
         with host.training_mode():
             models = training_models(transformer_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
