@@ -113,7 +113,7 @@ def payload_problem(payload) -> str | None:
         if key not in payload:
             return f"'{key}' is missing"
         if not isinstance(payload[key], kind) or isinstance(payload[key], bool):
-            return f"'{key}' is a {type(payload[key]).__name__}, not a {kind.__name__}"
+            return f"'{key}' is {type(payload[key]).__name__}, expected {kind.__name__}"
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["adapter"].items()):
         return "'adapter' holds something other than named tensors"
     optimizer = payload["optimizer"]
