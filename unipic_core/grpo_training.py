@@ -345,7 +345,8 @@ class GRPOTrainer:
         except Exception as failure:
             note = f"UniPic2 GRPO: the checkpoint of step {self._finished.step} could not be written either: {failure}"
             log.error(note)
-            error.add_note(note)
+            if hasattr(error, "add_note"):  # Python 3.11+; the log has it either way
+                error.add_note(note)
         else:
             if self.checkpoint is not None and self._saved_step:
                 log.info("UniPic2 GRPO: stopped by %s; %s holds step %d", type(error).__name__, self.lora_file,
