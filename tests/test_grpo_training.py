@@ -420,3 +420,16 @@ def test_malformed_training_state_is_named(models, tmp_path):
     state.write_bytes(b"\0" * 100)
     with pytest.raises(LoRAError, match=r"m\.training-state is not usable: it cannot be read"):
         train(models, small(steps=2), checkpoint=path, resume=True)
+
+
+def test_a_state_from_before_run_fingerprints_resumes_with_a_warning(models, tmp_path, caplog):
+    path = tmp_path / "old.safetensors"
+    state = path.with_suffix(".training-state")
+    train(models, small(steps=1), checkpoint=path)
+    payload = torch.load(state, weights_only=True)
+    del payload["run"], payload["samples"]  # as written before this check existed
+    torch.save(payload, state)
+    with caplog.at_level(logging.WARNING, logger="unipic2"):
+        _, result = train(models, small(steps=2), checkpoint=path, resume=True, reward=colour_reward((1, 0, 0)))
+    assert "predates run fingerprints; resuming without checking that reward, data and start LoRA" in caplog.text
+    assert [h["step"] for h in result.history] == [1, 2]
