@@ -79,8 +79,12 @@ class UniPic2GRPOTrainer:
     CATEGORY = "UniPic2/training"
     DESCRIPTION = ("Trains a reward LoRA with Flow-GRPO: each step samples a group of images per prompt with the SDE "
                    "sampler, scores them, and pushes the LoRA toward the better ones. Writes models/loras/unipic2/"
-                   "<lora_name>.safetensors (and a resumable .training-state) every save_every steps, at the end and "
-                   "on Cancel. Chain two trainers (edit pairs, then prompts) for the paper's PDTR.")
+                   "<lora_name>.safetensors (and a resumable .training-state) every save_every steps, at the end, on "
+                   "Cancel and when an error stops a step. Never overwrites a LoRA it does not resume; resumes only "
+                   "the same run (reward, data, seed, settings). Chain two trainers (edit pairs, then prompts) for "
+                   "the paper's PDTR.")
+    MAX_NAME = 100
+    NAME_PUNCTUATION = " ._-"
     RETURN_TYPES = ("UNIPIC2_LORA", "IMAGE", "IMAGE", "STRING")
     RETURN_NAMES = ("lora", "curves", "samples", "summary")
     FUNCTION = "train"
@@ -93,7 +97,8 @@ class UniPic2GRPOTrainer:
             "vae": ("UNIPIC2_VAE", {"tooltip": "Decodes samples for the reward and encodes edit sources."}),
             "prompts": ("UNIPIC2_PROMPTS", {"tooltip": "UniPic2 Prompt List (text-to-image) or Edit Pairs."}),
             "reward": ("UNIPIC2_REWARD", {"tooltip": "A reward node, or Combine Rewards."}),
-            "lora_name": ("STRING", {"default": "unipic2_grpo", "tooltip": "File name under models/loras/unipic2."}),
+            "lora_name": ("STRING", {"default": "unipic2_grpo", "tooltip": "File name under models/loras/unipic2: "
+                                     "letters, digits, spaces, '.', '_', '-' (up to 100)."}),
             "steps": _int(20, 1, 100000, "Training steps: each samples, scores and updates the LoRA "
                           "(updates_per_step optimizer steps)."),
             "group_size": _int(16, 2, 256, "G: images per prompt compared with each other (paper: 16)."),
@@ -115,12 +120,15 @@ class UniPic2GRPOTrainer:
                                      "second on, the ratio moves off 1 and the clip range acts."),
             "seed": _int(0, 0, 2**31 - 1, "Seeds LoRA init, prompt order and all noise."),
             "save_every": _int(10, 0, 100000, "Checkpoint every N steps (0: only at the end / on Cancel)."),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from lora_name's checkpoint if there is one."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from lora_name's checkpoint if there is one "
+                                   "(same reward, data, seed and settings; steps, save_every, micro_batch and "
+                                   "learning_rate may change). An existing LoRA is never overwritten otherwise."}),
             "negative_prompt": ("STRING", {"default": "", "tooltip": "Negative prompt for CFG."}),
         }, "hidden": {"node_id": "UNIQUE_ID"}, "optional": {
             "text_encoders": ("UNIPIC2_TEXT", {"tooltip": "Kontext text encoders (connect this or mllm)."}),
             "mllm": ("UNIPIC2_MLLM", {"tooltip": "MetaQuery MLLM (connect this or text_encoders)."}),
-            "lora": ("UNIPIC2_LORA", {"tooltip": "Start from this LoRA (e.g. the PDTR edit stage's)."}),
+            "lora": ("UNIPIC2_LORA", {"tooltip": "Start from this LoRA (e.g. the PDTR edit stage's). When resuming, "
+                                      "it must be the LoRA the run started from."}),
         }}
 
     def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
@@ -137,9 +145,7 @@ class UniPic2GRPOTrainer:
         if model.patcher.patches:  # peft wraps the patched layers, and ComfyUI could no longer unpatch them
             raise ValueError("UniPic2 GRPO Trainer: the model carries weight patches (Apply LoRA); connect that LoRA "
                              "to the trainer's 'lora' input instead, to continue training it")
-        name = lora_name.strip()
-        if not name or Path(name).name != name:
-            raise ValueError(f"UniPic2 GRPO Trainer: lora_name '{lora_name}' must be a plain file name")
+        lora_file = Path(host.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"
         settings = GRPOSettings(
             steps=steps, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
             noise_level=noise_level, guidance=guidance, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
@@ -147,7 +153,6 @@ class UniPic2GRPOTrainer:
             timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch,
             updates_per_step=updates_per_step, seed=seed,
             negative_prompt=negative_prompt, save_every=save_every)
-        lora_file = Path(host.lora_folder()) / f"{name}.safetensors"
 
         def transformer_on_device():
             transformer = host.load_on_device(model.patcher)[0]
@@ -180,7 +185,10 @@ class UniPic2GRPOTrainer:
         with host.training_mode():
             models = training_models(transformer_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
                                      model.scheduler_config, host.device(), model.name)
-            trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
+            try:
+                trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
+            except ValueError as e:  # a refusal before training: bad settings, a name clash, another run's state
+                raise ValueError(f"UniPic2 GRPO Trainer: {e}") from e
             try:
                 result = trainer.run(Hooks(on_step=on_step, cancel_requested=host.cancel_requested))
             finally:
@@ -194,3 +202,21 @@ class UniPic2GRPOTrainer:
         summary = (f"UniPic2 GRPO: {trainer.step} steps, mean reward {first:.4f} (step 1) -> {last:.4f} (step "
                    f"{trainer.step}); LoRA {lora_file}")
         return result.lora, plot_curves(history), sample_grid(result.samples), summary
+
+    @classmethod
+    def check_lora_name(cls, lora_name: str) -> str:
+        """The stripped name, or a ValueError saying what is wrong with it (before any training or file write)."""
+        name = lora_name.strip()
+        odd = sorted({c for c in name if not (c.isalnum() or c in cls.NAME_PUNCTUATION)})
+        if not name:
+            problem = "is empty"
+        elif len(name) > cls.MAX_NAME:
+            problem = f"is {len(name)} characters long"
+        elif name.startswith("."):
+            problem = "starts with '.' (a hidden file)"
+        elif odd:
+            problem = "contains " + " ".join(map(repr, odd))
+        else:
+            return name
+        raise ValueError(f"UniPic2 GRPO Trainer: lora_name '{lora_name}' {problem}; use up to {cls.MAX_NAME} letters, "
+                         "digits, spaces, '.', '_' and '-', not starting with '.' (e.g. 'unipic2_grpo')")

@@ -1,5 +1,6 @@
 """The GRPO training loop on the tiny model: learning, exact resume, edit pairs, and bad input."""
 
+import logging
 import math
 
 import pytest
@@ -7,10 +8,11 @@ import torch
 
 from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks, TrainingItem
 from unipic_core.loading import load_kontext
-from unipic_core.lora import LoRAError, load_lora
-from unipic_core.rewards import Reward, RewardTerm, colour_reward, edit_consistency_reward
+from unipic_core.lora import LoRAError, load_lora, save_lora
+from unipic_core.rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward
 from unipic_core.training_data import edit_pairs, read_prompts
 from unipic_core.training_models import models_on_device
+from unipic_core.training_state import load_state
 
 PROMPTS = [TrainingItem("a red fox"), TrainingItem("a blue lake")]
 
@@ -170,3 +172,264 @@ def test_any_seed_the_widget_allows_works(models):
                            torch.randn(3, generator=step_generator(2**31 - 1, 7, 3)))
     _, result = train(models, small(steps=1, seed=2**31 - 1))
     assert math.isfinite(result.history[0]["loss"])
+
+
+# --- nothing lost: name clashes, resume checks, failures ----------------------------------------------------------
+
+
+def test_trainer_refuses_to_overwrite_an_unresumed_lora(models, tmp_path):
+    path = tmp_path / "mine.safetensors"
+    state = path.with_suffix(".training-state")
+    train(models, small(steps=1), checkpoint=path)
+    lora, checkpoint = path.read_bytes(), state.read_bytes()
+    with pytest.raises(LoRAError, match=r"mine\.safetensors already exists and 'resume' is off.*turn 'resume' on "
+                                        r"to continue it, or choose another lora_name"):
+        train(models, small(steps=1), checkpoint=path)
+    path.unlink()  # the state alone is a run too
+    with pytest.raises(LoRAError, match=r"mine\.training-state already exists and 'resume' is off"):
+        train(models, small(steps=1), checkpoint=path)
+    assert state.read_bytes() == checkpoint
+    path.write_bytes(lora)
+    assert path.read_bytes() == lora
+
+
+def test_trainer_refuses_to_overwrite_a_lora_without_training_state(models, tmp_path):
+    _, result = train(models, small(steps=1))
+    path = save_lora(result.lora, tmp_path / "downloaded.safetensors")  # a LoRA saved by hand, no state
+    before = path.read_bytes()
+    with pytest.raises(LoRAError, match=r"downloaded\.safetensors exists but has no training state "
+                                        r"\(downloaded\.training-state\).*choose another lora_name"):
+        train(models, small(steps=1), checkpoint=path, resume=True)
+    assert path.read_bytes() == before and not path.with_suffix(".training-state").exists()
+
+
+def test_resume_refuses_another_reward_naming_it(models, tmp_path):
+    path = tmp_path / "r.safetensors"
+    train(models, small(steps=1), checkpoint=path)
+    with pytest.raises(LoRAError, match=r"trained with the reward \['brightness x 1 \[target \(1, 1, 1\)\]'\], but "
+                                        r"this run has \['colour x 1 \[target \(1, 0, 0\)\]'\]; connect the "
+                                        r"checkpoint's reward"):
+        train(models, small(steps=2), checkpoint=path, resume=True, reward=colour_reward((1, 0, 0)))
+    doubled = combine([(colour_reward((1, 1, 1)), 2.0)])  # the same term, another weight
+    with pytest.raises(LoRAError, match=r"this run has \['brightness x 2 \[target \(1, 1, 1\)\]'\]"):
+        train(models, small(steps=2), checkpoint=path, resume=True, reward=doubled)
+
+
+def test_resume_refuses_other_prompts(models, tmp_path):
+    path = tmp_path / "p.safetensors"
+    train(models, small(steps=1), checkpoint=path)
+    with pytest.raises(LoRAError, match=r"trained with the training data 2 prompts, sha256 \w+, but this run has "
+                                        r"3 prompts, sha256 \w+; give the checkpoint's prompts"):
+        train(models, small(steps=2), PROMPTS + [TrainingItem("a green hill")], checkpoint=path, resume=True)
+    with pytest.raises(LoRAError, match="this run has 2 prompts"):  # the same prompts in another order
+        train(models, small(steps=2), PROMPTS[::-1], checkpoint=path, resume=True)
+
+
+def test_resume_refuses_other_edit_source_pixels(models, tmp_path):
+    path = tmp_path / "e.safetensors"
+    source = torch.rand(64, 64, 3)
+    settings, reward = small(steps=1), edit_consistency_reward("l1")
+    train(models, settings, edit_pairs([source], ["make it snow"]), reward, checkpoint=path)
+    changed = source.clone()
+    changed[0, 0, 0] = 1 - changed[0, 0, 0]  # one pixel, same instruction
+    with pytest.raises(LoRAError, match=r"training data 1 edit pairs, sha256 \w+, but this run has 1 edit pairs"):
+        train(models, small(steps=2), edit_pairs([changed], ["make it snow"]), reward, checkpoint=path, resume=True)
+
+
+def test_resume_refuses_another_seed_or_algorithm_setting_naming_old_and_new(models, tmp_path):
+    path = tmp_path / "s.safetensors"
+    train(models, small(steps=1), checkpoint=path)
+    with pytest.raises(LoRAError, match=r"has seed = 0, but this run asks for 7; set seed back to 0, or choose "
+                                        r"another lora_name"):
+        train(models, small(steps=2, seed=7), checkpoint=path, resume=True)
+    with pytest.raises(LoRAError, match=r"has group_size = 4, but this run asks for 6"):
+        train(models, small(steps=2, group_size=6), checkpoint=path, resume=True)
+    with pytest.raises(LoRAError, match=r"has negative_prompt = '', but this run asks for 'blurry'"):
+        train(models, small(steps=2, negative_prompt="blurry"), checkpoint=path, resume=True)
+
+
+def test_resume_logs_a_changed_learning_rate(models, tmp_path, caplog):
+    path = tmp_path / "lr.safetensors"
+    train(models, small(steps=1), checkpoint=path)
+    with caplog.at_level(logging.INFO, logger="unipic2"):  # steps, save_every and micro_batch change freely
+        _, result = train(models, small(steps=2, learning_rate=5e-3, save_every=1, micro_batch=2), checkpoint=path,
+                          resume=True)
+    assert [h["step"] for h in result.history] == [1, 2]
+    assert "with learning_rate 0.005 (the checkpoint ran with 0.01)" in caplog.text
+
+
+def test_resume_with_another_start_lora_is_refused(models, tmp_path):
+    _, first = train(models, small(steps=1), checkpoint=tmp_path / "stage1.safetensors")
+    _, other = train(models, small(steps=1, seed=5))
+    path = tmp_path / "stage2.safetensors"
+    train(models, small(steps=1), checkpoint=path, start_lora=first.lora)
+    with pytest.raises(LoRAError, match=r"trained with the start LoRA \('lora' input\) rank 4, sha256 \w+, but this "
+                                        r"run has none; connect the LoRA the run started from"):
+        train(models, small(steps=2), checkpoint=path, resume=True)
+    with pytest.raises(LoRAError, match=r"start LoRA \('lora' input\) rank 4, sha256 (\w+), but this run has rank 4, "
+                                        r"sha256 (?!\1)\w+;"):
+        train(models, small(steps=2), checkpoint=path, resume=True, start_lora=other.lora)
+    # A re-queued PDTR chain: the first stage hands over the same finished LoRA, and the second stage continues.
+    requeued = load_lora(tmp_path / "stage1.safetensors")
+    _, resumed = train(models, small(steps=2), checkpoint=path, resume=True, start_lora=requeued)
+    assert [h["step"] for h in resumed.history] == [1, 2]
+
+
+def test_requeue_of_a_finished_run_returns_its_lora_curves_and_samples(models, tmp_path):
+    path = tmp_path / "done.safetensors"
+    _, finished = train(models, small(steps=2), checkpoint=path)
+    written = path.stat().st_mtime_ns
+    _, again = train(models, small(steps=2), checkpoint=path, resume=True)
+    assert again.history == finished.history
+    for key, value in finished.lora.tensors.items():
+        assert torch.equal(again.lora.tensors[key], value), key
+    assert again.samples.shape == finished.samples.shape and again.samples.std() > 0
+    assert torch.allclose(again.samples, finished.samples, atol=0.5 / 255 + 1e-6)  # kept as uint8
+    assert path.stat().st_mtime_ns == written  # nothing to write again
+
+
+def test_curves_plot_the_union_of_reward_names():
+    from unipic_core.curves import COLOURS, plot_curves
+
+    def step(n, **rewards):
+        return {"step": n, "rewards": {name: (mean, 0.0) for name, mean in rewards.items()}, "loss": 0.1, "kl": 0.0}
+
+    # 'a' has no value at step 2 (a resumed run under another reward), 'b' none at step 1.
+    history = [step(1, a=0.0, total=0.5), step(2, b=1.0, total=0.5), step(3, a=0.0, b=1.0, total=0.5)]
+    image = (plot_curves(history, width=768, height=512)[0] * 255).round()
+
+    def colour_at(x, y):
+        return [n for n, c in enumerate(COLOURS) if torch.equal(image[y, x], torch.tensor(c, dtype=image.dtype))]
+
+    # The reward panel spans x 10..757 for steps 1..3 and y 247 (its minimum, 0.0) .. 24 (its maximum, 1.0);
+    # colours in first-seen order: a, total, b.
+    assert colour_at(383, 24) == [2]  # b's point at step 2
+    assert colour_at(10, 247) == colour_at(757, 247) == [0]  # a's points at steps 1 and 3
+    assert colour_at(383, 247) == []  # and no line between them: a gap at step 2
+
+
+def failing_reward(at_call: int, calls: list) -> Reward:
+    """Brightness, but the at_call-th scoring raises (with one prompt per step, that is step at_call)."""
+    def score(images, prompts, sources):
+        calls.append(len(images))
+        if len(calls) == at_call:
+            raise RuntimeError("reward server down")
+        return images.float().mean(dim=(1, 2, 3))
+
+    return Reward([RewardTerm("brightness", 1.0, score)])
+
+
+def assert_same_state(path, reference):
+    """Adapter, optimizer state, step and history (but its timings) bit for bit."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+        return [t for v in items for t in tensors(v)]
+
+    mine, theirs = load_state(path), load_state(reference)
+    assert mine.step == theirs.step
+    assert [{**h, "elapsed": 0} for h in mine.history] == [{**h, "elapsed": 0} for h in theirs.history]
+    assert mine.adapter.keys() == theirs.adapter.keys()
+    assert all(torch.equal(mine.adapter[k], theirs.adapter[k]) for k in mine.adapter)
+    ours, other = tensors(mine.optimizer), tensors(theirs.optimizer)
+    assert len(ours) == len(other) > 0 and all(torch.equal(a, b) for a, b in zip(ours, other))
+    lora, reference_lora = load_lora(path.with_suffix(".safetensors")), load_lora(reference.with_suffix(".safetensors"))
+    assert all(torch.equal(lora.tensors[k], v) for k, v in reference_lora.tensors.items())
+
+
+@pytest.mark.parametrize("where", ["reward", "second_update"])
+def test_a_failing_reward_keeps_the_finished_steps(models, tmp_path, where):
+    """save_every 0: an error in step 3 -- in the reward, or between the two optimizer updates of the step, with
+    the adapter half updated -- leaves the checkpoint of step 2 exactly as a run of 2 steps writes it."""
+    reference = tmp_path / "two_steps.safetensors"
+    train(models, small(steps=2), reward=failing_reward(0, []), checkpoint=reference)
+    path = tmp_path / "failed.safetensors"
+    trainer = GRPOTrainer(models, failing_reward(3 if where == "reward" else 0, []), PROMPTS, small(steps=5),
+                          checkpoint=path)
+    if where == "second_update":
+        updates, update = [], trainer.optimizer.step
+
+        def failing_update(*args, **kwargs):
+            updates.append(1)
+            if len(updates) == 6:  # two per step: step 3's second
+                raise RuntimeError("CUDA error: an illegal memory access")
+            return update(*args, **kwargs)
+
+        trainer.optimizer.step = failing_update
+    try:
+        with pytest.raises(RuntimeError, match="reward server down|illegal memory access"):
+            trainer.run()
+    finally:
+        trainer.close()
+    assert_same_state(path.with_suffix(".training-state"), reference.with_suffix(".training-state"))
+    _, resumed = train(models, small(steps=3), reward=failing_reward(0, []), checkpoint=path, resume=True)
+    assert [h["step"] for h in resumed.history] == [1, 2, 3]
+
+
+def test_a_failing_checkpoint_write_does_not_hide_the_error(models, tmp_path, monkeypatch):
+    path = tmp_path / "full_disk.safetensors"
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("unipic_core.training_state.torch.save", disk_full)
+    with pytest.raises(RuntimeError, match="reward server down") as raised:
+        train(models, small(steps=3), reward=failing_reward(2, []), checkpoint=path)
+    assert any("checkpoint of step 1 could not be written either" in note and "No space left" in note
+               for note in raised.value.__notes__)
+
+
+def test_bad_lora_folder_is_refused_before_step_one(models, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    calls = []
+    with pytest.raises(LoRAError, match=r"cannot write the LoRA into .*a_file.*make that folder writable or choose "
+                                        r"another lora_name"):
+        train(models, small(steps=1), reward=failing_reward(0, calls), checkpoint=tmp_path / "a_file" / "x.safetensors")
+    assert calls == []  # refused before any sampling
+
+
+MALFORMED = {
+    "a missing history": (lambda p: p.pop("history"), "'history' is missing"),
+    "a step of the wrong type": (lambda p: p.update(step="1"), "'step' is str, expected int"),
+    "a history shorter than its steps": (lambda p: p.update(history=[]), "'history' has 0 entries for 1 steps"),
+    "a broken history entry": (lambda p: p["history"][0].pop("rewards"), "history entry 1 is not a step record"),
+    "a partial adapter": (lambda p: p["adapter"].pop(sorted(p["adapter"])[0]), "its adapter lacks tensors for this "
+                          r"model \(1, e\.g\. transformer\."),
+    "a foreign adapter tensor": (lambda p: p["adapter"].update({"transformer.x.lora_A.weight": torch.zeros(1)}),
+                                 r"its adapter has unknown tensors for this model \(1, e\.g\. transformer\.x\."),
+    "an optimizer state for another adapter": (lambda p: p["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+                                               "its optimizer state entry 0 does not fit the adapter"),
+    "an adapter of the wrong type": (lambda p: p.update(adapter=list(p["adapter"].values())),
+                                     "'adapter' is list, expected dict"),
+}
+
+
+def test_malformed_training_state_is_named(models, tmp_path):
+    path = tmp_path / "m.safetensors"
+    state = path.with_suffix(".training-state")
+    train(models, small(steps=1), checkpoint=path)
+    good = state.read_bytes()
+    for case, (damage, problem) in MALFORMED.items():
+        payload = torch.load(state, weights_only=True)
+        damage(payload)
+        torch.save(payload, state)
+        with pytest.raises(LoRAError, match=rf"the training checkpoint .*m\.training-state is not usable: {problem}.*; "
+                                            r"delete it to start that lora_name afresh, or choose another lora_name"):
+            train(models, small(steps=2), checkpoint=path, resume=True)
+        state.write_bytes(good)
+    state.write_bytes(b"\0" * 100)
+    with pytest.raises(LoRAError, match=r"m\.training-state is not usable: it cannot be read"):
+        train(models, small(steps=2), checkpoint=path, resume=True)
+
+
+def test_a_state_from_before_run_fingerprints_resumes_with_a_warning(models, tmp_path, caplog):
+    path = tmp_path / "old.safetensors"
+    state = path.with_suffix(".training-state")
+    train(models, small(steps=1), checkpoint=path)
+    payload = torch.load(state, weights_only=True)
+    del payload["run"], payload["samples"]  # as written before this check existed
+    torch.save(payload, state)
+    with caplog.at_level(logging.WARNING, logger="unipic2"):
+        _, result = train(models, small(steps=2), checkpoint=path, resume=True, reward=colour_reward((1, 0, 0)))
+    assert "predates run fingerprints; resuming without checking that reward, data and start LoRA" in caplog.text
+    assert [h["step"] for h in result.history] == [1, 2]

@@ -186,3 +186,45 @@ def test_trainer_refuses_a_model_with_applied_loras(host, kontext, trained):
     reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
     with pytest.raises(ValueError, match="connect that LoRA to the trainer's 'lora' input"):
         host.node("UniPic2GRPOTrainer").train(patched, vae, prompts, reward, text_encoders=text, **trainer_inputs())
+
+
+def test_trainer_node_refuses_to_overwrite_an_unresumed_lora(host, kontext, trained):
+    model, text, vae = kontext
+    prompts = host.node("UniPic2PromptList").make("a red fox\na blue lake")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    path = host.loras / "unipic2" / "node_test.safetensors"
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"^UniPic2 GRPO Trainer: .*node_test\.safetensors already exists and "
+                                         r"'resume' is off.*turn 'resume' on to continue it, or choose another "
+                                         r"lora_name"):
+        host.node("UniPic2GRPOTrainer").train(model, vae, prompts, reward, text_encoders=text, **trainer_inputs())
+    assert path.read_bytes() == before
+
+
+def test_requeued_trainer_node_returns_the_finished_run(host, kontext, trained):
+    model, text, vae = kontext
+    prompts = host.node("UniPic2PromptList").make("a red fox\na blue lake")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    with torch.inference_mode():
+        lora, curves, samples, summary = host.node("UniPic2GRPOTrainer").train(
+            model, vae, prompts, reward, text_encoders=text, **trainer_inputs(resume=True))
+    assert all(torch.equal(lora.tensors[k], v) for k, v in trained[0].tensors.items())
+    assert torch.equal(curves, trained[1])
+    assert samples.shape == trained[2].shape and torch.allclose(samples, trained[2], atol=0.5 / 255 + 1e-6)
+    assert "2 steps" in summary
+
+
+@pytest.mark.parametrize("lora_name", ["x" * 101, "bad:name", ".hidden", "a/b", "../escape", "  "])
+def test_bad_lora_name_is_refused_before_step_one(host, kontext, lora_name):
+    model, text, vae = kontext
+    prompts = host.node("UniPic2PromptList").make("a red fox")[0]
+    from unipic_core.rewards import Reward, RewardTerm
+
+    calls = []
+    reward = Reward([RewardTerm("counted", 1.0, lambda images, *_: calls.append(1) or images.mean(dim=(1, 2, 3)))])
+    before = sorted(host.loras.rglob("*"))
+    with pytest.raises(ValueError, match=r"^UniPic2 GRPO Trainer: lora_name '.*' (is \d+ characters long|contains|"
+                                         r"starts with '\.'|is empty)[^;]*; use up to 100 letters, digits, spaces"):
+        host.node("UniPic2GRPOTrainer").train(model, vae, prompts, reward, text_encoders=text,
+                                              **trainer_inputs(lora_name=lora_name, steps=1))
+    assert calls == [] and sorted(host.loras.rglob("*")) == before

@@ -22,25 +22,31 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
     for n, (name, points) in enumerate(series.items()):
         colour = COLOURS[n % len(COLOURS)]
         draw.text((right - 150, top + 4 + 12 * n), name, fill=colour)
-        xy = []
+        runs: list[list[tuple[float, float]]] = [[]]
         for i, v in enumerate(points):
-            if not math.isfinite(v):
+            if not math.isfinite(v):  # a gap: no value at this step (term absent, or its groups skipped)
+                runs.append([])
                 continue
             x = left + 6 + (right - left - 12) * (i / max(len(points) - 1, 1))
             y = inner_bottom - (inner_bottom - inner_top) * (v - low) / (high - low)
-            xy.append((x, y))
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        for x, y in xy:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+            runs[-1].append((x, y))
+        for xy in runs:
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy:
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
 
 
 def plot_curves(history: list[dict], width: int = 768, height: int = 512) -> torch.Tensor:
-    """IMAGE [1, height, width, 3]: mean reward per term (top) and loss / KL (bottom) per training step."""
+    """IMAGE [1, height, width, 3]: mean reward per term (top) and loss / KL (bottom) per training step.
+
+    The reward terms are those of any step, in first-seen order (a run resumed under a changed reward, from a state
+    older than the resume checks, has both); a step without a term leaves a gap in its curve.
+    """
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    names = list(history[0]["rewards"]) if history else []
-    rewards = {name: [h["rewards"][name][0] for h in history] for name in names}
+    names = list(dict.fromkeys(name for h in history for name in h["rewards"]))
+    rewards = {name: [h["rewards"].get(name, (math.nan, math.nan))[0] for h in history] for name in names}
     losses = {"loss": [h["loss"] for h in history], "kl": [h["kl"] for h in history]}
     _panel(draw, (4, 4, width - 5, height // 2 - 3), "reward (mean per step)", rewards)
     _panel(draw, (4, height // 2 + 2, width - 5, height - 5), "loss / KL", losses)

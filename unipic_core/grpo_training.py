@@ -8,11 +8,17 @@ are all-gathered for the advantages and LoRA gradients are summed, so the update
 
 Randomness is a pure function of (seed, step, image index): prompt choice, initial noise and SDE noise. A
 resumed run therefore needs only the step number to continue exactly where it stopped.
+
+Nothing finished is lost: after each step the trainer keeps a CPU copy of that step's whole state (adapter,
+optimizer, history, samples) until it is written, and writes it when anything raises during a later step, so the
+checkpoint is then exactly the last finished step's. An existing LoRA is never overwritten by a run that does not
+resume it.
 """
 
 import hashlib
 import logging
 import math
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -24,12 +30,13 @@ import torch.distributed as dist
 
 from .grpo import Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
 from .images import longer_edge_size, resize_image
-from .lora import (LoRAWeights, adapter_tensors, add_lora, load_into_adapter, lora_weights, remove_lora, save_lora,
-                   set_adapter_tensors)
+from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, fold_scale, load_into_adapter, load_lora,
+                   remove_lora, save_lora, set_adapter_tensors)
 from .rewards import Reward
 from .sampling import GuidedVelocity, PromptEmbeds, sde_noise_scale
 from .schedule import flow_sigmas
-from .training_state import TrainingState, check_resumable, load_state, save_state
+from .training_state import (TrainingState, check_fits, check_resumable, cpu_copy, load_state, run_fingerprint,
+                             save_state, unusable)
 
 log = logging.getLogger("unipic2")
 
@@ -203,7 +210,16 @@ class GRPOTrainer:
 
     def __init__(self, models: TrainingModels, reward: Reward, data: list[TrainingItem], settings: GRPOSettings,
                  checkpoint: Path | None = None, resume: bool = False, start_lora: LoRAWeights | None = None):
-        """checkpoint: the LoRA .safetensors to write; its training state goes next to it (.training-state)."""
+        """checkpoint: the LoRA .safetensors to write; its training state goes next to it (.training-state).
+
+        Refused before any training: a checkpoint (LoRA or state) that exists and is not resumed -- resume off, or
+        a LoRA without a state (saved by hand or downloaded) -- and a folder that cannot be written.
+        resume: continue the checkpoint's run if it has a state; it must be the same run (check_resumable).
+        start_lora: the LoRA a new run starts from. A resumed state already holds the adapter, so the start LoRA
+        is not loaded again; it must be the one the run started from (compared by a digest of its tensors):
+        the same LoRA continues -- a re-queued PDTR chain, whose first trainer returns its finished LoRA again --
+        and another, an added or a removed one is refused, naming both.
+        """
         settings.check()
         if not data:
             raise ValueError("the prompt list is empty; give at least one prompt (one per line) or edit pair")
@@ -213,46 +229,128 @@ class GRPOTrainer:
         self.models, self.reward, self.data, self.settings = models, reward, data, settings
         self.lora_file = checkpoint
         self.checkpoint = None if checkpoint is None else checkpoint.with_suffix(STATE_SUFFIX)
+        self.fingerprint = run_fingerprint(reward, data, start_lora)
+        state = None
+        if checkpoint is not None:
+            resuming = resume and self.checkpoint.exists()
+            self._refuse_overwrite(resume, resuming)
+            self._check_writable()
+            if resuming:  # checked before the DiT is touched
+                state = load_state(self.checkpoint)
+                check_resumable(state, settings, models.base_model, self.fingerprint, self.checkpoint)
         self.rank, self.world = _rank_world()
         self.transformer = models.transformer()
         self.params = add_lora(self.transformer, settings.lora_rank, settings.lora_alpha, settings.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step, self.history = 0, []
         try:
-            if resume and self.checkpoint is not None and self.checkpoint.exists():
-                self._restore(load_state(self.checkpoint))
+            if state is not None:
+                self._restore(state)
             elif start_lora is not None:
                 load_into_adapter(self.transformer, start_lora, settings.lora_rank, settings.lora_alpha)
+            self._finished = self._snapshot(None if state is None else state.samples)
+            self._saved_step = self.step
+            if state is not None:
+                self._rewrite_stale_lora()
         except Exception:
             self.close()  # leave the shared DiT as it was
             raise
 
+    def _refuse_overwrite(self, resume: bool, resuming: bool) -> None:
+        if resuming:
+            return
+        if resume and self.lora_file.exists():
+            raise LoRAError(f"{self.lora_file} exists but has no training state ({self.checkpoint.name}) to resume: "
+                            "it was saved by hand or downloaded, and is never overwritten; choose another lora_name "
+                            "(to train on from that LoRA, load it and connect it to the 'lora' input)")
+        existing = [path for path in (self.lora_file, self.checkpoint) if path.exists()]
+        if existing:
+            raise LoRAError(f"{existing[0]} already exists and 'resume' is off, so this run would overwrite it; turn "
+                            "'resume' on to continue it, or choose another lora_name")
+
+    def _check_writable(self) -> None:
+        """A test write now, so that an unwritable folder fails before step 1, not at the first checkpoint."""
+        folder = self.lora_file.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder) as probe:  # unlinked at once: nothing to clean up after a kill
+                probe.write(b"0")
+                probe.flush()
+        except OSError as e:
+            raise LoRAError(f"cannot write the LoRA into {folder} ({e}); make that folder writable or choose another "
+                            "lora_name") from e
+
     def _restore(self, state: TrainingState) -> None:
-        check_resumable(state, self.settings, self.models.base_model, self.checkpoint)
+        check_fits(state, self.optimizer, adapter_tensors(self.transformer), self.checkpoint)
         set_adapter_tensors(self.transformer, state.adapter)
-        self.optimizer.load_state_dict(state.optimizer)
+        try:
+            self.optimizer.load_state_dict(state.optimizer)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise unusable(self.checkpoint, f"its optimizer state does not load ({e})") from e
         for group in self.optimizer.param_groups:  # the run's learning rate, not the checkpoint's
             group["lr"] = self.settings.learning_rate
-        self.step, self.history = state.step, state.history
+        self.step, self.history = state.step, list(state.history)
         log.info("UniPic2 GRPO: resumed %s at step %d", self.checkpoint, self.step)
+
+    def _rewrite_stale_lora(self) -> None:
+        """The state is written before the LoRA: a run killed between the two leaves an older (or no) LoRA file."""
+        if self.rank != 0:
+            return
+        try:
+            stale = load_lora(self.lora_file).info.get("steps") != self.step
+        except LoRAError:
+            stale = True
+        if stale:
+            log.info("UniPic2 GRPO: %s did not hold step %d of its training state; written again", self.lora_file,
+                     self.step)
+            save_lora(self.lora(), self.lora_file)
 
     def close(self) -> None:
         """Remove the adapter from the (shared, cached) DiT."""
         remove_lora(self.transformer)
 
+    def _snapshot(self, samples: torch.Tensor | None) -> TrainingState:
+        """The current (finished) step's whole state as CPU copies; samples IMAGE [n, H, W, 3] kept as uint8."""
+        if samples is not None and samples.dtype != torch.uint8:
+            samples = (samples.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        return TrainingState(adapter_tensors(self.transformer), cpu_copy(self.optimizer.state_dict()), self.step,
+                             list(self.history), asdict(self.settings), self.models.base_model, self.fingerprint,
+                             samples)
+
     def lora(self) -> LoRAWeights:
-        s = self.settings
-        info = {"base_model": self.models.base_model, "steps": self.step, "rewards": self.reward.names,
-                "settings": asdict(s), "format": "unipic2-grpo-lora"}
-        return lora_weights(self.transformer, s.lora_rank, s.lora_alpha, info)
+        """The last finished step's LoRA, file-ready (scale alpha / r folded into lora_B)."""
+        s, finished = self.settings, self._finished
+        info = {"base_model": self.models.base_model, "steps": finished.step, "rewards": self.reward.names,
+                "settings": asdict(s), "format": "unipic2-grpo-lora", "rank": s.lora_rank, "alpha": s.lora_alpha}
+        return LoRAWeights(fold_scale(finished.adapter, s.lora_alpha / s.lora_rank), info)
+
+    def samples(self) -> torch.Tensor:
+        """IMAGE [n, H, W, 3]: the last finished step's samples (black for a state from before they were kept)."""
+        if self._finished.samples is None:
+            return torch.zeros(1, 64, 64, 3)
+        return self._finished.samples.float() / 255
 
     def save(self) -> None:
-        if self.checkpoint is None or self.rank != 0:
+        """Write the last finished step unless it is on disk already: the state, then the LoRA."""
+        if self.checkpoint is None or self.rank != 0 or self._saved_step == self._finished.step:
             return
-        state = TrainingState(adapter_tensors(self.transformer), self.optimizer.state_dict(), self.step,
-                              self.history, asdict(self.settings), self.models.base_model)
-        save_state(state, self.checkpoint)
+        save_state(self._finished, self.checkpoint)
         save_lora(self.lora(), self.lora_file)
+        self._saved_step = self._finished.step
+
+    def _keep_finished_steps(self, error: BaseException) -> None:
+        """Called while `error` propagates: write the last finished step; a failing write must not hide `error`."""
+        try:
+            self.save()
+        except Exception as failure:
+            note = f"UniPic2 GRPO: the checkpoint of step {self._finished.step} could not be written either: {failure}"
+            log.error(note)
+            if hasattr(error, "add_note"):  # Python 3.11+; the log has it either way
+                error.add_note(note)
+        else:
+            if self.checkpoint is not None and self._saved_step:
+                log.info("UniPic2 GRPO: stopped by %s; %s holds step %d", type(error).__name__, self.lora_file,
+                         self._saved_step)
 
     # --- one training step -------------------------------------------------------------------------
 
@@ -427,25 +525,25 @@ class GRPOTrainer:
         return report
 
     def run(self, hooks: Hooks = Hooks()) -> TrainingResult:
-        """Train to settings.steps; checkpoint every save_every steps, at the end and when cancelled."""
-        samples = torch.zeros(1, 64, 64, 3)
+        """Train to settings.steps; checkpoint every save_every steps, at the end and when cancelled.
+
+        Whatever raises (a reward, decoding, the update, a host hook such as Cancel's), the last finished step is
+        written before the error propagates. A run whose steps are already reached returns its state as it is.
+        """
         cancelled = False
-        saved_at = self.step
-        while self.step < self.settings.steps:
-            report = self.train_step()
-            samples = report.samples
-            try:
+        try:
+            while self.step < self.settings.steps:
+                report = self.train_step()
+                self._finished = self._snapshot(report.samples)
                 hooks.on_step(report)
-            except BaseException:  # a host's progress hook raises on Cancel: keep this step first
-                self.save()
-                raise
-            every = self.settings.save_every
-            if every and self.step % every == 0:
-                self.save()
-                saved_at = self.step
-            if hooks.cancel_requested():
-                cancelled = True
-                break
-        if saved_at != self.step:
-            self.save()
-        return TrainingResult(self.lora(), self.history, samples, cancelled)
+                every = self.settings.save_every
+                if every and self.step % every == 0:
+                    self.save()
+                if hooks.cancel_requested():
+                    cancelled = True
+                    break
+        except BaseException as error:
+            self._keep_finished_steps(error)
+            raise
+        self.save()
+        return TrainingResult(self.lora(), self.history, self.samples(), cancelled)

@@ -4,6 +4,7 @@ A scoring function takes (images [N, H, W, 3] in 0..1, prompts: N strings, sourc
 returns a float32 tensor [N]. `sources` are the edit-pair source images (None for text-to-image).
 """
 
+import hashlib
 import io
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +24,7 @@ class RewardTerm:
     weight: float
     score: ScoreFn
     needs_sources: bool = False
+    detail: str = ""  # what the score depends on beyond its name (a colour target, a mask), for resume checks
 
 
 @dataclass
@@ -34,6 +36,11 @@ class Reward:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
+
+    @property
+    def fingerprint(self) -> list[str]:
+        """Each term as 'name x weight [detail]': what a resumed training run must find unchanged."""
+        return [f"{t.name} x {t.weight:.10g}" + (f" [{t.detail}]" if t.detail else "") for t in self.terms]
 
     def score(self, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{term name: scores [N]}; a term that needs sources fails clearly without them."""
@@ -61,7 +68,7 @@ def combine(weighted: list[tuple[Reward, float]]) -> Reward:
             while name in seen:
                 name, n = f"{term.name}_{n}", n + 1
             seen.add(name)
-            terms.append(RewardTerm(name, term.weight * weight, term.score, term.needs_sources))
+            terms.append(RewardTerm(name, term.weight * weight, term.score, term.needs_sources, term.detail))
     return Reward(terms)
 
 
@@ -95,7 +102,7 @@ def colour_reward(target: tuple[float, float, float]) -> Reward:
         return 1 - (images.float() - colour).abs().mean(dim=(1, 2, 3))
 
     name = "brightness" if bool((colour == 1).all()) else "colour"
-    return Reward([RewardTerm(name, 1.0, score)])
+    return Reward([RewardTerm(name, 1.0, score, detail="target ({:g}, {:g}, {:g})".format(*colour.tolist()))])
 
 
 EDIT_METRICS = ("l1", "l2")
@@ -124,7 +131,10 @@ def edit_consistency_reward(metric: str = "l1", mask: torch.Tensor | None = None
         kept = keep.sum(dim=(1, 2)).clamp(min=1) * 3
         return 1 - (diff * keep[..., None]).sum(dim=(1, 2, 3)) / kept
 
-    return Reward([RewardTerm(f"edit_consistency_{metric}", 1.0, score, needs_sources=True)])
+    detail = ""
+    if mask is not None:
+        detail = "mask sha256 " + hashlib.sha256(mask.float().cpu().numpy().tobytes()).hexdigest()[:12]
+    return Reward([RewardTerm(f"edit_consistency_{metric}", 1.0, score, needs_sources=True, detail=detail)])
 
 
 T2I_QUESTION = 'Does this image satisfy the description "{prompt}"? Answer yes or no.'
