@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import randomise_lora_b
-from unipic_core.grpo import (Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy,
+from unipic_core.grpo import (group_advantages, grpo_loss, sample_trajectory, step_policy,
                               trained_steps)
 from unipic_core.lora import add_lora
 from unipic_core.sampling import GuidedVelocity, PromptEmbeds, flow_sde_mean, flow_sde_step, step_log_prob

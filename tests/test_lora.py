@@ -46,7 +46,7 @@ def test_file_loads_in_diffusers_at_the_trained_scale(fresh_transformer, tiny_ko
     add_lora(fresh_transformer, 4, alpha=12, seed=0)  # scale alpha / r = 3
     randomise_lora_b(fresh_transformer, 0.2)
     expected = _forward(fresh_transformer)
-    path = save_lora(lora_weights(fresh_transformer, 4, 12, {"base_model": "tiny"}), tmp_path / "l.safetensors")
+    path = save_lora(lora_weights(adapter_tensors(fresh_transformer), 4, 12, {"base_model": "tiny"}), tmp_path / "l.safetensors")
     remove_lora(fresh_transformer)
     base = _forward(fresh_transformer)
     assert not torch.allclose(base, expected, atol=1e-3)
@@ -64,7 +64,7 @@ def test_file_loads_in_diffusers_at_the_trained_scale(fresh_transformer, tiny_ko
 def test_file_round_trip_keeps_tensors_and_metadata(fresh_transformer, tmp_path):
     add_lora(fresh_transformer, 4, alpha=8, seed=0)
     randomise_lora_b(fresh_transformer, 0.2)
-    lora = lora_weights(fresh_transformer, 4, 8, {"base_model": "tiny", "steps": 7, "rewards": ["brightness"]})
+    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"base_model": "tiny", "steps": 7, "rewards": ["brightness"]})
     path = save_lora(lora, tmp_path / "sub" / "l.safetensors")
     loaded = load_lora(path)
     assert loaded.tensors.keys() == lora.tensors.keys()
@@ -98,7 +98,7 @@ def test_remove_lora_restores_the_original_weight_keys(fresh_transformer):
 
 def test_bad_lora_files_are_refused_clearly(fresh_transformer, tmp_path):
     add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(fresh_transformer, 4, 8, {})
+    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {})
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
     with pytest.raises(LoRAError, match="cannot read LoRA file"):
         load_lora(tmp_path / "broken.safetensors")
@@ -113,7 +113,7 @@ def test_bad_lora_files_are_refused_clearly(fresh_transformer, tmp_path):
 
 def test_unwritable_folder_keeps_the_previous_file(fresh_transformer, tmp_path, monkeypatch):
     add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(fresh_transformer, 4, 8, {"steps": 1})
+    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"steps": 1})
     path = save_lora(lora, tmp_path / "l.safetensors")
     before = path.read_bytes()
 
@@ -122,7 +122,7 @@ def test_unwritable_folder_keeps_the_previous_file(fresh_transformer, tmp_path, 
 
     monkeypatch.setattr("unipic_core.lora.save_file", disk_full)
     with pytest.raises(LoRAError, match="No space left.*previous file there is unchanged"):
-        save_lora(lora_weights(fresh_transformer, 4, 8, {"steps": 2}), path)
+        save_lora(lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"steps": 2}), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["l.safetensors"]  # no temp file left behind
 
@@ -263,7 +263,7 @@ def test_save_lora_without_replace_never_overwrites_a_file_created_meanwhile(tmp
 def test_start_lora_covering_part_of_the_adapter_warns(fresh_transformer, caplog):
     add_lora(fresh_transformer, 4, 8, seed=0)
     randomise_lora_b(fresh_transformer, 0.2)
-    full = lora_weights(fresh_transformer, 4, 8, {})
+    full = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {})
     kept = full.modules()[:5]
     part = LoRAWeights({k: v for k, v in full.tensors.items() if any(f".{m}.lora_" in k for m in kept)},
                        {"rank": 4, "alpha": 8})
@@ -280,7 +280,7 @@ def test_start_lora_covering_part_of_the_adapter_warns(fresh_transformer, caplog
 
 def test_start_lora_from_another_base_model_warns(fresh_transformer, caplog):
     add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(fresh_transformer, 4, 8, {"base_model": "UniPic2-SD3.5M-Kontext-2B"})
+    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"base_model": "UniPic2-SD3.5M-Kontext-2B"})
     with caplog.at_level(logging.WARNING, logger="unipic2"):
         load_into_adapter(fresh_transformer, lora, 4, 8, base_model="UniPic2-tiny-Kontext")
     assert "trained on 'UniPic2-SD3.5M-Kontext-2B', not on 'UniPic2-tiny-Kontext'" in caplog.text
@@ -294,7 +294,7 @@ def _wider(lora: LoRAWeights, extra_in: int) -> LoRAWeights:
 
 def test_start_lora_with_other_shapes_is_refused(fresh_transformer):
     add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(fresh_transformer, 4, 8, {})
+    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {})
     before = adapter_tensors(fresh_transformer)
     first = lora.modules()[0]
     with pytest.raises(LoRAError, match=rf"transformer.{re.escape(first)}.lora_A.weight is \(4, \d+\) but the "

@@ -120,7 +120,7 @@ def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, tmp_path):
     if not hasattr(comfy.utils, "mmdit_to_diffusers"):
         pytest.skip("this host predates SD3 (no comfy.utils.mmdit_to_diffusers); run with UNIPIC2_COMFYUI")
     from unipic_core.kontext_transformer import KontextSD3Transformer
-    from unipic_core.lora import add_lora, load_lora, lora_weights, save_lora
+    from unipic_core.lora import adapter_tensors, add_lora, load_lora, lora_weights, save_lora
 
     from conftest import randomise_lora_b
 
@@ -130,7 +130,7 @@ def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, tmp_path):
                                 pooled_projection_dim=20, out_channels=16, pos_embed_max_size=32)
     add_lora(dit, 4, 8, seed=0)
     randomise_lora_b(dit)
-    lora = load_lora(save_lora(lora_weights(dit, 4, 8, {}), tmp_path / "sd3.safetensors"))
+    lora = load_lora(save_lora(lora_weights(adapter_tensors(dit), 4, 8, {}), tmp_path / "sd3.safetensors"))
 
     diffusers_keys = comfy.utils.mmdit_to_diffusers({"depth": 2}, output_prefix="diffusion_model.")
     key_map = {f"transformer.{k[:-len('.weight')]}": v for k, v in diffusers_keys.items() if k.endswith(".weight")}

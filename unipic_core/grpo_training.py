@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .grpo import Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
 from .images import longer_edge_size, resize_image
-from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, fold_scale, load_into_adapter, load_lora,
+from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
                    remove_lora, save_lora, set_adapter_tensors)
 from .rewards import Reward
 from .sampling import GuidedVelocity, PromptEmbeds, sde_noise_scale
@@ -247,7 +247,8 @@ class GRPOTrainer:
             if state is not None:
                 self._restore(state)
             elif start_lora is not None:
-                load_into_adapter(self.transformer, start_lora, settings.lora_rank, settings.lora_alpha)
+                load_into_adapter(self.transformer, start_lora, settings.lora_rank, settings.lora_alpha,
+                                  base_model=models.base_model)
             self._finished = self._snapshot(None if state is None else state.samples)
             self._saved_step = self.step
             if state is not None:
@@ -321,8 +322,8 @@ class GRPOTrainer:
         """The last finished step's LoRA, file-ready (scale alpha / r folded into lora_B)."""
         s, finished = self.settings, self._finished
         info = {"base_model": self.models.base_model, "steps": finished.step, "rewards": self.reward.names,
-                "settings": asdict(s), "format": "unipic2-grpo-lora", "rank": s.lora_rank, "alpha": s.lora_alpha}
-        return LoRAWeights(fold_scale(finished.adapter, s.lora_alpha / s.lora_rank), info)
+                "settings": asdict(s), "format": "unipic2-grpo-lora"}
+        return lora_weights(finished.adapter, s.lora_rank, s.lora_alpha, info)
 
     def samples(self) -> torch.Tensor:
         """IMAGE [n, H, W, 3]: the last finished step's samples (black for a state from before they were kept)."""

@@ -134,9 +134,9 @@ def fold_scale(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torc
     return {k: v * scale if k.endswith(".lora_B.weight") else v for k, v in tensors.items()}
 
 
-def lora_weights(transformer, rank: int, alpha: float, info: dict) -> LoRAWeights:
-    """Snapshot the live adapter as a file-ready LoRAWeights (scale folded into lora_B)."""
-    return LoRAWeights(fold_scale(adapter_tensors(transformer), alpha / rank), {**info, "rank": rank, "alpha": alpha})
+def lora_weights(adapter: dict[str, torch.Tensor], rank: int, alpha: float, info: dict) -> LoRAWeights:
+    """Raw adapter tensors (as adapter_tensors gives them) as a file-ready LoRAWeights (scale folded into lora_B)."""
+    return LoRAWeights(fold_scale(adapter, alpha / rank), {**info, "rank": rank, "alpha": alpha})
 
 
 def load_into_adapter(transformer, lora: LoRAWeights, rank: int, alpha: float, *,
