@@ -1,9 +1,9 @@
 """ComfyUI node classes; the only package that imports the host (comfy, folder_paths)."""
 
 from .conditioning_nodes import UniPic2EditReference, UniPic2TextEncode
-from .host import register_routes
 from .loader_nodes import LoadUniPic2Kontext, LoadUniPic2MetaQuery
 from .lora_nodes import UniPic2ApplyLoRA, UniPic2LoadLoRA, UniPic2SaveLoRA
+from .messages import register_routes
 from .metaquery_nodes import UniPic2MetaQueryEncode, UniPic2Understand
 from .reward_nodes import (UniPic2ColourReward, UniPic2CombineRewards, UniPic2EditConsistencyReward,
                            UniPic2JPEGReward, UniPic2JudgeReward)
@@ -11,7 +11,7 @@ from .sampler_node import UniPic2Sampler
 from .training_nodes import UniPic2EditPairs, UniPic2GRPOTrainer, UniPic2PromptList
 from .vae_nodes import UniPic2VAEDecode, UniPic2VAEEncode
 
-register_routes()  # GET /unipic2/messages/<event>: the latest training message per node (web/ reads it on load)
+register_routes()  # GET /unipic2/messages/<event>?clientId=: that client's training runs (web/ catches up with it)
 
 NODE_CLASS_MAPPINGS = {
     "LoadUniPic2Kontext": LoadUniPic2Kontext,

@@ -1,4 +1,5 @@
-"""The one place that touches the ComfyUI host: model folders, memory manager, progress bar and Cancel.
+"""The one place that touches the ComfyUI host: model folders, memory manager, progress bar and Cancel (messages to
+the browser: messages.py).
 
 Written against ComfyUI 0.3.75, the minimum version the pack supports (DESIGN.md section 6).
 """
@@ -6,7 +7,7 @@ Written against ComfyUI 0.3.75, the minimum version the pack supports (DESIGN.md
 import contextlib
 import logging
 import os
-import sys
+from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.utils
@@ -71,6 +72,17 @@ def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
     return [p.model.module for p in patchers]
 
 
+def input_path(text: str, node: str, name: str) -> Path:
+    """A file or folder the user named, relative to ComfyUI's input folder, with links resolved; anything that
+    ends up outside that folder is refused (a shared server must not read files its users may not)."""
+    root = Path(folder_paths.get_input_directory()).resolve()
+    path = (root / text.strip()).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"{node}: '{name}' is '{text.strip()}', which is outside ComfyUI's input folder; put it in "
+                         f"{root} (a subfolder is fine) and give its path relative to that folder")
+    return path
+
+
 def lora_folder() -> str:
     """Where the trainer writes LoRAs: models/loras/unipic2 (listed by every LoRA loader)."""
     return os.path.join(folder_paths.get_folder_paths("loras")[0], UNIPIC2_FOLDER)
@@ -116,53 +128,6 @@ def make_trainable(module: torch.nn.Module) -> None:
             for name, buffer in sub._buffers.items():
                 if buffer is not None and buffer.is_inference():
                     sub._buffers[name] = buffer.clone()
-
-
-_LAST_MESSAGES: dict[str, dict] = {}  # (event/node) -> the latest message, for browsers that reconnect
-
-
-def _server():
-    """The running PromptServer, if any. Only looked up: importing ComfyUI's server module where no server runs
-    (in-process use) can fail on new hosts."""
-    module = sys.modules.get("server")
-    return getattr(getattr(module, "PromptServer", None), "instance", None)
-
-
-def send_to_client(event: str, node_id: str, data: dict) -> None:
-    """A pack message over ComfyUI's websocket to the client that queued the running prompt (web/ listens); the
-    latest one per node is also kept for `GET /unipic2/messages/<event>`, so a reloaded page catches up at once.
-    Without a server (the in-process tests, a script) there is no one to tell."""
-    message = {"node": node_id, **data}
-    _LAST_MESSAGES[f"{event}/{node_id}"] = message
-    server = _server()
-    if server is not None and server.client_id is not None:
-        server.send_sync(event, message, server.client_id)
-
-
-def register_routes() -> None:
-    server = _server()
-    if server is None:
-        return
-    from aiohttp import web
-
-    @server.routes.get("/unipic2/messages/{event}")
-    async def latest_messages(request):
-        prefix = request.match_info["event"] + "/"
-        return web.json_response([m for key, m in _LAST_MESSAGES.items() if key.startswith(prefix)])
-
-
-def jpeg_data_url(image: torch.Tensor, height: int = 96) -> str:
-    """IMAGE [H, W, 3] 0..1 -> a small 'data:image/jpeg;base64,...' for the browser."""
-    import base64
-    import io
-
-    from ..unipic_core.images import to_pil
-
-    picture = to_pil(image)
-    picture = picture.resize((max(1, round(picture.width * height / picture.height)), height))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def cancel_requested() -> bool:

@@ -1,20 +1,48 @@
 """UniPic2 LoRAs in the graph: save, load from models/loras, and apply as removable ModelPatcher weight patches."""
 
 import dataclasses
+import itertools
+import math
 import os
+import re
 
-from ..unipic_core.lora import LoRAWeights, PREFIX, load_lora, save_lora
+from ..unipic_core.lora import LoRAError, LoRAFileExists, LoRAWeights, PREFIX, check_lora_fits, load_lora, save_lora
 from . import host
 
 LORA = ("UNIPIC2_LORA", {"tooltip": "From UniPic2 GRPO Trainer or UniPic2 Load LoRA."})
+# Characters some file system cannot hold in a name; '/' separates folders on every system.
+_UNSAFE_NAME_CHARACTERS = re.compile(r'[\x00-\x1f<>:"\\|?*]')
 
 
-def next_free_path(folder: str, prefix: str) -> str:
-    """<folder>/<prefix>_00001.safetensors, the first number not taken (never overwrites)."""
-    n = 1
-    while os.path.exists(path := os.path.join(folder, f"{prefix}_{n:05}.safetensors")):
-        n += 1
-    return path
+def checked_prefix(filename_prefix: str) -> str:
+    """filename_prefix as a relative path under models/loras, or a ValueError naming what is wrong."""
+    prefix = filename_prefix.strip()
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"UniPic2 Save LoRA: filename_prefix '{filename_prefix}' {why}; give a path under "
+                          "models/loras such as 'unipic2/reward_lora'")
+
+    if not prefix:
+        raise refuse("is empty")
+    if prefix.startswith("/"):
+        raise refuse("is an absolute path")
+    if bad := sorted(set(_UNSAFE_NAME_CHARACTERS.findall(prefix))):
+        shown = " ".join(c if c.isprintable() else repr(c) for c in bad)
+        raise refuse(f"has {shown}, which a file name cannot hold on every system (use '/' between folders)")
+    parts = prefix.split("/")
+    if ".." in parts:
+        raise refuse("has a '..' part (a path that leaves models/loras, or could, is refused)")
+    if "" in parts:
+        raise refuse("has an empty folder or file name (a '/' at the end, or two in a row)")
+    return prefix
+
+
+def numbered_paths(folder: str, prefix: str):
+    """<folder>/<prefix>_00001.safetensors, _00002, ...: each name not taken yet, in order."""
+    for n in itertools.count(1):
+        path = os.path.join(folder, f"{prefix}_{n:05}.safetensors")
+        if not os.path.lexists(path):
+            yield path
 
 
 class UniPic2SaveLoRA:
@@ -27,15 +55,17 @@ class UniPic2SaveLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"lora": LORA, "filename_prefix": ("STRING", {"default": "unipic2/reward_lora",
-                             "tooltip": "Path under models/loras, without extension; a number is appended."})}}
+                             "tooltip": "Path under models/loras, without extension; the first free number is "
+                                        "appended, so no file is ever replaced."})}}
 
     def save(self, lora, filename_prefix):
-        root = os.path.dirname(host.lora_folder())
-        path = os.path.abspath(next_free_path(root, filename_prefix))
-        if not path.startswith(os.path.abspath(root) + os.sep):
-            raise ValueError(f"UniPic2 Save LoRA: filename_prefix '{filename_prefix}' leaves models/loras")
-        save_lora(lora, path)
-        return {"ui": {"text": [path]}}
+        prefix = checked_prefix(filename_prefix)
+        root = os.path.abspath(os.path.dirname(host.lora_folder()))
+        for path in numbered_paths(root, prefix):
+            try:
+                return {"ui": {"text": [str(save_lora(lora, path, replace=False))]}}
+            except LoRAFileExists:
+                continue  # another writer took this number while we wrote: the next one
 
 
 class UniPic2LoadLoRA:
@@ -77,12 +107,15 @@ class UniPic2ApplyLoRA:
                                                     "tooltip": "1 = as trained; 0 = the base model exactly."})}}
 
     def apply(self, model, lora, strength):
+        if not math.isfinite(strength):
+            raise ValueError(f"UniPic2 Apply LoRA: strength is {strength}; give a finite number (1 = as trained, "
+                             "0 = the base model)")
+        try:
+            check_lora_fits(lora, model.transformer)
+        except LoRAError as e:
+            raise LoRAError(f"UniPic2 Apply LoRA: {e}") from e
         tensors, key_map = host_lora(lora)
-        patcher, patched = host.patch_lora(model.patcher, tensors, key_map, strength)
-        missing = sorted(set(key_map.values()) - patched)
-        if missing:
-            raise ValueError(f"UniPic2 Apply LoRA: {len(missing)} LoRA module(s) do not exist in this model (first: "
-                             f"{missing[0][len('module.'):]}); the LoRA was made for another architecture")
+        patcher, _ = host.patch_lora(model.patcher, tensors, key_map, strength)
         base = lora.info.get("base_model")
         if base and model.name and base != model.name:
             host.log.warning("UniPic2 Apply LoRA: LoRA trained on '%s', applied to '%s'", base, model.name)

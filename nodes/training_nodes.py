@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from ..unipic_core import training_data
-from . import host
+from . import host, messages
 
 log = logging.getLogger("unipic2")
 
@@ -34,11 +34,13 @@ class UniPic2PromptList:
     def INPUT_TYPES(cls):
         return {"required": {"prompts": ("STRING", {"multiline": True, "default": "a red apple on a table",
                                                     "tooltip": "One prompt per line."})},
-                "optional": {"file": ("STRING", {"default": "", "tooltip": "Optional UTF-8 text file, one prompt "
-                                                 "per line, added after the box's prompts."})}}
+                "optional": {"file": ("STRING", {"default": "", "tooltip": "Optional UTF-8 text file in ComfyUI's "
+                                                 "input folder (path relative to it), one prompt per line, added "
+                                                 "after the box's prompts."})}}
 
     def make(self, prompts, file=""):
-        return (training_data.read_prompts(prompts, file),)
+        path = host.input_path(file, "UniPic2 Prompt List", "file") if file.strip() else None
+        return (training_data.read_prompts(prompts, path),)
 
 
 class UniPic2EditPairs:
@@ -54,12 +56,14 @@ class UniPic2EditPairs:
         return {"required": {"instructions": ("STRING", {"multiline": True, "default": "make it brighter",
                                                          "tooltip": "One edit instruction per line, one per image."})},
                 "optional": {"images": ("IMAGE", {"tooltip": "Source images (a batch)."}),
-                             "folder": ("STRING", {"default": "", "tooltip": "Or a folder of source images."})}}
+                             "folder": ("STRING", {"default": "", "tooltip": "Or a folder of source images inside "
+                                                   "ComfyUI's input folder (path relative to it)."})}}
 
     def make(self, instructions, images=None, folder=""):
         if (images is None) == (not folder.strip()):
             raise ValueError("UniPic2 Edit Pairs: connect 'images' or give a 'folder', exactly one of them")
-        sources = list(images) if images is not None else training_data.read_folder_images(folder)
+        sources = (list(images) if images is not None else
+                   training_data.read_folder_images(host.input_path(folder, "UniPic2 Edit Pairs", "folder")))
         return (training_data.edit_pairs(sources, training_data.prompt_lines(instructions)),)
 
 
@@ -169,10 +173,9 @@ class UniPic2GRPOTrainer:
                      report.clip_fraction, report.elapsed)
             progress.update(report.step, report.total_steps)  # samples travel with the chart, not as a preview
             grid = sample_grid(report.samples, columns=len(report.samples))[0]
-            # The whole history each time: a page reloaded mid-run (and so deaf for a moment) catches up at once.
-            host.send_to_client(TRAINING_EVENT, node_id, {"total": report.total_steps,
-                                                          "history": json_safe(trainer.history),
-                                                          "preview": host.jpeg_data_url(grid)})
+            # This step's point only: the page appends it (a reloaded page fetches what it missed).
+            messages.send_step(TRAINING_EVENT, node_id, report.total_steps, json_safe(trainer.history[-1]),
+                               messages.jpeg_data_url(grid))
 
         with host.training_mode():
             models = training_models(transformer_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,

@@ -48,7 +48,9 @@ class UniPic2VAEDecode:
 
     def decode(self, vae, samples):
         raw = samples["samples"]
-        if raw.ndim != 4 or raw.shape[1] != vae.vae.config.latent_channels:
+        images.check_latent(raw, "UniPic2 VAE Decode: 'samples'", "a sampler that diverged: lower its guidance or "
+                            "the LoRA strength")
+        if raw.shape[1] != vae.vae.config.latent_channels:
             raise ValueError(f"UniPic2 VAE Decode: 'samples' has shape {tuple(raw.shape)}; expected "
                              f"[batch, {vae.vae.config.latent_channels}, h, w] from an SD3-family VAE")
         host.load_on_device(vae.patcher)

@@ -1,8 +1,9 @@
 """The pack in a real browser: Debian's Chromium driven by Playwright against a real ComfyUI server on 127.0.0.1.
 
 Every workflow loads with all its nodes known; the GRPO trainer's live chart holds exactly the rewards the server
-logged, survives a page reload mid-run and a save / reopen; stray messages raise no console error. Screenshots of
-each workflow go to $UNIPIC2_SCREENSHOTS (the README's pictures) or a temp folder.
+logged, survives a page reload mid-run and a save / reopen; stray messages raise no console error; a workflow that
+did not queue a run never shows it, live or after a reload; a trainer inside a subgraph (current frontend) gets its
+points. Screenshots of each workflow go to $UNIPIC2_SCREENSHOTS (the README's pictures) or a temp folder.
 """
 
 import json
@@ -80,6 +81,20 @@ class Browser:
             n.widgets.find(w => w.name === "checkpoint").value = tiny[n.type];
         })""", {loader: tiny for loader, (_, tiny, _) in LOADERS.items()})
 
+    def shorten_training(self, **widgets):
+        """Tiny training steps: the chart's plumbing is under test, not the learning."""
+        self.js("""(widgets) => window.app.graph._nodes.filter(n => n.type === "UniPic2GRPOTrainer").forEach(n => {
+            Object.entries(widgets).forEach(([name, value]) => n.widgets.find(w => w.name === name).value = value);
+        })""", {"group_size": 2, "sampling_steps": 2, "resolution": 64, **widgets})
+
+    def wait_until_stored(self, marker: str):
+        """Until the workflow the frontend restores on reload holds `marker` (it stores the graph as it changes)."""
+        self.page.wait_for_function("""async (marker) => {
+            const { api } = await import("/scripts/api.js");
+            const stored = sessionStorage.getItem(`workflow:${api.clientId}`) ?? localStorage.getItem("workflow");
+            return stored?.includes(marker);
+        }""", arg=marker)
+
     def wait_for_history(self, steps: int, timeout_s: int = 240):
         try:
             self.page.wait_for_function("""(steps) => (window.app.graph._nodes.find(n => n.type ===
@@ -133,6 +148,8 @@ def test_workflow_loads_with_every_node_known(browser, screenshots, workflow):
 def test_training_chart_follows_the_server_and_survives_reload_and_save(browser, server, screenshots):
     browser.load(json.loads(GRPO.read_text()))
     browser.use_tiny_checkpoints()
+    browser.shorten_training()
+    log_start = len(server.log())
     browser.js("async () => { await window.app.queuePrompt(0, 1); }")
     browser.wait_for_history(3)
     browser.page.wait_for_timeout(1500)  # the frontend stores the workflow every second
@@ -142,7 +159,7 @@ def test_training_chart_follows_the_server_and_survives_reload_and_save(browser,
     browser.wait_for_history(10)
 
     browser.fit_and_screenshot(screenshots / "training_chart.png")
-    logged = {int(step): float(reward) for step, _, reward in STEP_LINE.findall(server.log())}
+    logged = {int(step): float(reward) for step, _, reward in STEP_LINE.findall(server.log()[log_start:])}
     history = browser.trainer_history()
     assert [entry["step"] for entry in history] == list(range(1, 11))
     assert {entry["step"]: round(entry["rewards"]["total"][0], 4) for entry in history} == logged
@@ -155,22 +172,73 @@ def test_training_chart_follows_the_server_and_survives_reload_and_save(browser,
 
 
 def test_stray_messages_are_ignored_without_console_errors(browser):
-    browser.load(json.loads(GRPO.read_text()))
+    workflow = json.loads(GRPO.read_text())
+    workflow["extra"]["unipic2_prompts"] = ["queued-here"]
+    browser.load(workflow)
     before = len(browser.errors)
     trainer_id = browser.js("""async () => {
         const { api } = await import("/scripts/api.js");
         const send = (detail) => api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
-        const entry = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
-        send({ node: 99999, total: 1, history: [entry] });  // no such node
-        send({ node: 1, total: 1, history: [entry] });  // a node of another type (the loader)
-        send({ history: "garbage" });
+        const point = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
         const trainer = window.app.graph._nodes.find(n => n.type === "UniPic2GRPOTrainer");
+        send({ prompt_id: "queued-elsewhere", node: trainer.id, total: 1, point });  // another graph's run
+        send({ prompt_id: "queued-here", node: 99999, total: 1, point });  // no such node
+        send({ prompt_id: "queued-here", node: 1, total: 1, point });  // a node of another type (the loader)
+        send({ prompt_id: "queued-here", node: trainer.id, total: 1, point: "garbage" });
+        send({ history: "garbage" });
+        const stray = trainer.properties.unipic2_history ?? null;
         window.app.graph.remove(trainer);
-        send({ node: trainer.id, total: 1, history: [entry] });  // deleted
+        send({ prompt_id: "queued-here", node: trainer.id, total: 1, point });  // deleted
         window.app.canvas.draw(true, true);
-        return trainer.id;
+        return [trainer.id, stray];
     }""")
     browser.page.wait_for_timeout(500)
     assert browser.errors[before:] == []
-    assert browser.js("(id) => window.app.graph.getNodeById(id)", trainer_id) is None
+    assert trainer_id[1] is None
+    assert browser.js("(id) => window.app.graph.getNodeById(id)", trainer_id[0]) is None
     assert browser.js("() => window.app.graph.getNodeById(1).properties.unipic2_history ?? null") is None
+
+
+def test_a_workflow_that_did_not_queue_a_run_never_shows_it(browser):
+    browser.load(json.loads(GRPO.read_text()))
+    browser.use_tiny_checkpoints()
+    browser.shorten_training(steps=3, lora_name="unipic2_grpo_never_run")
+    browser.js("""async () => {
+        const { api } = await import("/scripts/api.js");
+        // ComfyUI's "executing" with no node ends a run, after all its messages on the same socket
+        window.unipic2RunEnded = new Promise((ended) => api.addEventListener("executing", (e) => e.detail == null
+                                                                              && ended()));
+        await window.app.queuePrompt(0, 1);
+    }""")
+    never_run = json.loads(GRPO.read_text())  # the same trainer node id, never queued
+    never_run["extra"]["unipic2_never_run"] = True
+    browser.load(never_run)
+    browser.js("() => window.unipic2RunEnded")
+    assert browser.trainer_history() is None  # the run's live points went past it
+
+    browser.wait_until_stored("unipic2_never_run")
+    with browser.page.expect_response(lambda r: "/unipic2/messages/" in r.url) as caught:
+        browser.page.reload()
+        browser.open()
+    assert {run["node"] for run in caught.value.json()} == {"12"}  # the page caught up with the run...
+    browser.js("() => fetch('/unipic2/messages/unipic2.grpo?clientId=none')")  # (after the page read the answer)
+    assert browser.trainer_history() is None  # ...and kept it off this workflow
+
+
+def test_a_trainer_inside_a_subgraph_gets_its_points(browser):
+    if not browser.js("() => typeof window.app.graph.convertToSubgraph === 'function'"):
+        pytest.skip("the legacy frontend (old host) has no subgraphs")
+    browser.load(json.loads(GRPO.read_text()))
+    history = browser.js("""async () => {
+        const { api } = await import("/scripts/api.js");
+        const graph = window.app.graph;
+        const { node } = graph.convertToSubgraph(new Set([graph._nodes.find(n => n.type === "UniPic2GRPOTrainer")]));
+        const trainer = node.subgraph.nodes.find(n => n.type === "UniPic2GRPOTrainer");
+        graph.extra.unipic2_prompts = ["queued-with-subgraph"];
+        const point = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
+        const executionId = `${node.id}:${trainer.id}`;  // what the server names a node inside a subgraph
+        const detail = { prompt_id: "queued-with-subgraph", node: executionId, total: 2, point };
+        api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
+        return trainer.properties.unipic2_history ?? null;
+    }""")
+    assert history == [{"step": 1, "rewards": {"total": [0.5, 0.1]}, "loss": 0, "kl": 0}]

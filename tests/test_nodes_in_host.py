@@ -233,3 +233,167 @@ def test_hub_download_progress_reaches_comfyuis_progress_bar(host, progress_hook
     loading = importlib.import_module(f"{host.pack.__name__}.unipic_core.loading")
     loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.pack.nodes.host.download_progress())
     assert [(value, total) for value, total, _ in progress_hook] == [(1, 3), (2, 3), (3, 3)]
+
+
+# --- native conditioning features: noise masks and timestep ranges are honoured, the rest refused -------------
+
+SAMPLER_ARGS = dict(seed=3, steps=4, guidance=3.0, sampler="euler", noise_level=0.7, shift=0.0, denoise=1.0)
+
+
+def _sample(host, model, positive, negative, latent, **overrides):
+    return host.node("UniPic2Sampler").sample(model, positive, negative, latent,
+                                              **{**SAMPLER_ARGS, **overrides})[0]["samples"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "flow-sde"])
+@pytest.mark.parametrize("denoise", [1.0, 0.6])
+def test_set_latent_noise_mask_regenerates_only_the_masked_region(host, loaded, conditioning, sampler, denoise):
+    model, _, vae = loaded
+    image = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    raw = host.node("UniPic2VAEEncode").encode(vae, image)[0]
+    mask = torch.zeros(1, 64, 64)
+    mask[..., 32:] = 1.0  # repaint the right half of both images
+    (masked,) = host.node("SetLatentNoiseMask").set_mask(raw, mask)
+    out = _sample(host, model, *conditioning, masked, sampler=sampler, denoise=denoise)
+    kept, repainted = (slice(None, 4), slice(4, None))
+    assert (out[..., kept] - raw["samples"][..., kept]).abs().max() <= 1e-6
+    assert (out[..., repainted] - raw["samples"][..., repainted]).abs().mean() > 0.1
+
+
+def test_noise_mask_of_another_batch_is_refused(host, loaded, conditioning):
+    latent = {"samples": torch.zeros(2, 16, 8, 8), "noise_mask": torch.ones(3, 1, 64, 64)}
+    with pytest.raises(ValueError, match="noise mask of 'latent' has batch 3 for a latent batch of 2"):
+        _sample(host, loaded[0], *conditioning, latent)
+
+
+def _expected_switch(model, a, b, neg, latent, steps, guidance, switch_sigma):
+    """An independent Euler loop: CFG with prompt a while sigma > switch_sigma, then prompt b (raw latent out)."""
+    from unipic_core.images import model_to_raw
+    from unipic_core.schedule import flow_sigmas
+
+    sigmas = flow_sigmas(steps, model.scheduler_config)
+    assert switch_sigma not in sigmas.tolist()
+    x = torch.randn(latent.shape, generator=torch.Generator().manual_seed(SAMPLER_ARGS["seed"]))
+
+    def velocity(conditioning, sigma):
+        tokens, extras = conditioning[0]
+        return model.transformer(hidden_states=x, encoder_hidden_states=tokens,
+                                 pooled_projections=extras["pooled_output"], timestep=torch.full((1,), sigma * 1000),
+                                 return_dict=False)[0]
+
+    with torch.no_grad():
+        for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            v_pos, v_neg = velocity(a if sigma > switch_sigma else b, sigma), velocity(neg, sigma)
+            x = x + (sigma_next - sigma) * (v_neg + guidance * (v_pos - v_neg))
+    return model_to_raw(x, model.vae_shift, model.vae_scale)
+
+
+def test_timestep_ranges_switch_prompts_mid_sampling(host, loaded):
+    model, text_encoders, _ = loaded
+    a, neg = host.node("UniPic2TextEncode").encode(text_encoders, "a red cube", "blurry")
+    b, _ = host.node("UniPic2TextEncode").encode(text_encoders, "a blue sphere", "blurry")
+    timestep_range, combine = host.node("ConditioningSetTimestepRange"), host.node("ConditioningCombine")
+    (first,), (second,) = timestep_range.set_range(a, 0.0, 0.5), timestep_range.set_range(b, 0.5, 1.0)
+    (positive,) = combine.combine(first, second)
+    latent = torch.zeros(1, 16, 8, 8)
+    got = _sample(host, model, positive, neg, {"samples": latent})
+    shift = model.scheduler_config["shift"]  # ComfyUI's percent_to_sigma for flow models: the shifted 1 - percent
+    expected = _expected_switch(model, a, b, neg, latent, SAMPLER_ARGS["steps"], SAMPLER_ARGS["guidance"],
+                                switch_sigma=shift * 0.5 / (1 + (shift - 1) * 0.5))
+    assert (got - expected).abs().max() <= 1e-5
+    assert (got - _sample(host, model, a, neg, {"samples": latent})).abs().mean() > 1e-3
+
+
+def test_a_full_timestep_range_keeps_todays_result_bit_exactly(host, loaded, conditioning):
+    positive, negative = conditioning
+    (ranged,) = host.node("ConditioningSetTimestepRange").set_range(positive, 0.0, 1.0)
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    assert torch.equal(_sample(host, loaded[0], ranged, negative, latent),
+                       _sample(host, loaded[0], positive, negative, latent))
+
+
+def test_timestep_ranges_that_leave_steps_uncovered_are_refused(host, loaded, conditioning):
+    positive, negative = conditioning
+    (half,) = host.node("ConditioningSetTimestepRange").set_range(positive, 0.0, 0.5)
+    with pytest.raises(ValueError, match="no entry of 'positive' covers step 3 of 4 .* must together cover 0 to 1"):
+        _sample(host, loaded[0], half, negative, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def test_a_timestep_range_no_step_falls_in_is_refused(host, loaded, conditioning):
+    positive, negative = conditioning
+    (backwards,) = host.node("ConditioningSetTimestepRange").set_range(positive, 0.7, 0.3)
+    with pytest.raises(ValueError, match="'positive' has the timestep range 0.7 to 0.3, which no step falls in"):
+        _sample(host, loaded[0], backwards, negative, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def test_combined_entries_with_different_references_are_refused(host, loaded, conditioning):
+    edit_reference = host.node("UniPic2EditReference")
+    (first, _, latent), (second, _, _) = (edit_reference.attach(loaded[2], torch.full((1, 64, 64, 3), v),
+                                                                *conditioning, "keep size", 512, 32)
+                                          for v in (0.2, 0.8))
+    (combined,) = host.node("ConditioningCombine").combine(first, second)
+    with pytest.raises(ValueError, match="entries of 'positive' carry 2 different reference latents;.* attach it once"):
+        _sample(host, loaded[0], combined, conditioning[1], latent)
+
+
+@pytest.mark.parametrize("native, inputs, refusal", [
+    ("ConditioningSetArea", (64, 64, 0, 0, 1.0), "area conditioning .* remove that node"),
+    ("ConditioningSetMask", (torch.ones(1, 64, 64), "default", 1.0), "mask conditioning .* Set Latent Noise Mask"),
+])
+def test_area_and_mask_conditioning_are_refused_with_a_fix(host, loaded, conditioning, native, inputs, refusal):
+    positive, negative = conditioning
+    (restricted,) = host.node(native).append(positive, *inputs)
+    with pytest.raises(ValueError, match=f"'positive' carries {refusal}"):
+        _sample(host, loaded[0], restricted, negative, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def _with_nan(conditioning, key):
+    """A copy of the conditioning with one NaN in its tokens, pooled output or an attached reference latent."""
+    tokens, extras = conditioning[0]
+    tensors = {"tokens": tokens.clone(), "pooled_output": extras["pooled_output"].clone(),
+               "reference_latents": torch.zeros(1, 16, 8, 8)}
+    tensors[key].view(-1)[0] = float("nan")
+    return [[tensors["tokens"], {**extras, "pooled_output": tensors["pooled_output"],
+                                 "reference_latents": [tensors["reference_latents"]]}]]
+
+
+@pytest.mark.parametrize("key, named", [
+    ("tokens", "'positive' tokens"),
+    ("pooled_output", "'positive' pooled_output"),
+    ("reference_latents", "the reference latent in 'positive'"),
+])
+def test_nan_in_conditioning_is_named(host, loaded, conditioning, key, named):
+    positive, negative = conditioning
+    with pytest.raises(ValueError, match=f"{named} contains NaN or infinite values -- check the node that made it"):
+        _sample(host, loaded[0], _with_nan(positive, key), negative, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def test_nan_into_vae_decode_is_named(host, loaded):
+    latent = torch.zeros(1, 16, 8, 8)
+    latent[0, 3, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match="VAE Decode: 'samples' contains NaN .* lower its guidance"):
+        host.node("UniPic2VAEDecode").decode(loaded[2], {"samples": latent})
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 0, 0), (0, 16, 8, 8)], ids=["0x0", "batch-0"])
+def test_empty_latents_are_named(host, loaded, conditioning, shape):
+    with pytest.raises(ValueError, match=r"UniPic2 Sampler: 'latent' is empty"):
+        _sample(host, loaded[0], *conditioning, {"samples": torch.zeros(shape)})
+    with pytest.raises(ValueError, match=r"UniPic2 VAE Decode: 'samples' is empty"):
+        host.node("UniPic2VAEDecode").decode(loaded[2], {"samples": torch.zeros(shape)})
+
+
+def test_conditioning_of_batch_zero_is_named(host, loaded, conditioning):
+    positive, negative = conditioning
+    tokens, extras = positive[0]
+    empty = [[tokens[:0], {**extras, "pooled_output": extras["pooled_output"][:0]}]]
+    with pytest.raises(ValueError, match="'positive' has batch 0 .* one prompt for all images"):
+        _sample(host, loaded[0], empty, negative, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def test_latent_beyond_the_position_grid_names_the_limit(host, loaded, conditioning):
+    config = loaded[0].transformer.config
+    limit = config.pos_embed_max_size * config.patch_size  # latent pixels per side
+    with pytest.raises(ValueError, match=f"'latent' is 8x{limit + 2} latent pixels .* at most {limit} latent pixels "
+                                         f"per side \\({limit * 8} px\\) -- use a smaller size"):
+        _sample(host, loaded[0], *conditioning, {"samples": torch.zeros(1, 16, limit + 2, 8)})

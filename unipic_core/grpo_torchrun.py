@@ -20,7 +20,7 @@ from .folders import is_metaquery_folder
 from .grpo_training import GRPOSettings, GRPOTrainer, Hooks
 from .loading import load_kontext, load_metaquery
 from .rewards import colour_reward, edit_consistency_reward, jpeg_reward
-from .training_data import edit_pairs, prompt_lines, read_folder_images, read_prompts
+from .training_data import edit_pairs, read_folder_images, read_prompts, read_text_lines
 from .training_models import models_on_device
 
 REWARDS = {
@@ -58,7 +58,7 @@ def training_data(args):
         return read_prompts("", args.prompts)
     if not (args.edit_images and args.edit_instructions):
         raise SystemExit("give --prompts, or --edit-images with --edit-instructions")
-    instructions = prompt_lines(Path(args.edit_instructions).read_text(encoding="utf-8"))
+    instructions = read_text_lines(args.edit_instructions, "instruction file")
     return edit_pairs(read_folder_images(args.edit_images), instructions)
 
 

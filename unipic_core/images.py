@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 MIN_IMAGE_SIDE = 64
+LATENT_TO_IMAGE = 8  # SD3 VAE: one latent pixel is 8x8 image pixels
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -25,8 +26,42 @@ def check_image(image: torch.Tensor, name: str) -> None:
     if batch == 0 or min(height, width) < MIN_IMAGE_SIDE:
         raise ValueError(f"{name}: image is {width}x{height} (batch {batch}); UniPic2 needs at least "
                          f"{MIN_IMAGE_SIDE} px on each side -- use a larger image")
-    if not torch.isfinite(image).all():
-        raise ValueError(f"{name}: image contains NaN or infinite values")
+    check_finite(image, f"{name}: image", "a broken image file or an image node that failed")
+
+
+def check_finite(tensor: torch.Tensor, name: str, likely_cause: str) -> None:
+    """Raise a ValueError naming `name` and the likely cause when `tensor` holds NaN or infinite values."""
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or infinite values -- check the node that made it ({likely_cause})")
+
+
+def check_latent(raw: torch.Tensor, name: str, likely_cause: str) -> None:
+    """Raise a ValueError naming `name` unless `raw` is a non-empty, finite latent [B, C, h, w]."""
+    if raw.ndim != 4:
+        raise ValueError(f"{name} has shape {tuple(raw.shape)}; expected an image latent [batch, channels, height, "
+                         "width] -- connect Empty Latent Image, a VAE Encode or a sampler")
+    batch, _, height, width = raw.shape
+    if batch == 0 or height == 0 or width == 0:
+        raise ValueError(f"{name} is empty (batch {batch}, {width}x{height} latent pixels) -- it needs at least one "
+                         f"image of at least {LATENT_TO_IMAGE}x{LATENT_TO_IMAGE} px; check the node that made it")
+    check_finite(raw, name, likely_cause)
+
+
+def check_grid_size(raw: torch.Tensor, name: str, patch: int, pos_embed_max_size: int | None) -> None:
+    """Raise a ValueError naming `name` when the latent's sides exceed the DiT's position-embedding grid.
+
+    The DiT crops its absolute position embedding (pos_embed_max_size patches per side) for the target and for
+    the reference alike, so neither may exceed pos_embed_max_size * patch latent pixels per side.
+    """
+    if pos_embed_max_size is None:
+        return
+    height, width = raw.shape[-2:]
+    limit = pos_embed_max_size * patch
+    if max(height, width) > limit:
+        raise ValueError(
+            f"{name} is {width}x{height} latent pixels ({width * LATENT_TO_IMAGE}x{height * LATENT_TO_IMAGE} px); "
+            f"the DiT's position grid allows at most {limit} latent pixels per side ({limit * LATENT_TO_IMAGE} px) "
+            "-- use a smaller size (Empty Latent Image, or a lower longer_edge in UniPic2 Edit Reference)")
 
 
 def longer_edge_size(width: int, height: int, longer_edge: int, multiple: int = 32) -> tuple[int, int]:

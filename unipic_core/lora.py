@@ -9,7 +9,10 @@ that loads at the intended strength in both. The safetensors metadata holds diff
 """
 
 import json
+import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +26,18 @@ ADAPTER = "unipic2_grpo"
 PREFIX = "transformer."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 UNIPIC2_METADATA_KEY = "unipic2"
+_TENSOR_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
+_DAMAGED = "; the file is damaged or was edited by hand -- save it again from its source or get a fresh copy"
+
+log = logging.getLogger("unipic2")
 
 
 class LoRAError(ValueError):
     pass
+
+
+class LoRAFileExists(LoRAError):
+    """atomic_write(replace=False) found the name taken (also by a file created while it was writing)."""
 
 
 @dataclass
@@ -78,25 +89,44 @@ def remove_lora(transformer) -> None:
     transformer.unload_lora()
 
 
+def _adapter_parameters(transformer) -> dict[str, torch.nn.Parameter]:
+    """The live adapter's A and B parameters under file key names ('transformer.<module>.lora_A.weight')."""
+    return {PREFIX + name.replace(f".{ADAPTER}", ""): p
+            for name, p in transformer.named_parameters() if f".{ADAPTER}." in name}
+
+
 def adapter_tensors(transformer) -> dict[str, torch.Tensor]:
     """The live adapter's raw A and B under file key names, detached float32 CPU copies."""
-    out = {}
-    for name, p in transformer.named_parameters():
-        if f".{ADAPTER}." in name:
-            out[PREFIX + name.replace(f".{ADAPTER}", "")] = p.detach().float().cpu().clone()
-    return out
+    return {key: p.detach().float().cpu().clone() for key, p in _adapter_parameters(transformer).items()}
 
 
-def set_adapter_tensors(transformer, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy raw A and B (as adapter_tensors returns them) into the live adapter."""
-    params = dict(transformer.named_parameters())
-    for key, value in tensors.items():
-        module, _, kind = key[len(PREFIX):].rpartition(".lora_")
-        target = params.get(f"{module}.lora_{kind[0]}.{ADAPTER}.weight")
-        if target is None or target.shape != value.shape:
-            raise LoRAError(f"LoRA tensor {key} {tuple(value.shape)} does not fit this model's adapter")
-        with torch.no_grad():
-            target.copy_(value)
+def _module(key: str) -> str:
+    return key[len(PREFIX):].rpartition(".lora_")[0]
+
+
+def set_adapter_tensors(transformer, tensors: dict[str, torch.Tensor], *, partial: bool = False) -> list[str]:
+    """Copy raw A and B (as adapter_tensors returns them) into the live adapter; returns the adapter's modules
+    the tensors leave out. Everything is checked before anything is copied: a key the adapter lacks or another
+    shape is refused naming the module; leaving modules out (they keep their zero start) needs `partial`, as a
+    start LoRA may, while a training state holds the whole adapter."""
+    targets = _adapter_parameters(transformer)
+    for key, value in sorted(tensors.items()):
+        target = targets.get(key)
+        if target is None:
+            raise LoRAError(f"the LoRA has {key}, which is not in the training adapter (it adapts "
+                            f"{', '.join(TARGET_MODULES)} of each attention block); the LoRA was made for another "
+                            "architecture -- start from a LoRA of this model")
+        if target.shape != value.shape:
+            raise LoRAError(f"the LoRA's {key} is {tuple(value.shape)} but the adapter's module {_module(key)} needs "
+                            f"{tuple(target.shape)}; the LoRA was made for another model size -- start from a LoRA "
+                            "trained on this model")
+    left_out = sorted({_module(key) for key in targets} - {_module(key) for key in tensors})
+    if left_out and not partial:
+        raise LoRAError(f"the adapter tensors leave out {len(left_out)} of its modules (first: {left_out[0]})")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            targets[key].copy_(value)
+    return left_out
 
 
 def fold_scale(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -109,44 +139,190 @@ def lora_weights(transformer, rank: int, alpha: float, info: dict) -> LoRAWeight
     return LoRAWeights(fold_scale(adapter_tensors(transformer), alpha / rank), {**info, "rank": rank, "alpha": alpha})
 
 
-def load_into_adapter(transformer, lora: LoRAWeights, rank: int, alpha: float) -> None:
-    """Start a live adapter (rank, alpha) from a LoRA file: same delta_W whatever alpha the file was trained with."""
+def load_into_adapter(transformer, lora: LoRAWeights, rank: int, alpha: float, *,
+                      base_model: str | None = None) -> None:
+    """Start a live adapter (rank, alpha) from a LoRA file: same delta_W whatever alpha the file was trained with.
+    A LoRA covering only some of the adapter's modules is used with a warning (the rest start at zero); one
+    trained on another base model than `base_model` (when both are known) too."""
     if lora.rank != rank:
         raise LoRAError(f"the LoRA has rank {lora.rank} but training asks for rank {rank}; set lora_rank to "
                         f"{lora.rank} or start without it")
-    set_adapter_tensors(transformer, fold_scale(lora.tensors, rank / alpha))
+    trained_on = lora.info.get("base_model")
+    if base_model and trained_on and trained_on != base_model:
+        log.warning("UniPic2 GRPO: the start LoRA was trained on '%s', not on '%s'; training continues from it",
+                    trained_on, base_model)
+    left_out = set_adapter_tensors(transformer, fold_scale(lora.tensors, rank / alpha), partial=True)
+    if left_out:
+        total = len(left_out) + len(lora.modules())
+        log.warning("UniPic2 GRPO: the start LoRA covers %d of the adapter's %d modules (first left out: %s); "
+                    "those start at zero", len(lora.modules()), total, left_out[0])
 
 
-def atomic_write(path: Path, write, what: str) -> None:
-    """write(tmp_path) then rename over `path` (parent folders created). A failure (disk full, unwritable folder)
-    raises a LoRAError naming `what` and `path`, and leaves any previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def check_lora_fits(lora: LoRAWeights, transformer) -> None:
+    """Refuse a LoRA whose modules `transformer` lacks, or whose A [r, in] and B [out, r] do not match a module's
+    weight [out, in], naming the first: a host skips such patches with a log line and runs the base model."""
+    missing = [module for module in lora.modules() if _weight_shape(transformer, module) is None]
+    if missing:
+        raise LoRAError(f"{len(missing)} LoRA module(s) do not exist in this model (first: {missing[0]}); the LoRA "
+                        "was made for another architecture")
+    for module in lora.modules():
+        down, up = lora.pair(module)
+        out_features, in_features = _weight_shape(transformer, module)
+        if down.shape[1] != in_features or up.shape[0] != out_features or down.shape[0] != up.shape[1]:
+            raise LoRAError(f"module {module}: the LoRA's A {tuple(down.shape)} and B {tuple(up.shape)} do not fit "
+                            f"the model's weight ({out_features}, {in_features}), which needs A [r, {in_features}] "
+                            f"and B [{out_features}, r] with one r; the LoRA was made for another model size -- use "
+                            "one trained on this model")
+
+
+def _weight_shape(transformer, module: str) -> tuple[int, ...] | None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LoRAError(f"could not write {what} to {path} ({e}); free disk space or choose a writable folder -- "
-                        "any previous file there is unchanged") from e
+        return tuple(transformer.get_submodule(module).weight.shape)
+    except AttributeError:
+        return None
+
+
+def atomic_write(path: Path, write, what: str, *, replace: bool = True) -> None:
+    """write(tmp) next to `path`, then publish it as `path` in one atomic step (parent folders created).
+
+    The data is fsynced before the rename and the folder after it, so a crash or power cut leaves the old file
+    or the new one, never a torn one. The file gets the user's usual permissions (0o666 & ~umask; safetensors
+    writes 0600). Temp files that killed writers left for `path` are removed first. Any failure raises a
+    LoRAError naming `what`, `path` and the fix, and leaves a previous file unchanged. replace=False never
+    replaces a file, not even one another writer created meanwhile: it raises LoRAFileExists instead.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}")
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(path)
+            write(tmp)
+            os.chmod(tmp, _new_file_mode())
+            _fsync(tmp, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes only writable handles
+            _publish(tmp, path, what, replace)
+        except LoRAFileExists:
+            raise
+        except Exception as e:  # not only OSError: a full disk in torch.save is a RuntimeError
+            raise LoRAError(f"could not write {what} to {path} ({type(e).__name__}: {e}); free disk space or "
+                            "choose a writable folder -- any previous file there is unchanged") from e
+        _fsync_folder(path.parent)
+    finally:  # also on KeyboardInterrupt
+        _remove_quietly(tmp)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove the temp files of `path` whose writer process is gone (killed mid-write). Best effort: a folder
+    that cannot be listed does not stop the write."""
+    prefix = _temp_prefix(path)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(prefix):]
+        if entry.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove_quietly(entry)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there; psutil (a ComfyUI requirement) only asks
+        try:
+            import psutil
+        except ImportError:
+            return True  # cannot tell: keep the file
+        return psutil.pid_exists(pid)
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _new_file_mode() -> int:
+    """0o666 & ~umask, the mode open() gives a new file. Linux shows the umask in /proc/self/status, race-free;
+    elsewhere it is set and restored at once (other threads creating a file in between would get 0o022)."""
+    try:
+        umask = int(re.search(r"^Umask:\s*([0-7]+)$", Path("/proc/self/status").read_text(), re.M)[1], 8)
+    except (OSError, TypeError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
-def save_lora(lora: LoRAWeights, path: str | Path) -> Path:
-    """Write the .safetensors atomically (parent folders created)."""
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable; skipped where folders cannot be opened or synced (Windows, some file systems)."""
+    try:
+        _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        log.debug("UniPic2: folder %s not fsynced (%s)", folder, e)
+
+
+def _publish(tmp: Path, path: Path, what: str, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        _link_without_replacing(tmp, path)
+    except FileExistsError as e:
+        raise LoRAFileExists(f"{what} was not written: {path} already exists; choose another name -- the "
+                             "existing file is unchanged") from e
+
+
+def _link_without_replacing(tmp: Path, path: Path) -> None:
+    """Give tmp the name `path` unless that exists (FileExistsError): a hard link does it atomically. File systems
+    without hard links (FAT, some network shares) claim the name with O_EXCL and rename over the claim."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(path)  # our empty claim
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Cleanup that never hides the error on its way to the user (or fails a finished write) behind its own."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("UniPic2: could not remove %s (%s); delete it by hand", path, e)
+
+
+def save_lora(lora: LoRAWeights, path: str | Path, *, replace: bool = True) -> Path:
+    """Write the .safetensors atomically (parent folders created); replace=False as in atomic_write."""
     path = Path(path)
     peft_config = lora_config(lora.rank, lora.rank).to_dict()  # lora_alpha = r: the scale is already folded
     diffusers_meta = {PREFIX + k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.items()}
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(diffusers_meta, default=str),
                 UNIPIC2_METADATA_KEY: json.dumps(lora.info)}
     tensors = {k: v.contiguous() for k, v in lora.tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "the LoRA")
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "the LoRA", replace=replace)
     return path
 
 
 def load_lora(path: str | Path) -> LoRAWeights:
-    """Read a LoRA file written by save_lora (or any peft-style SD3 transformer LoRA with alpha or metadata)."""
+    """Read a LoRA file written by save_lora (or any peft-style SD3 transformer LoRA with alpha or metadata).
+    A file whose tensors or metadata are not a consistent LoRA is refused naming the file and what is wrong."""
     path = Path(path)
     try:
         tensors = {k: v.float() for k, v in load_file(str(path)).items()}
@@ -154,17 +330,70 @@ def load_lora(path: str | Path) -> LoRAWeights:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise LoRAError(f"cannot read LoRA file {path}: {e}") from e
-    lora = LoRAWeights(tensors, json.loads(metadata.get(UNIPIC2_METADATA_KEY, "{}")))
-    if not lora.modules():
-        raise LoRAError(f"{path} holds no 'transformer.*.lora_A.weight' tensors; is it a UniPic2/SD3 LoRA?")
-    if set(tensors) != {f"{PREFIX}{m}.lora_{ab}.weight" for m in lora.modules() for ab in "AB"}:
-        raise LoRAError(f"{path} has tensors other than transformer.*.lora_A/lora_B weights; UniPic2 LoRAs hold "
-                        "only those (an '.alpha' or text-encoder LoRA is not supported here)")
+    _check_tensors(tensors, path)
+    lora = LoRAWeights(tensors, _metadata_json(metadata, UNIPIC2_METADATA_KEY, path))
+    peft_meta = _metadata_json(metadata, DIFFUSERS_METADATA_KEY, path)
+    ranks = {lora.pair(module)[0].shape[0] for module in lora.modules()}
     lora.info.setdefault("rank", lora.pair(lora.modules()[0])[0].shape[0])
+    lora.info.setdefault("alpha", lora.info["rank"])
+    rank = _metadata_rank(lora.info, "rank", ranks, path)
+    _metadata_number(lora.info, "alpha", path)
     # A foreign peft file may carry a scale alpha / r in diffusers' metadata; fold it like ours.
-    peft_meta = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}"))
-    foreign_scale = peft_meta.get(PREFIX + "lora_alpha", lora.rank) / peft_meta.get(PREFIX + "r", lora.rank)
-    if foreign_scale != 1:
-        lora.tensors = fold_scale(lora.tensors, foreign_scale)
-    lora.info.setdefault("alpha", lora.rank)
+    r = _metadata_rank(peft_meta, PREFIX + "r", ranks, path) if PREFIX + "r" in peft_meta else rank
+    lora_alpha = _metadata_number(peft_meta, PREFIX + "lora_alpha", path) if PREFIX + "lora_alpha" in peft_meta else r
+    if lora_alpha != r:
+        lora.tensors = fold_scale(lora.tensors, lora_alpha / r)
     return lora
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Only transformer.*.lora_A/B weights, each A with its B, shaped [r, in] and [out, r], all finite."""
+    halves = {key: _TENSOR_KEY.fullmatch(key) for key in tensors}
+    if not any(match and match[2] == "A" for match in halves.values()):
+        raise LoRAError(f"{path} holds no 'transformer.*.lora_A.weight' tensors; is it a UniPic2/SD3 LoRA?")
+    others = sorted(key for key, match in halves.items() if match is None)
+    if others:
+        raise LoRAError(f"{path} has tensors other than transformer.*.lora_A/lora_B weights (first: {others[0]}); "
+                        "UniPic2 LoRAs hold only those (an '.alpha' or text-encoder LoRA is not supported here)")
+    present = {(match[1], match[2]) for match in halves.values()}
+    for module, half in sorted(present):
+        partner = "B" if half == "A" else "A"
+        if (module, partner) not in present:
+            raise LoRAError(f"{path}: module {module} has lora_{half} but no lora_{partner}{_DAMAGED}")
+    for module in sorted({module for module, _ in present}):
+        down, up = tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"]
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise LoRAError(f"{path}: module {module} has lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)}, "
+                            f"not [r, in] and [out, r] with one r{_DAMAGED}")
+    for key in sorted(tensors):
+        if not torch.isfinite(tensors[key]).all():
+            raise LoRAError(f"{path}: {key} holds NaN or infinite values; the training that wrote it diverged (train "
+                            "again with a lower learning_rate) or the file is damaged")
+
+
+def _metadata_json(metadata: dict[str, str], key: str, path: Path) -> dict:
+    try:
+        value = json.loads(metadata.get(key, "{}"))
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{path}: its '{key}' metadata is not valid JSON ({e}){_DAMAGED}") from e
+    if not isinstance(value, dict):
+        raise LoRAError(f"{path}: its '{key}' metadata is a JSON {type(value).__name__}, not an object{_DAMAGED}")
+    return value
+
+
+def _metadata_number(meta: dict, key: str, path: Path, whole: bool = False) -> float:
+    """meta[key] if it is a positive (whole) number, else a LoRAError naming the file and the key."""
+    value, kind = meta[key], int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        raise LoRAError(f"{path}: metadata '{key}' is {value!r}, not a positive {'whole ' if whole else ''}number"
+                        f"{_DAMAGED}")
+    return value
+
+
+def _metadata_rank(meta: dict, key: str, ranks: set[int], path: Path) -> int:
+    """The metadata's rank, which must be the tensors' rank where they have one (peft's rank_pattern gives some
+    modules ranks of their own; r is then only the default)."""
+    rank = _metadata_number(meta, key, path, whole=True)
+    if len(ranks) == 1 and rank not in ranks:
+        raise LoRAError(f"{path}: metadata '{key}' is {rank} but its tensors have rank {min(ranks)}{_DAMAGED}")
+    return rank

@@ -18,29 +18,51 @@ def prompt_lines(text: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def read_prompts(text: str, file: str = "") -> list[TrainingItem]:
+def read_text_lines(path: str | Path, what: str) -> list[str]:
+    """prompt_lines of a UTF-8 text file; a missing or undecodable file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} '{path}' does not exist or is not a file; give a text file, one line per entry")
+    try:
+        return prompt_lines(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}); "
+                         "save it as UTF-8") from e
+
+
+def read_prompts(text: str, file: str | Path | None = None) -> list[TrainingItem]:
     """Prompts from the text box and/or a UTF-8 text file; an empty result is an error naming both inputs."""
     lines = prompt_lines(text)
-    if file.strip():
-        path = Path(file.strip()).expanduser()
-        if not path.is_file():
-            raise ValueError(f"prompt file '{path}' does not exist; give the full path of a text file, one prompt "
-                             "per line")
-        lines += prompt_lines(path.read_text(encoding="utf-8"))
+    if file:
+        lines += read_text_lines(file, "prompt file")
     if not lines:
         raise ValueError("the prompt list is empty: write one prompt per line in 'prompts' or give a 'file'")
     return [TrainingItem(line) for line in lines]
 
 
-def read_folder_images(folder: str) -> list[torch.Tensor]:
-    """Every image in a folder (sorted by name) as [H, W, 3] float 0..1."""
-    path = Path(folder.strip()).expanduser()
+def read_image(path: Path) -> torch.Tensor:
+    """One image file as [H, W, 3] float 0..1; an unreadable file is an error naming it."""
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    except Exception as e:  # PIL raises several types for corrupt, truncated or oversized files
+        raise ValueError(f"image '{path}' cannot be read ({e}); replace or remove it") from e
+    return torch.from_numpy(pixels)
+
+
+def read_folder_images(folder: str | Path) -> list[torch.Tensor]:
+    """Every image in a folder (sorted by name) as [H, W, 3] float 0..1.
+
+    An unreadable image is refused, not skipped: images pair with instructions by position, so a skip would
+    silently pair every later image with the wrong instruction.
+    """
+    path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"image folder '{path}' does not exist")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder '{path}' holds no {'/'.join(IMAGE_SUFFIXES)} files")
-    return [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255) for p in files]
+    return [read_image(p) for p in files]
 
 
 def edit_pairs(images: list[torch.Tensor], instructions: list[str]) -> list[TrainingItem]:

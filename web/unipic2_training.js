@@ -1,41 +1,121 @@
 // Live GRPO training chart on the "UniPic2 GRPO Trainer" node: mean reward per term and loss per step, and the
-// latest samples. The server sends one "unipic2.grpo" message per training step (nodes/training_nodes.py).
-// History lives in node.properties, so it survives a page reload (the frontend restores the workflow) and is
-// saved with the workflow. Plain ES module, no build step; works with the legacy and the current frontend.
+// latest samples. The server sends each training step's new point, only to the client that queued the run
+// (nodes/messages.py). The chart lives in node.properties, so it survives a page reload (the frontend restores the
+// workflow) and is saved with the workflow. A workflow records the prompt ids it queued (graph.extra) and takes
+// points only from those runs: another workflow with a trainer of the same node id never gets them.
+// Plain ES module, no build step; works with the legacy and the current frontend.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EVENT = "unipic2.grpo";
 const NODE_TYPE = "UniPic2GRPOTrainer";
+const MAX_POINTS = 2000;  // per chart, as many as the server keeps per run
+const MAX_PROMPTS = 64;  // prompt ids a workflow remembers
+const MAX_RUNS = 16;  // runs this page remembers, to show them in a workflow opened later
 const CHART_HEIGHT = 200;
 const PREVIEW_HEIGHT = 72;
 const EXTRA_HEIGHT = CHART_HEIGHT + PREVIEW_HEIGHT + 24;
 const COLOURS = ["#4e9de0", "#f0a030", "#50c050", "#e05050", "#b080e0", "#a08060"];
 
+// What this page received per run (live points and catch-ups), by "<prompt id>/<node id>".
+const runs = new Map();
+let showPending = false;
+
 function historyOf(node) {
   return Array.isArray(node.properties?.unipic2_history) ? node.properties.unipic2_history : [];
 }
 
-// Put the run's history (sent whole with every step) on its node; messages for unknown or deleted nodes, or for
-// other node types, are ignored.
-function record(detail) {
-  const node = detail && app.graph?.getNodeById(Number(detail.node));
-  if (!node || node.type !== NODE_TYPE || !Array.isArray(detail.history)) return;
+function queuedPrompts(graph) {
+  return Array.isArray(graph?.extra?.unipic2_prompts) ? graph.extra.unipic2_prompts : [];
+}
+
+// One point per step, in step order (a catch-up after live messages repeats some). A long run is thinned, every
+// second point dropped (the last kept), so the saved workflow stays small while the chart still spans the run.
+function merged(history, points) {
+  const byStep = new Map(history.map((point) => [point.step, point]));
+  points.forEach((point) => byStep.set(point.step, point));
+  let all = [...byStep.values()].sort((a, b) => a.step - b.step);
+  while (all.length > MAX_POINTS) all = all.filter((_, i) => (all.length - 1 - i) % 2 === 0);
+  return all;
+}
+
+// An execution id is a node id, or on the current frontend a path through subgraphs: "5:3" is node 3 inside the
+// subgraph of node 5 of the root graph.
+export function nodeByExecutionId(graph, id) {
+  let node = null;
+  for (const part of String(id).split(":")) {
+    node = graph?.getNodeById?.(Number(part)) ?? null;
+    graph = node?.subgraph;
+  }
+  return node;
+}
+
+// A run's points go on its trainer node only in a graph that queued the run.
+function show(graph, run) {
+  if (!queuedPrompts(graph).includes(run.prompt)) return;
+  const node = nodeByExecutionId(graph, run.node);
+  if (!node || node.type !== NODE_TYPE) return;
   node.properties = node.properties ?? {};
-  node.properties.unipic2_history = detail.history;
-  node.properties.unipic2_total = detail.total;
-  if (typeof detail.preview === "string") node.properties.unipic2_preview = detail.preview;
+  node.properties.unipic2_history = merged(historyOf(node), run.points);
+  node.properties.unipic2_total = run.total;
+  if (run.preview) node.properties.unipic2_preview = run.preview;
   node.setDirtyCanvas?.(true, true);
 }
 
-// A stored message replaces the node's chart only if it is not older than what the node already shows.
-function catchUp(detail) {
-  const node = detail && app.graph?.getNodeById(Number(detail.node));
-  const shown = node ? historyOf(node) : [];
-  const stored = Array.isArray(detail?.history) ? detail.history : [];
-  if (stored.length && (!shown.length || stored[stored.length - 1].step >= shown[shown.length - 1].step)) {
-    record(detail);
+// A live message ({prompt_id, node, total, point, preview}) or a catch-up ({..., history}); anything else is ignored.
+function receive(message, points) {
+  if (typeof message?.prompt_id !== "string" || message.node == null || !Array.isArray(points)
+      || !points.length || !points.every((point) => typeof point?.step === "number")) return;
+  const key = `${message.prompt_id}/${message.node}`;
+  const run = runs.get(key) ?? { prompt: message.prompt_id, node: String(message.node), points: [] };
+  runs.delete(key);
+  runs.set(key, run);  // the map's order is the eviction order
+  if (runs.size > MAX_RUNS) runs.delete(runs.keys().next().value);
+  run.points = merged(run.points, points);
+  run.total = message.total;
+  if (typeof message.preview === "string") run.preview = message.preview;
+  show(app.graph, run);
+}
+
+function showRuns(graph) {
+  runs.forEach((run) => show(graph, run));
+}
+
+// The points the socket missed (page load, reconnect) come from the server's runs of this client.
+async function catchUp() {
+  try {
+    const response = await api.fetchApi(`/unipic2/messages/${EVENT}?clientId=${encodeURIComponent(api.clientId)}`);
+    if (response.ok) (await response.json()).forEach((message) => receive(message, message?.history));
+  } catch (error) {
+    console.warn("UniPic2: could not fetch the training runs of this page", error);
   }
+}
+
+// api.clientId is set when the socket's first status message arrives (a reloaded tab gets its old id back).
+function onceConnected(callback) {
+  const check = () => {
+    if (!api.clientId) return;
+    api.removeEventListener("status", check);
+    callback();
+  };
+  api.addEventListener("status", check);
+  check();
+}
+
+// Remember the ids of the prompts this graph queues with a trainer in them, in the graph (saved with it).
+function recordQueuedPrompts() {
+  const queuePrompt = api.queuePrompt;
+  api.queuePrompt = async function (number, data, ...rest) {
+    const graph = app.graph;
+    const response = await queuePrompt.call(this, number, data, ...rest);
+    const trains = Object.values(data?.output ?? {}).some((node) => node?.class_type === NODE_TYPE);
+    if (trains && typeof response?.prompt_id === "string") {
+      graph.extra = graph.extra ?? {};
+      graph.extra.unipic2_prompts = [...queuedPrompts(graph), response.prompt_id].slice(-MAX_PROMPTS);
+      showRuns(graph);  // points that arrived before the answer
+    }
+    return response;
+  };
 }
 
 function previewImage(node) {
@@ -110,14 +190,18 @@ function drawTraining(node, ctx) {
 app.registerExtension({
   name: "UniPic2.Training",
   async setup() {
-    api.addEventListener(EVENT, (event) => record(event.detail));
-    // After a page reload mid-run the websocket was away for a moment: take the server's latest message per node.
-    try {
-      const response = await api.fetchApi(`/unipic2/messages/${EVENT}`);
-      if (response.ok) (await response.json()).forEach(catchUp);
-    } catch (error) {
-      console.warn("UniPic2: could not fetch the latest training state", error);
-    }
+    recordQueuedPrompts();
+    api.addEventListener(EVENT, (event) => receive(event.detail, [event.detail?.point]));
+    api.addEventListener("reconnected", catchUp);
+    onceConnected(catchUp);
+  },
+  loadedGraphNode() {  // called per node of a workflow being opened: show its runs once all are in
+    if (showPending) return;
+    showPending = true;
+    queueMicrotask(() => {
+      showPending = false;
+      showRuns(app.graph);
+    });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
