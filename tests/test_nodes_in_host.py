@@ -65,7 +65,7 @@ def test_loading_twice_reuses_the_cached_components(host, loaded):
     import comfy.model_patcher
 
     assert isinstance(loaded[0].patcher, comfy.model_patcher.ModelPatcher)
-    assert loaded[0].patcher.size > 0  # ComfyUI plans memory with the true size
+    assert loaded[0].patcher.model_size() > 0  # ComfyUI plans memory with the true size
     assert len(loaded[1].patchers) == 3
 
 
@@ -93,7 +93,7 @@ def test_cancel_stops_within_one_step_and_writes_no_file(host, progress_hook):
 
     steps_seen = []
 
-    def press_cancel_after_step_two(value, total, preview, **_):  # new hosts pass node_id
+    def press_cancel_after_step_two(value, total, preview, **_):  # the host passes node_id too
         steps_seen.append(value)
         if value == 2:
             mm.interrupt_current_processing(True)

@@ -115,10 +115,6 @@ def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, tmp_path):
     import comfy.lora
     import comfy.utils
 
-    # An extra check on hosts that know SD3. The acceptance point (the trainer's LoRA through the host's own
-    # LoRA loading at the right scale) holds on every host through test_apply_lora_patches_weights_at_the_trained_scale.
-    if not hasattr(comfy.utils, "mmdit_to_diffusers"):
-        pytest.skip("this host predates SD3 (no comfy.utils.mmdit_to_diffusers); run with UNIPIC2_COMFYUI")
     from unipic_core.kontext_transformer import KontextSD3Transformer
     from unipic_core.lora import adapter_tensors, add_lora, load_lora, lora_weights, save_lora
 

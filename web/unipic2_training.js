@@ -3,7 +3,7 @@
 // (nodes/messages.py). The chart lives in node.properties, so it survives a page reload (the frontend restores the
 // workflow) and is saved with the workflow. A workflow records the prompt ids it queued (graph.extra) and takes
 // points only from those runs: another workflow with a trainer of the same node id never gets them.
-// Plain ES module, no build step; works with the legacy and the current frontend.
+// Plain ES module, no build step, for the current frontend (ComfyUI 0.3.75's).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -205,8 +205,7 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
-    // The legacy frontend copies LGraphNode's methods onto node classes only after this hook: fall back to it.
-    const computeSize = nodeType.prototype.computeSize ?? globalThis.LiteGraph.LGraphNode.prototype.computeSize;
+    const computeSize = nodeType.prototype.computeSize;
     nodeType.prototype.computeSize = function (...args) {
       const size = computeSize.apply(this, args);
       return [Math.max(size[0], 420), size[1] + EXTRA_HEIGHT];
