@@ -9,6 +9,7 @@ points. Screenshots of each workflow go to $UNIPIC2_SCREENSHOTS (the README's pi
 import json
 import os
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
         (server.models / "unipic2" / LOADERS[loader][1]).symlink_to(folder, target_is_directory=True)
     (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
     server.wait_ready()
+    # As a returning user: a first visit opens the frontend's template browser over the canvas.
+    urllib.request.urlopen(urllib.request.Request(f"{server.url}/settings/Comfy.TutorialCompleted", data=b"true",
+                                                  method="POST"), timeout=30)
     yield server
     server.stop()
 
@@ -64,11 +68,11 @@ class Browser:
             const nodes = window.app.graph._nodes, canvas = window.app.canvas;
             const xs = nodes.flatMap(n => [n.pos[0], n.pos[0] + n.size[0]]);
             const ys = nodes.flatMap(n => [n.pos[1] - 30, n.pos[1] + n.size[1]]);
-            const [w, h] = [canvas.canvas.width, canvas.canvas.height];
-            const scale = Math.min(w / (Math.max(...xs) - Math.min(...xs) + 80),
-                                   h / (Math.max(...ys) - Math.min(...ys) + 80), 1);
+            const [left, top] = [110, 150];  // the side bar and the menu / tab bars lie over the canvas
+            const [w, h] = [canvas.canvas.width - left - 40, canvas.canvas.height - top - 40];
+            const scale = Math.min(w / (Math.max(...xs) - Math.min(...xs)), h / (Math.max(...ys) - Math.min(...ys)), 1);
             canvas.ds.scale = scale;
-            canvas.ds.offset = [40 / scale - Math.min(...xs), 40 / scale - Math.min(...ys)];
+            canvas.ds.offset = [left / scale - Math.min(...xs), top / scale - Math.min(...ys)];
             canvas.setDirty(true, true);
             canvas.draw(true, true);
         }""")
