@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from unipic_core.images import model_to_raw
+from unipic_core.images import model_to_raw, raw_to_model
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.sampling import PromptEmbeds, euler_step, flow_sde_step, sample
 from unipic_core.schedule import denoise_sigmas, flow_sigmas
@@ -44,14 +44,15 @@ def comfy_conditioning(prompt: PromptEmbeds) -> list:
     return [[prompt.tokens, {"pooled_output": prompt.pooled}]]
 
 
-def native_sample(native, prompts, sampler, sigmas, seed: int) -> torch.Tensor:
-    """SamplerCustomAdvanced(RandomNoise, CFGGuider, sampler, sigmas) on an empty latent -> raw LATENT samples."""
+def native_sample(native, prompts, sampler, sigmas, seed: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """SamplerCustomAdvanced(RandomNoise, CFGGuider, sampler, sigmas) on `start` (raw; None: an empty latent)."""
     from comfy_extras.nodes_custom_sampler import CFGGuider, RandomNoise, SamplerCustomAdvanced
 
     positive, negative = (comfy_conditioning(p) for p in prompts)
     guider = CFGGuider.execute(native, positive, negative, GUIDANCE)[0]
     noise = RandomNoise.execute(seed)[0]
-    return SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, {"samples": torch.zeros(SHAPE)})[0]["samples"]
+    latent = {"samples": torch.zeros(SHAPE) if start is None else start}
+    return SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent)[0]["samples"]
 
 
 def pack_sample(dit, prompts, sigmas, seed: int, **options) -> torch.Tensor:
@@ -120,10 +121,13 @@ def test_flow_sde_is_stochastic_but_reproducible_from_the_seed(host, native, pro
     assert (first - native_sample(native, prompts, euler(), sigmas, seed=5)).abs().max() > 0.1
 
 
-def test_flow_sde_with_a_seed_gives_the_pack_samplers_flow_sde_image(host, native, dit, prompts):
-    sigmas = official(host, native, 6)
-    out = native_sample(native, prompts, flow_sde(host, 0.7), sigmas, seed=9)
-    ours = pack_sample(dit, prompts, sigmas, seed=9, sampler="flow-sde", noise_level=0.7)
+@pytest.mark.parametrize("denoise", [1.0, 0.6])
+def test_flow_sde_with_a_seed_gives_the_pack_samplers_flow_sde_image(host, native, dit, prompts, denoise):
+    sigmas = official(host, native, 6, denoise)
+    start = None if denoise == 1.0 else torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    out = native_sample(native, prompts, flow_sde(host, 0.7), sigmas, seed=9, start=start)
+    ours = pack_sample(dit, prompts, sigmas, seed=9, sampler="flow-sde", noise_level=0.7,
+                       start_latent=None if start is None else raw_to_model(start, *SD3_VAE))
     assert (out - ours).abs().max() <= 1e-4
 
 
