@@ -5,6 +5,7 @@ from .loader_nodes import LoadUniPic2Kontext, LoadUniPic2MetaQuery
 from .lora_nodes import UniPic2ApplyLoRA, UniPic2LoadLoRA, UniPic2SaveLoRA
 from .messages import register_routes
 from .metaquery_nodes import UniPic2MetaQueryEncode, UniPic2Understand
+from .native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
 from .reward_nodes import (UniPic2ColourReward, UniPic2CombineRewards, UniPic2EditConsistencyReward,
                            UniPic2JPEGReward, UniPic2JudgeReward)
 from .sampler_node import UniPic2Sampler
@@ -21,6 +22,8 @@ NODE_CLASS_MAPPINGS = {
     "UniPic2TextEncode": UniPic2TextEncode,
     "UniPic2EditReference": UniPic2EditReference,
     "UniPic2Sampler": UniPic2Sampler,
+    "UniPic2Schedule": UniPic2Schedule,
+    "UniPic2FlowSDESampler": UniPic2FlowSDESampler,
     "UniPic2VAEEncode": UniPic2VAEEncode,
     "UniPic2VAEDecode": UniPic2VAEDecode,
     "UniPic2PromptList": UniPic2PromptList,
@@ -43,6 +46,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniPic2TextEncode": "UniPic2 Text Encode",
     "UniPic2EditReference": "UniPic2 Edit Reference",
     "UniPic2Sampler": "UniPic2 Sampler",
+    "UniPic2Schedule": "UniPic2 Schedule",
+    "UniPic2FlowSDESampler": "UniPic2 Flow-SDE Sampler",
     "UniPic2VAEEncode": "UniPic2 VAE Encode",
     "UniPic2VAEDecode": "UniPic2 VAE Decode",
     "UniPic2PromptList": "UniPic2 Prompt List",
