@@ -72,10 +72,14 @@ def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
     return [p.model.module for p in patchers]
 
 
+def input_folder() -> Path:
+    return Path(folder_paths.get_input_directory()).resolve()
+
+
 def input_path(text: str, node: str, name: str) -> Path:
     """A file or folder the user named, relative to ComfyUI's input folder, with links resolved; anything that
     ends up outside that folder is refused (a shared server must not read files its users may not)."""
-    root = Path(folder_paths.get_input_directory()).resolve()
+    root = input_folder()
     path = (root / text.strip()).resolve()
     if path != root and root not in path.parents:
         raise ValueError(f"{node}: '{name}' is '{text.strip()}', which is outside ComfyUI's input folder; put it in "

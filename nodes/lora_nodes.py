@@ -115,7 +115,11 @@ class UniPic2ApplyLoRA:
         except LoRAError as e:
             raise LoRAError(f"UniPic2 Apply LoRA: {e}") from e
         tensors, key_map = host_lora(lora)
-        patcher, _ = host.patch_lora(model.patcher, tensors, key_map, strength)
+        patcher, patched = host.patch_lora(model.patcher, tensors, key_map, strength)
+        unpatched = sorted(set(key_map.values()) - patched)
+        if unpatched:  # the host skips a key it cannot place with a log line only
+            raise ValueError(f"UniPic2 Apply LoRA: ComfyUI placed no patch for {len(unpatched)} LoRA module(s) (first: "
+                             f"{unpatched[0]}); the model's weights are not where the LoRA expects them")
         base = lora.info.get("base_model")
         if base and model.name and base != model.name:
             host.log.warning("UniPic2 Apply LoRA: LoRA trained on '%s', applied to '%s'", base, model.name)

@@ -62,8 +62,8 @@ class UniPic2EditPairs:
     def make(self, instructions, images=None, folder=""):
         if (images is None) == (not folder.strip()):
             raise ValueError("UniPic2 Edit Pairs: connect 'images' or give a 'folder', exactly one of them")
-        sources = (list(images) if images is not None else
-                   training_data.read_folder_images(host.input_path(folder, "UniPic2 Edit Pairs", "folder")))
+        sources = (list(images) if images is not None else training_data.read_folder_images(
+            host.input_path(folder, "UniPic2 Edit Pairs", "folder"), within=host.input_folder()))
         return (training_data.edit_pairs(sources, training_data.prompt_lines(instructions)),)
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -212,13 +213,16 @@ def test_atomic_write_fsyncs_before_rename(tmp_path, monkeypatch):
 def test_stale_temp_files_of_dead_processes_are_removed_on_the_next_write(tmp_path):
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = int(child.stdout), os.getppid()
-    stale = tmp_path / f".l.safetensors.tmp-{dead}"
-    writing = tmp_path / f".l.safetensors.tmp-{alive}"  # another process still writing this name
-    other = tmp_path / f".m.safetensors.tmp-{dead}"  # another file's: left for its own next write
-    for temp in (stale, writing, other):
+    host = socket.gethostname()
+    stale = tmp_path / f".l.safetensors.tmp-{host}-{dead}"
+    writing = tmp_path / f".l.safetensors.tmp-{host}-{alive}"  # another process still writing this name
+    other = tmp_path / f".m.safetensors.tmp-{host}-{dead}"  # another file's: left for its own next write
+    elsewhere = tmp_path / f".l.safetensors.tmp-another-machine-{dead}"  # its pid means nothing here
+    for temp in (stale, writing, other, elsewhere):
         temp.write_bytes(b"half a fi")
     atomic_write(tmp_path / "l.safetensors", _write_bytes(b"data"), "the LoRA")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["l.safetensors", writing.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["l.safetensors", writing.name, other.name,
+                                                                  elsewhere.name])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)

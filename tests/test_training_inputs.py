@@ -46,6 +46,12 @@ def test_a_link_out_of_the_input_folder_is_refused(host, input_dir, tmp_path):
     (input_dir / "linked_pictures").symlink_to(outside, target_is_directory=True)
     with pytest.raises(ValueError, match="'folder' is 'linked_pictures', which is outside"):
         host.node("UniPic2EditPairs").make("make it snow", folder="linked_pictures")
+    inside = input_dir / "pictures_with_a_link"
+    write_images(inside, 1)
+    (inside / "01.png").unlink(missing_ok=True)
+    (inside / "01.png").symlink_to(outside / "00.png")
+    with pytest.raises(ValueError, match=r"image '.*01.png' links to '.*00.png', outside .*copy the image itself"):
+        host.node("UniPic2EditPairs").make("make it snow\nadd a boat", folder="pictures_with_a_link")
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(host, input_dir):

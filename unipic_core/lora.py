@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,12 +213,14 @@ def atomic_write(path: Path, write, what: str, *, replace: bool = True) -> None:
 
 
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
+    """'.<name>.tmp-<host>-': a pid means something only on its own machine, so two machines (or containers)
+    sharing a models folder never take each other's live temp files for stale ones."""
+    return f".{path.name}.tmp-{socket.gethostname()}-"
 
 
 def _remove_stale_temp_files(path: Path) -> None:
-    """Remove the temp files of `path` whose writer process is gone (killed mid-write). Best effort: a folder
-    that cannot be listed does not stop the write."""
+    """Remove this machine's temp files of `path` whose writer process is gone (killed mid-write). Best effort: a
+    folder that cannot be listed does not stop the write."""
     prefix = _temp_prefix(path)
     try:
         entries = list(path.parent.iterdir())

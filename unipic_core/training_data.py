@@ -50,9 +50,10 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(pixels)
 
 
-def read_folder_images(folder: str | Path) -> list[torch.Tensor]:
+def read_folder_images(folder: str | Path, within: Path | None = None) -> list[torch.Tensor]:
     """Every image in a folder (sorted by name) as [H, W, 3] float 0..1.
 
+    within: a folder no image may lead out of, links resolved (a ComfyUI server's input folder).
     An unreadable image is refused, not skipped: images pair with instructions by position, so a skip would
     silently pair every later image with the wrong instruction.
     """
@@ -62,6 +63,10 @@ def read_folder_images(folder: str | Path) -> list[torch.Tensor]:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder '{path}' holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    for file in files:
+        if within is not None and Path(within).resolve() not in file.resolve().parents:
+            raise ValueError(f"image '{file}' links to '{file.resolve()}', outside {within}; copy the image itself "
+                             "into the folder")
     return [read_image(p) for p in files]
 
 

@@ -25,7 +25,8 @@ log = logging.getLogger("unipic2")
 
 FREE = ("steps", "save_every", "micro_batch")
 LOGGED = ("learning_rate",)
-FIX = "delete it to start that lora_name afresh, or choose another lora_name"
+FIX = ("delete it and its LoRA (.safetensors, or move that away) to start that lora_name afresh, or choose "
+       "another lora_name")
 # Fingerprint entry -> (what it is, how to get it back)
 FINGERPRINT = {"rewards": ("the reward", "connect the checkpoint's reward (same terms and weights) again"),
                "data": ("the training data", "give the checkpoint's prompts / edit pairs again, in the same order"),
@@ -46,12 +47,12 @@ class TrainingState:
 
 
 def data_fingerprint(items) -> str:
-    """'<n> prompts|edit pairs, sha256 <digest>' over the prompts in order and the edit sources' float pixels."""
+    """'<n> prompts|edit pairs, sha256 <digest>' over the prompts in order and the edit sources' pixels."""
     digest = hashlib.sha256()
     for item in items:
         digest.update(item.prompt.encode() + b"\0")
-        if item.source is not None:
-            source = item.source.detach().float().cpu().contiguous()
+        if item.source is not None:  # as 8-bit pixels: an upstream node's float noise is not another image
+            source = (item.source.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
             digest.update(f"{tuple(source.shape)}".encode() + source.numpy().tobytes())
     kind = "edit pairs" if items and items[0].source is not None else "prompts"
     return f"{len(items)} {kind}, sha256 {digest.hexdigest()[:16]}"
@@ -102,7 +103,8 @@ def load_state(path: Path) -> TrainingState:
     problem = payload_problem(payload)
     if problem:
         raise unusable(path, problem)
-    return TrainingState(*(payload[key] for key in FIELDS), payload.get("run"), payload.get("samples"))
+    return TrainingState(**{key: payload[key] for key in FIELDS}, run=payload.get("run"),
+                         samples=payload.get("samples"))
 
 
 def payload_problem(payload) -> str | None:
