@@ -196,11 +196,13 @@ def test_a_model_that_is_not_sd3_is_refused(host):
         kontext(host, NotSD3())
 
 
-def test_partial_load_gives_the_full_load_output_with_weights_offloaded(host, unet_loader, reference):
+def test_partial_load_gives_the_full_load_output_with_weights_offloaded(host, unet_loader, loaded, reference):
     model = kontext(host, unet_loader())
+    config = loaded[0].transformer.config
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(2, 16, 8, 12, generator=generator)
-    context, pooled = torch.randn(2, 7, 32, generator=generator), torch.randn(2, 20, generator=generator)
+    context = torch.randn(2, 7, config.joint_attention_dim, generator=generator)
+    pooled = torch.randn(2, config.pooled_projection_dim, generator=generator)
     ref = model.model.process_latent_in(reference["samples"]).expand(2, -1, -1, -1)
 
     def denoised(lowvram_model_memory):
