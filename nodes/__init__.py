@@ -5,6 +5,7 @@ from .loader_nodes import LoadUniPic2Kontext, LoadUniPic2MetaQuery
 from .lora_nodes import UniPic2ApplyLoRA, UniPic2LoadLoRA, UniPic2SaveLoRA
 from .messages import register_routes
 from .metaquery_nodes import UniPic2MetaQueryEncode, UniPic2Understand
+from .native_kontext import UniPic2KontextReference
 from .native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
 from .reward_nodes import (UniPic2ColourReward, UniPic2CombineRewards, UniPic2EditConsistencyReward,
                            UniPic2JPEGReward, UniPic2JudgeReward)
@@ -37,6 +38,7 @@ NODE_CLASS_MAPPINGS = {
     "UniPic2SaveLoRA": UniPic2SaveLoRA,
     "UniPic2LoadLoRA": UniPic2LoadLoRA,
     "UniPic2ApplyLoRA": UniPic2ApplyLoRA,
+    "UniPic2KontextReference": UniPic2KontextReference,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadUniPic2Kontext": "Load UniPic2 Kontext",
@@ -61,4 +63,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniPic2SaveLoRA": "UniPic2 Save LoRA",
     "UniPic2LoadLoRA": "UniPic2 Load LoRA",
     "UniPic2ApplyLoRA": "UniPic2 Apply LoRA",
+    "UniPic2KontextReference": "UniPic2 Kontext Reference",
 }

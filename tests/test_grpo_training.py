@@ -141,7 +141,7 @@ def test_brightness_reward_rises_within_twenty_five_steps(models):
     stds = [h["rewards"]["brightness"][1] for h in result.history]
     first, last = sum(means[:3]) / 3, sum(means[-3:]) / 3
     # Margin: 0.025, about 8 standard errors of a 3-step mean at the start (~0.003 with G = 8 images a step), so
-    # the rise cannot come from sampling noise. Measured with seeds 0, 1, 2: rises of 0.043, 0.063, 0.081.
+    # the rise cannot come from sampling noise. Measured with seeds 0, 1, 2: rises of 0.212, 0.180, 0.218.
     standard_error = (sum(stds[:3]) / 3) / math.sqrt(3 * settings.group_size)
     assert last - first > max(5 * standard_error, 0.025), (means, standard_error)
 

@@ -21,11 +21,12 @@ from .kontext_transformer import KontextSD3Transformer
 from .repos import CONDITIONER_CLASS, KONTEXT_TRANSFORMER_CLASS
 from .tiny_qwen import write_qwen25vl_folder
 
-# SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk.
+# SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk. The DiT keeps head dim 64 and
+# layers == heads (hidden = 64 x depth), as ComfyUI's MMDiT hard-wires, so Load Diffusion Model loads it natively.
 SIZES = {
-    "tiny": dict(layers=2, heads=2, head_dim=8, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(8, 8, 16, 16),
+    "tiny": dict(layers=2, heads=2, head_dim=64, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(8, 8, 16, 16),
                  llm=32, connector=16, connector_layers=2),
-    "mid": dict(layers=6, heads=6, head_dim=32, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64),
+    "mid": dict(layers=4, heads=4, head_dim=64, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64),
                 llm=256, connector=128, connector_layers=4),
 }
 # transformer/config.json of UniPic2-SD3.5M-Kontext-2B (SD3.5-Medium's MMDiT), for full-size random-weight runs.
@@ -79,6 +80,7 @@ def write_t5(folder: Path, tokenizer_folder: Path, width: int, layers: int) -> N
 
 
 def write_transformer(folder: Path, size: dict) -> None:
+    assert size["layers"] == size["heads"] and size["head_dim"] == 64, "ComfyUI's MMDiT needs hidden = 64 x depth"
     model = KontextSD3Transformer(
         sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=size["layers"],
         attention_head_dim=size["head_dim"], num_attention_heads=size["heads"], joint_attention_dim=size["t5"],
