@@ -21,24 +21,22 @@ class Run:
     client: str
     prompt: str
     node: str
+    start_step: int
     total: int
     points: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
     preview: str | None = None
 
-    @property
-    def finished(self) -> bool:
-        return bool(self.points) and self.points[-1]["step"] >= self.total
-
     def as_message(self) -> dict:
-        return {"prompt_id": self.prompt, "node": self.node, "total": self.total, "history": list(self.points),
-                "preview": self.preview}
+        return {"prompt_id": self.prompt, "node": self.node, "start_step": self.start_step, "total": self.total,
+                "history": list(self.points), "preview": self.preview}
 
 
 class Runs:
     """Training runs by (prompt id, node id), for the page of the client that queued them once it reloads.
 
-    A finished run stays until its client fetched it once (a page reloading as the run ended still gets the last
-    points), then goes. Written by the prompt worker thread, read by the server's event loop: hence the lock.
+    Reading takes nothing away: a run, finished or not, stays until newer runs push it out (`max_runs`), so a
+    page that reloads twice, or a second tab of the same client, still gets it. Written by the prompt worker
+    thread, read by the server's event loop: hence the lock.
     """
 
     def __init__(self, max_runs: int = MAX_RUNS):
@@ -46,24 +44,21 @@ class Runs:
         self._runs: dict[tuple[str, str], Run] = {}
         self._lock = threading.Lock()
 
-    def add(self, event: str, client: str, prompt: str, node: str, total: int, point: dict,
+    def add(self, event: str, client: str, prompt: str, node: str, start_step: int, total: int, point: dict,
             preview: str | None) -> None:
         with self._lock:
-            run = self._runs.pop((prompt, node), None) or Run(event, client, prompt, node, total)
+            run = self._runs.pop((prompt, node), None) or Run(event, client, prompt, node, start_step, total)
             self._runs[(prompt, node)] = run  # (re)inserted last: the dict's order is the eviction order
             run.total, run.preview = total, preview or run.preview
             run.points.append(point)
             while len(self._runs) > self.max_runs:
                 del self._runs[next(iter(self._runs))]
 
-    def take(self, event: str, client: str) -> list[dict]:
-        """The client's runs of this event as messages with their whole kept history; finished ones go now."""
+    def of_client(self, event: str, client: str) -> list[dict]:
+        """The client's runs of this event as messages with their whole kept history, least recently updated
+        first."""
         with self._lock:
-            mine = {key: run for key, run in self._runs.items() if run.client == client and run.event == event}
-            for key, run in mine.items():
-                if run.finished:
-                    del self._runs[key]
-            return [run.as_message() for run in mine.values()]
+            return [run.as_message() for run in self._runs.values() if run.client == client and run.event == event]
 
 
 _RUNS = Runs()
@@ -76,18 +71,21 @@ def _server():
     return getattr(getattr(module, "PromptServer", None), "instance", None)
 
 
-def send_step(event: str, node_id: str, total: int, point: dict, preview: str | None = None) -> None:
+def send_step(event: str, node_id: str, start_step: int, total: int, point: dict, preview: str | None = None) -> None:
     """One training step's new point (JSON-safe dict with a 'step') to the client that queued the running prompt
-    (web/ appends it to the node's chart); kept for that client's catch-up. Both hosts set the running prompt's
-    id (`last_prompt_id`) and client (`client_id`) on the server before executing it. Without a server or a
-    client (in-process tests, a script, a prompt queued without client_id) there is no one to tell."""
+    (web/ appends it to the node's chart); kept for that client's catch-up. `start_step` is the step this run began
+    at (0, or the resumed checkpoint's): the page keeps a chart's earlier points up to it, an older run's later
+    ones go. Both hosts set the running prompt's id (`last_prompt_id`) and client (`client_id`) on the server
+    before executing it. Without a server or a client (in-process tests, a script, a prompt queued without
+    client_id) there is no one to tell."""
     server = _server()
     if server is None or server.client_id is None:
         return
     prompt = getattr(server, "last_prompt_id", None)
     if prompt is not None:
-        _RUNS.add(event, server.client_id, prompt, node_id, total, point, preview)
-    message = {"prompt_id": prompt, "node": node_id, "total": total, "point": point, "preview": preview}
+        _RUNS.add(event, server.client_id, prompt, node_id, start_step, total, point, preview)
+    message = {"prompt_id": prompt, "node": node_id, "start_step": start_step, "total": total, "point": point,
+               "preview": preview}
     server.send_sync(event, message, server.client_id)
 
 
@@ -103,7 +101,7 @@ def register_routes() -> None:
         if not client:
             return web.json_response({"error": "UniPic2: give the page's client id as ?clientId=<id>"},
                                      status=400)
-        return web.json_response(_RUNS.take(request.match_info["event"], client))
+        return web.json_response(_RUNS.of_client(request.match_info["event"], client))
 
 
 def jpeg_data_url(image, height: int = 96) -> str:

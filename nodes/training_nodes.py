@@ -179,8 +179,8 @@ class UniPic2GRPOTrainer:
             progress.update(report.step, report.total_steps)  # samples travel with the chart, not as a preview
             grid = sample_grid(report.samples, columns=len(report.samples))[0]
             # This step's point only: the page appends it (a reloaded page fetches what it missed).
-            messages.send_step(TRAINING_EVENT, node_id, report.total_steps, json_safe(trainer.history[-1]),
-                               messages.jpeg_data_url(grid))
+            messages.send_step(TRAINING_EVENT, node_id, start_step, report.total_steps,
+                               json_safe(trainer.history[-1]), messages.jpeg_data_url(grid))
 
         with host.training_mode():
             models = training_models(transformer_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
@@ -189,6 +189,7 @@ class UniPic2GRPOTrainer:
                 trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
             except ValueError as e:  # a refusal before training: bad settings, a name clash, another run's state
                 raise ValueError(f"UniPic2 GRPO Trainer: {e}") from e
+            start_step = trainer.step  # 0, or the step of the checkpoint it resumed
             try:
                 result = trainer.run(Hooks(on_step=on_step, cancel_requested=host.cancel_requested))
             finally:

@@ -3,7 +3,7 @@
 Every workflow loads with all its nodes known; the GRPO trainer's live chart holds exactly the rewards the server
 logged, survives a page reload mid-run and a save / reopen; stray messages raise no console error; a workflow that
 did not queue a run never shows it, live or after a reload; a trainer inside a subgraph (current frontend) gets its
-points. Screenshots of each workflow go to $UNIPIC2_SCREENSHOTS (the README's pictures) or a temp folder.
+points; a later run of a trainer replaces its chart, or continues it from the step it resumed at. Screenshots of each workflow go to $UNIPIC2_SCREENSHOTS (the README's pictures) or a temp folder.
 """
 
 import json
@@ -185,14 +185,16 @@ def test_stray_messages_are_ignored_without_console_errors(browser):
         const send = (detail) => api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
         const point = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
         const trainer = window.app.graph._nodes.find(n => n.type === "UniPic2GRPOTrainer");
-        send({ prompt_id: "queued-elsewhere", node: trainer.id, total: 1, point });  // another graph's run
-        send({ prompt_id: "queued-here", node: 99999, total: 1, point });  // no such node
-        send({ prompt_id: "queued-here", node: 1, total: 1, point });  // a node of another type (the loader)
-        send({ prompt_id: "queued-here", node: trainer.id, total: 1, point: "garbage" });
+        const run = { start_step: 0, total: 1, point };
+        send({ prompt_id: "queued-elsewhere", node: trainer.id, ...run });  // another graph's run
+        send({ prompt_id: "queued-here", node: 99999, ...run });  // no such node
+        send({ prompt_id: "queued-here", node: 1, ...run });  // a node of another type (the loader)
+        send({ prompt_id: "queued-here", node: trainer.id, start_step: 0, total: 1, point: "garbage" });
+        send({ prompt_id: "queued-here", node: trainer.id, total: 1, point });  // no start_step
         send({ history: "garbage" });
         const stray = trainer.properties.unipic2_history ?? null;
         window.app.graph.remove(trainer);
-        send({ prompt_id: "queued-here", node: trainer.id, total: 1, point });  // deleted
+        send({ prompt_id: "queued-here", node: trainer.id, ...run });  // deleted
         window.app.canvas.draw(true, true);
         return [trainer.id, stray];
     }""")
@@ -239,8 +241,50 @@ def test_a_trainer_inside_a_subgraph_gets_its_points(browser):
         graph.extra.unipic2_prompts = ["queued-with-subgraph"];
         const point = { step: 1, rewards: { total: [0.5, 0.1] }, loss: 0, kl: 0 };
         const executionId = `${node.id}:${trainer.id}`;  // what the server names a node inside a subgraph
-        const detail = { prompt_id: "queued-with-subgraph", node: executionId, total: 2, point };
+        const detail = { prompt_id: "queued-with-subgraph", node: executionId, start_step: 0, total: 2, point };
         api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
         return trainer.properties.unipic2_history ?? null;
     }""")
     assert history == [{"step": 1, "rewards": {"total": [0.5, 0.1]}, "loss": 0, "kl": 0}]
+
+
+def test_a_later_run_of_the_node_replaces_its_chart_or_continues_it_when_resumed(browser):
+    browser.load(json.loads(GRPO.read_text()))
+    charts = browser.js("""async () => {
+        const { api } = await import("/scripts/api.js");
+        const graph = window.app.graph;
+        const trainer = graph._nodes.find(n => n.type === "UniPic2GRPOTrainer");
+        graph.extra.unipic2_prompts = ["long", "fresh", "resumed"];  // queued in this order
+        const send = (prompt_id, start_step, total, steps, term) => steps.forEach((step) => {
+            const point = { step, run: prompt_id, rewards: { total: [step / 10, 0], [term]: [1, 0] }, loss: 0, kl: 0 };
+            const detail = { prompt_id, node: trainer.id, start_step, total, point, preview: null };
+            api.dispatchEvent(new CustomEvent("unipic2.grpo", { detail }));
+        });
+        const steps = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+        const chart = () => {  // the points by run and step, and the texts drawn: header first, then the legend
+            const texts = [];
+            const ctx = new Proxy({}, { get: (target, key) => key in target ? target[key]
+                : key === "fillText" ? (text) => texts.push(text) : () => {} });
+            trainer.onDrawForeground(ctx);
+            return { points: trainer.properties.unipic2_history.map((p) => `${p.run}:${p.step}`), texts };
+        };
+        const charts = {};
+        send("long", 0, 20, steps(1, 20), "aesthetic");
+        charts.long = chart();
+        send("fresh", 0, 5, steps(1, 5), "clip");  // the same node queued anew: another LoRA, or its files gone
+        charts.fresh = chart();
+        send("long", 0, 20, [20], "aesthetic");  // the earlier run again (a catch-up replays it)
+        charts.replayed = chart();
+        send("resumed", 3, 6, steps(4, 6), "ocr");  // the fresh run's checkpoint at step 3, resumed
+        charts.resumed = chart();
+        return charts;
+    }""")
+    run = lambda name, first, last: [f"{name}:{step}" for step in range(first, last + 1)]  # noqa: E731
+    assert charts["long"]["points"] == run("long", 1, 20)
+    assert charts["fresh"]["points"] == run("fresh", 1, 5)  # nothing of the longer run stays
+    assert charts["fresh"]["texts"][0] == "step 5/5  reward 0.5000"
+    assert charts["replayed"] == charts["fresh"]
+    assert charts["resumed"]["points"] == run("fresh", 1, 3) + run("resumed", 4, 6)
+    assert charts["resumed"]["texts"][0] == "step 6/6  reward 0.6000"
+    legend = [text for text in charts["resumed"]["texts"] if text in ("total", "aesthetic", "clip", "ocr")]
+    assert legend == ["total", "clip", "ocr"]  # every term on the chart, though the last point has no clip

@@ -1,5 +1,6 @@
 """Training messages reach only the client that queued the run: live over ComfyUI's websocket, and through
-`GET /unipic2/messages/<event>?clientId=` for a reloaded page, on a real ComfyUI server on 127.0.0.1."""
+`GET /unipic2/messages/<event>?clientId=` for a reloaded page (as often as it asks), on a real ComfyUI server on
+127.0.0.1; each message names the step its run began at (0, or the resumed checkpoint's)."""
 
 import asyncio
 import importlib.util
@@ -93,24 +94,54 @@ def test_each_client_gets_only_its_own_runs_live_and_after_a_reload(server):
         live = [m["data"] for m in received[client] if m["type"] == EVENT]
         assert {m["prompt_id"] for m in live} == {prompt_id}  # the other client's run never reached this one
         # each message carries one step's point, not the history so far
-        assert all(set(m) == {"prompt_id", "node", "total", "point", "preview"} for m in live)
+        assert all(set(m) == {"prompt_id", "node", "start_step", "total", "point", "preview"} for m in live)
         assert [m["point"]["step"] for m in live] == list(range(1, STEPS + 1))
-        assert {(m["node"], m["total"]) for m in live} == {(TRAINER, STEPS)}
+        assert {(m["node"], m["start_step"], m["total"]) for m in live} == {(TRAINER, 0, STEPS)}
 
         first, second = fetched[client]
-        assert [(run["prompt_id"], run["node"], run["total"]) for run in first] == [(prompt_id, TRAINER, STEPS)]
+        assert [(run["prompt_id"], run["node"], run["start_step"], run["total"]) for run in first] == [
+            (prompt_id, TRAINER, 0, STEPS)]
         assert first[0]["history"] == [m["point"] for m in live]
         assert first[0]["preview"].startswith("data:image/jpeg;base64,")
-        assert second == []  # a finished run goes once its client has fetched it
+        assert second == first  # fetching takes nothing away: a second reload still gets the finished run
     assert fetched["someone-else"] == [[]]
+
+
+async def train_and_resume(server) -> tuple[list[dict], list[dict]]:
+    """One client trains STEPS steps, then queues the same LoRA again for two more (resume is on by default);
+    returns the live messages of both runs and what the client's GET answers afterwards."""
+    client = "unipic2-test-resume"
+    async with aiohttp.ClientSession() as http:
+        socket = await http.ws_connect(f"{server.url}/ws?clientId={client}")
+        live = []
+        for steps in (STEPS, STEPS + 2):
+            prompt = short_run(server, "messages_resume")
+            prompt[TRAINER]["inputs"]["steps"] = steps
+            async with http.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client}) as response:
+                prompt_id = (await response.json())["prompt_id"]
+            live += [m["data"] for m in await messages_until_done(socket, prompt_id) if m["type"] == EVENT]
+        async with http.get(f"{server.url}/unipic2/messages/{EVENT}", params={"clientId": client}) as response:
+            fetched = await response.json()
+        await socket.close()
+    return live, fetched
+
+
+def test_a_resumed_run_tells_the_step_it_started_at(server):
+    live, fetched = asyncio.run(train_and_resume(server))
+    fresh, resumed = fetched
+    assert [(m["prompt_id"], m["start_step"], m["total"], m["point"]["step"]) for m in live] == [
+        *((fresh["prompt_id"], 0, STEPS, step) for step in range(1, STEPS + 1)),
+        *((resumed["prompt_id"], STEPS, STEPS + 2, step) for step in (STEPS + 1, STEPS + 2))]
+    assert (fresh["start_step"], resumed["start_step"]) == (0, STEPS)
+    assert [point["step"] for point in resumed["history"]] == [STEPS + 1, STEPS + 2]
 
 
 def test_a_run_keeps_its_latest_points_only():
     messages = messages_module()
     runs = messages.Runs()
     for step in range(1, messages.MAX_POINTS + 2):
-        runs.add(EVENT, "a", "p", "12", 10**6, {"step": step}, None)
-    (run,) = runs.take(EVENT, "a")
+        runs.add(EVENT, "a", "p", "12", 0, 10**6, {"step": step}, None)
+    (run,) = runs.of_client(EVENT, "a")
     assert [point["step"] for point in run["history"]] == list(range(2, messages.MAX_POINTS + 2))
 
 
@@ -118,20 +149,22 @@ def test_the_least_recently_updated_run_goes_beyond_the_limit():
     messages = messages_module()
     runs = messages.Runs(max_runs=3)
     for prompt in ("p1", "p2", "p3"):
-        runs.add(EVENT, "a", prompt, "12", 5, {"step": 1}, None)
-    runs.add(EVENT, "a", "p1", "12", 5, {"step": 2}, None)  # p1 is training again: p2 is now the stalest
-    runs.add(EVENT, "b", "p4", "12", 5, {"step": 1}, None)
-    assert [run["prompt_id"] for run in runs.take(EVENT, "a")] == ["p3", "p1"]
-    assert [run["prompt_id"] for run in runs.take(EVENT, "b")] == ["p4"]
+        runs.add(EVENT, "a", prompt, "12", 0, 5, {"step": 1}, None)
+    runs.add(EVENT, "a", "p1", "12", 0, 5, {"step": 2}, None)  # p1 is training again: p2 is now the stalest
+    runs.add(EVENT, "b", "p4", "12", 0, 5, {"step": 1}, None)
+    assert [run["prompt_id"] for run in runs.of_client(EVENT, "a")] == ["p3", "p1"]
+    assert [run["prompt_id"] for run in runs.of_client(EVENT, "b")] == ["p4"]
 
 
-def test_a_client_fetches_its_runs_of_the_event_and_a_finished_one_only_once():
+def test_a_client_fetches_its_runs_of_the_event_as_often_as_it_asks():
     messages = messages_module()
     runs = messages.Runs()
-    runs.add(EVENT, "a", "p1", "5:3", 2, {"step": 1}, "data:1")
-    runs.add(EVENT, "a", "p1", "5:3", 2, {"step": 2}, None)  # a step without a preview keeps the last one
-    runs.add("unipic2.other", "a", "p2", "7", 2, {"step": 1}, None)
-    runs.add(EVENT, "a", "p3", "7", 2, {"step": 1}, None)
-    assert [(r["prompt_id"], r["preview"]) for r in runs.take(EVENT, "a")] == [("p1", "data:1"), ("p3", None)]
-    assert [r["prompt_id"] for r in runs.take(EVENT, "a")] == ["p3"]  # p1 finished and was fetched
-    assert runs.take(EVENT, "b") == []
+    runs.add(EVENT, "a", "p1", "5:3", 0, 2, {"step": 1}, "data:1")
+    runs.add(EVENT, "a", "p1", "5:3", 0, 2, {"step": 2}, None)  # a step without a preview keeps the last one
+    runs.add("unipic2.other", "a", "p2", "7", 0, 2, {"step": 1}, None)
+    runs.add(EVENT, "a", "p3", "7", 4, 6, {"step": 5}, None)
+    expected = [("p1", 0, [1, 2], "data:1"), ("p3", 4, [5], None)]
+    for _ in range(2):  # p1 finished: it stays all the same
+        assert [(r["prompt_id"], r["start_step"], [p["step"] for p in r["history"]], r["preview"])
+                for r in runs.of_client(EVENT, "a")] == expected
+    assert runs.of_client(EVENT, "b") == []

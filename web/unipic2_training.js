@@ -2,7 +2,9 @@
 // latest samples. The server sends each training step's new point, only to the client that queued the run
 // (nodes/messages.py). The chart lives in node.properties, so it survives a page reload (the frontend restores the
 // workflow) and is saved with the workflow. A workflow records the prompt ids it queued (graph.extra) and takes
-// points only from those runs: another workflow with a trainer of the same node id never gets them.
+// points only from those runs: another workflow with a trainer of the same node id never gets them. A chart belongs
+// to one run (node.properties.unipic2_prompt): a later run of the node keeps its points up to the step it started at
+// (a resumed run continues the chart, a fresh one, at step 0, replaces it) and an earlier run's points stay off.
 // Plain ES module, no build step, for the current frontend (ComfyUI 0.3.75's).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -50,24 +52,35 @@ export function nodeByExecutionId(graph, id) {
   return node;
 }
 
-// A run's points go on its trainer node only in a graph that queued the run.
+// A run's points go on its trainer node only in a graph that queued the run, and not over a later run's chart.
 function show(graph, run) {
-  if (!queuedPrompts(graph).includes(run.prompt)) return;
+  const queued = queuedPrompts(graph);
+  const order = queued.indexOf(run.prompt);
+  if (order < 0) return;
   const node = nodeByExecutionId(graph, run.node);
   if (!node || node.type !== NODE_TYPE) return;
   node.properties = node.properties ?? {};
-  node.properties.unipic2_history = merged(historyOf(node), run.points);
+  let history = historyOf(node);
+  if (node.properties.unipic2_prompt !== run.prompt) {
+    if (queued.indexOf(node.properties.unipic2_prompt) > order) return;
+    history = history.filter((point) => point.step <= run.start);
+    node.properties.unipic2_prompt = run.prompt;
+  }
+  node.properties.unipic2_history = merged(history, run.points);
   node.properties.unipic2_total = run.total;
   if (run.preview) node.properties.unipic2_preview = run.preview;
   node.setDirtyCanvas?.(true, true);
 }
 
-// A live message ({prompt_id, node, total, point, preview}) or a catch-up ({..., history}); anything else is ignored.
+// A live message ({prompt_id, node, start_step, total, point, preview}) or a catch-up ({..., history}); anything
+// else is ignored.
 function receive(message, points) {
-  if (typeof message?.prompt_id !== "string" || message.node == null || !Array.isArray(points)
-      || !points.length || !points.every((point) => typeof point?.step === "number")) return;
+  if (typeof message?.prompt_id !== "string" || message.node == null || !Number.isInteger(message.start_step)
+      || message.start_step < 0 || !Array.isArray(points) || !points.length
+      || !points.every((point) => typeof point?.step === "number")) return;
   const key = `${message.prompt_id}/${message.node}`;
-  const run = runs.get(key) ?? { prompt: message.prompt_id, node: String(message.node), points: [] };
+  const run = runs.get(key)
+      ?? { prompt: message.prompt_id, node: String(message.node), start: message.start_step, points: [] };
   runs.delete(key);
   runs.set(key, run);  // the map's order is the eviction order
   if (runs.size > MAX_RUNS) runs.delete(runs.keys().next().value);
@@ -174,7 +187,8 @@ function drawTraining(node, ctx) {
   ctx.fillText(last ? `step ${last.step}/${node.properties.unipic2_total ?? "?"}  reward ${last.rewards?.total?.[0]?.toFixed?.(4) ?? "-"}`
                     : "GRPO: no training steps yet", 10, y + 4);
   y += 10;
-  const names = Object.keys(last?.rewards ?? {});
+  // every reward term of the chart, first seen first: a resumed run may add one
+  const names = [...new Set(history.flatMap((h) => Object.keys(h.rewards ?? {})))];
   const rewards = Object.fromEntries(names.map((name) => [name, history.map((h) => h.rewards?.[name]?.[0])]));
   drawPanel(ctx, "reward", rewards, 10, y, width, CHART_HEIGHT / 2 - 4);
   drawPanel(ctx, "loss", { loss: history.map((h) => h.loss), kl: history.map((h) => h.kl) }, 10,
