@@ -6,7 +6,8 @@ import math
 import os
 import re
 
-from ..unipic_core.lora import LoRAError, LoRAFileExists, LoRAWeights, PREFIX, check_lora_fits, load_lora, save_lora
+from ..unipic_core.atomic_files import NameTaken
+from ..unipic_core.lora import LoRAError, LoRAWeights, PREFIX, check_lora_fits, load_lora, save_lora
 from . import host
 
 LORA = ("UNIPIC2_LORA", {"tooltip": "From UniPic2 GRPO Trainer or UniPic2 Load LoRA."})
@@ -64,7 +65,7 @@ class UniPic2SaveLoRA:
         for path in numbered_paths(root, prefix):
             try:
                 return {"ui": {"text": [str(save_lora(lora, path, replace=False))]}}
-            except LoRAFileExists:
+            except NameTaken:
                 continue  # another writer took this number while we wrote: the next one
 
 

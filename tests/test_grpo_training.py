@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from unipic_core.atomic_files import WriteError
 from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks, TrainingItem
 from unipic_core.loading import load_kontext
 from unipic_core.lora import LoRAError, load_lora, save_lora
@@ -123,7 +124,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(models, tmp_path, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("unipic_core.training_state.torch.save", disk_full)
-    with pytest.raises(LoRAError, match="No space left"):
+    with pytest.raises(WriteError, match="No space left"):
         train(models, small(steps=2), checkpoint=path, resume=True)
     assert path.with_suffix(".training-state").read_bytes() == state and path.read_bytes() == lora
 

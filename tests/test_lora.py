@@ -18,8 +18,9 @@ from safetensors.torch import safe_open, save_file
 
 from conftest import randomise_lora_b
 import unipic_core.lora as lora_module
-from unipic_core.lora import (TARGET_MODULES, LoRAError, LoRAFileExists, LoRAWeights, add_lora, adapter_tensors,
-                              atomic_write, load_into_adapter, load_lora, lora_weights, remove_lora, save_lora,
+from unipic_core.atomic_files import NameTaken, WriteError, atomic_write
+from unipic_core.lora import (TARGET_MODULES, LoRAError, LoRAWeights, add_lora, adapter_tensors,
+                              load_into_adapter, load_lora, lora_weights, remove_lora, save_lora,
                               set_adapter_tensors)
 
 
@@ -122,7 +123,7 @@ def test_unwritable_folder_keeps_the_previous_file(fresh_transformer, tmp_path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("unipic_core.lora.save_file", disk_full)
-    with pytest.raises(LoRAError, match="No space left.*previous file there is unchanged"):
+    with pytest.raises(WriteError, match="No space left.*previous file there is unchanged"):
         save_lora(lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"steps": 2}), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["l.safetensors"]  # no temp file left behind
@@ -160,7 +161,7 @@ def test_atomic_write_turns_any_write_error_into_a_clear_message(tmp_path):
     atomic_write(path, _write_bytes(b"step 1"), "the training checkpoint")
     # What torch.save raises on a full disk: a RuntimeError, not an OSError.
     full_disk = RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
-    with pytest.raises(LoRAError, match=r"could not write the training checkpoint to .*run.training-state "
+    with pytest.raises(WriteError, match=r"could not write the training checkpoint to .*run.training-state "
                                         r"\(RuntimeError: .*PytorchStreamWriter.*free disk space.*unchanged"):
         atomic_write(path, _fail_after_writing_part(full_disk), "the training checkpoint")
     assert path.read_bytes() == b"step 1"
@@ -177,7 +178,7 @@ def test_atomic_write_keeps_the_message_when_cleanup_fails(tmp_path, monkeypatch
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "unlink", cannot_unlink)
-    with pytest.raises(LoRAError, match="could not write the LoRA .*No space left on device.*free disk space"):
+    with pytest.raises(WriteError, match="could not write the LoRA .*No space left on device.*free disk space"):
         atomic_write(tmp_path / "l.safetensors", _fail_after_writing_part(OSError(28, "No space left on device")),
                      "the LoRA")
     assert "could not remove" in caplog.text and ".l.safetensors.tmp-" in caplog.text
@@ -251,7 +252,7 @@ def test_save_lora_without_replace_never_overwrites_a_file_created_meanwhile(tmp
     monkeypatch.setattr(lora_module, "save_file", save_while_another_writer_takes_the_name)
     if not hard_links:
         monkeypatch.setattr(os, "link", _no_hard_links)
-    with pytest.raises(LoRAFileExists, match=r"the LoRA was not written: .*l.safetensors already exists; choose "
+    with pytest.raises(NameTaken, match=r"the LoRA was not written: .*l.safetensors already exists; choose "
                                             "another name"):
         save_lora(lora, path, replace=False)
     assert path.read_bytes() == b"theirs"

@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import os
 import re
 
 import pytest
@@ -65,7 +66,7 @@ def test_save_lora_never_overwrites_a_file_created_meanwhile(host, monkeypatch, 
 
     monkeypatch.setattr(lora_module, "save_file", save_while_another_writer_takes_the_name)
     if not hard_links:
-        monkeypatch.setattr(lora_module.os, "link", no_hard_links)
+        monkeypatch.setattr(os, "link", no_hard_links)
     lora = small_lora()
     written = host.node("UniPic2SaveLoRA").save(lora, f"race_{hard_links}/mine")["ui"]["text"][0]
     assert written.endswith("mine_00002.safetensors")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .lora import LoRAError, LoRAWeights, atomic_write
+from .atomic_files import atomic_write
+from .lora import LoRAError, LoRAWeights
 
 log = logging.getLogger("unipic2")
 
