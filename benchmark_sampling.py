@@ -2,6 +2,7 @@
 same weights and inputs.
 
     python benchmark_sampling.py [--sizes tiny mid] [--steps 8] [--resolution 512] [--device cpu|cuda] [--full-size]
+                                 [--use-pytorch-cross-attention]
 
 Text-to-image runs against diffusers' StableDiffusion3Pipeline (latent output, given embeddings and latents);
 editing against a plain loop over diffusers' FlowMatchEulerDiscreteScheduler calling the same Kontext DiT with
@@ -128,12 +129,14 @@ def reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance):
 class NativeHost:
     """ComfyUI imported into this process with the pack loaded as ComfyUI loads it (the tests' host)."""
 
-    def __init__(self, work_dir: str, device: torch.device):
+    def __init__(self, work_dir: str, device: torch.device, pytorch_attention: bool):
         host = prepare_host(work_dir)
         sys.path.insert(0, str(host))  # first: ComfyUI's `nodes` module, not this folder's `nodes` package
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = device.type == "cpu"  # before comfy.model_management is first imported
+        # before comfy.model_management is first imported, which reads them
+        comfy.cli_args.args.cpu = device.type == "cpu"
+        comfy.cli_args.args.use_pytorch_cross_attention = pytorch_attention
         import comfy.ldm.modules.attention
         import nodes
 
@@ -214,10 +217,13 @@ def main():
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-size", action="store_true", help="SD3.5-M DiT, random weights (bf16 on GPU)")
+    parser.add_argument("--use-pytorch-cross-attention", action="store_true",
+                        help="ComfyUI's flag: native attention by torch's SDPA, as the other legs use (ComfyUI's "
+                        "default on a CPU is sub-quadratic attention, on an NVIDIA GPU SDPA)")
     args = parser.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        host = NativeHost(f"{tmp}/host", device)
+        host = NativeHost(f"{tmp}/host", device, args.use_pytorch_cross_attention)
         print(f"device {device}, torch {torch.__version__}, {args.steps} steps, CFG on, "
               f"native attention {host.attention}")
         for size in args.sizes:
