@@ -1,18 +1,26 @@
-"""Benchmark (not a test): the project's sampler against a reference loop, same process, same weights and inputs.
+"""Benchmark (not a test): the project's sampler and native ComfyUI sampling against a reference loop, same process,
+same weights and inputs.
 
     python benchmark_sampling.py [--sizes tiny mid] [--steps 8] [--resolution 512] [--device cpu|cuda] [--full-size]
+                                 [--use-pytorch-cross-attention]
 
 Text-to-image runs against diffusers' StableDiffusion3Pipeline (latent output, given embeddings and latents);
 editing against a plain loop over diffusers' FlowMatchEulerDiscreteScheduler calling the same Kontext DiT with
-the reference latent. Prints time per step and peak memory, and the ratio project / reference (target <= 1.0).
+the reference latent. The native leg is ComfyUI (the tests' host, imported here) sampling the same weights loaded
+by Load Diffusion Model's loader, made to edit by the pack's Kontext reference patch: CFGGuider + euler on the
+official sigmas, as SamplerCustomAdvanced runs it, the reference as `reference_latents` on the positive.
+Prints time per step and peak memory, the ratios project / reference and native / reference (target <= 1.0), and
+the largest difference between the native and the project latents (the parity tests allow 1e-4 in fp32).
 Peak memory is CUDA's max_memory_allocated on a GPU, and on the CPU the growth of the process RSS (sampled every
 2 ms, after returning freed heap to the OS with malloc_trim).
 --full-size builds SD3.5-Medium's DiT with random weights (GPU: bf16 at 512^2 and 1024^2).
 """
 
 import argparse
+import asyncio
 import ctypes
 import gc
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +29,7 @@ import psutil
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+from comfyui_runner import PACK_NAME, prepare_host
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.loading import load_kontext
 from unipic_core.sampling import PromptEmbeds, sample
@@ -80,22 +89,25 @@ def measure(fn, device) -> tuple[float, float]:
     return seconds, memory.peak
 
 
-def compare(ours, theirs, device, repeats=5) -> tuple[tuple[float, float], tuple[float, float]]:
-    """((seconds, MiB) of ours, of theirs): runs alternate after one warm-up each, so a slow spell on a noisy
-    machine hits both; the lowest of the repeats is kept for each figure."""
-    ours(), theirs()
-    runs = {ours: [], theirs: []}
+def compare(legs: dict, device, repeats=5) -> dict:
+    """{name: (seconds, MiB)} for {name: fn}: runs alternate after one warm-up each, so a slow spell on a noisy
+    machine hits every leg; the lowest of the repeats is kept for each figure."""
+    for fn in legs.values():
+        fn()
+    runs = {name: [] for name in legs}
     for _ in range(repeats):
-        for fn in (ours, theirs):
-            runs[fn].append(measure(fn, device))
-    return tuple((min(t for t, _ in runs[fn]), min(m for _, m in runs[fn])) for fn in (ours, theirs))
+        for name, fn in legs.items():
+            runs[name].append(measure(fn, device))
+    return {name: (min(t for t, _ in r), min(m for _, m in r)) for name, r in runs.items()}
 
 
-def report(label: str, unit: str, per: int, ours: tuple[float, float], theirs: tuple[float, float]) -> None:
-    (t_ours, m_ours), (t_ref, m_ref) = ours, theirs
-    print(f"{label}  project {t_ours / per * 1000:8.1f} {unit} {m_ours:8.1f} MiB | reference "
-          f"{t_ref / per * 1000:8.1f} {unit} {m_ref:8.1f} MiB | ratio time {t_ours / t_ref:.3f} "
-          f"memory {m_ours / max(m_ref, 1e-6):.3f}")
+def report(label: str, per: int, figures: dict, native_gap: float) -> None:
+    """One line: ms per step and MiB of each leg, then each leg's ratios to the reference."""
+    t_ref, m_ref = figures["reference"]
+    legs = " | ".join(f"{name} {t / per * 1000:8.1f} ms/step {m:8.1f} MiB" for name, (t, m) in figures.items())
+    ratios = " | ".join(f"{name}/ref time {t / t_ref:.3f} memory {m / max(m_ref, 1e-6):.3f}"
+                        for name, (t, m) in figures.items() if name != "reference")
+    print(f"{label}  {legs} || {ratios} || native-project max |diff| {native_gap:.1e}")
 
 
 def reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance):
@@ -114,7 +126,56 @@ def reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance):
     return latents
 
 
-def bench(name, transformer, device, dtype, resolution, steps, guidance=3.5):
+class NativeHost:
+    """ComfyUI imported into this process with the pack loaded as ComfyUI loads it (the tests' host)."""
+
+    def __init__(self, work_dir: str, device: torch.device, pytorch_attention: bool):
+        host = prepare_host(work_dir)
+        sys.path.insert(0, str(host))  # first: ComfyUI's `nodes` module, not this folder's `nodes` package
+        import comfy.cli_args
+
+        # before comfy.model_management is first imported, which reads them
+        comfy.cli_args.args.cpu = device.type == "cpu"
+        comfy.cli_args.args.use_pytorch_cross_attention = pytorch_attention
+        import comfy.ldm.modules.attention
+        import nodes
+
+        pack_dir = host / "custom_nodes" / PACK_NAME
+        if asyncio.run(nodes.load_custom_node(str(pack_dir))) is False:
+            raise SystemExit("the pack failed to import into ComfyUI (see the log above)")
+        pack = next(m for m in list(sys.modules.values())
+                    if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
+        self.with_kontext_reference = pack.nodes.native_kontext.with_kontext_reference
+        self.attention = comfy.ldm.modules.attention.optimized_attention.__name__
+
+    def model(self, transformer, dtype):
+        """The DiT's weights as a native MODEL (Load Diffusion Model's loader), patched to edit as UniPic2-Kontext."""
+        import comfy.sd
+
+        state_dict = {k: v.clone() for k, v in transformer.state_dict().items()}  # the loader consumes its input
+        native = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": dtype})
+        return self.with_kontext_reference(native)
+
+
+def native_sampler(model, noise, sigmas, pos, neg, guidance, reference=None):
+    """A call of SamplerCustomAdvanced's path (CFGGuider, euler, given sigmas) -> model-space latent, like `sample`.
+
+    `noise` and `reference` are model-space latents, as `sample` takes them; ComfyUI's LATENT is raw VAE space.
+    """
+    import comfy.samplers
+
+    extra = {} if reference is None else {"reference_latents": [model.model.process_latent_out(reference)]}
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds([[pos.tokens, {"pooled_output": pos.pooled, **extra}]],
+                     [[neg.tokens, {"pooled_output": neg.pooled}]])  # the patch gives the negative the reference
+    guider.set_cfg(guidance)
+    euler = comfy.samplers.sampler_object("euler")
+    empty = torch.zeros_like(noise)  # an empty raw latent: at sigma 1 the start is the noise alone
+    return lambda: model.model.process_latent_in(
+        guider.sample(noise, empty, euler, sigmas, disable_pbar=True, seed=0).to(noise.device))
+
+
+def bench(name, transformer, native, device, dtype, resolution, steps, guidance=3.5):
     cfg = transformer.config
     g = torch.Generator().manual_seed(0)
     side = resolution // 8
@@ -131,17 +192,22 @@ def bench(name, transformer, device, dtype, resolution, steps, guidance=3.5):
     pipe.vae_scale_factor = 8
 
     cases = {
-        "t2i": (lambda: sample(transformer, noise, sigmas, pos, neg, guidance),
-                lambda: pipe(prompt_embeds=pos.tokens, pooled_prompt_embeds=pos.pooled, negative_prompt_embeds=neg.tokens,
-                             negative_pooled_prompt_embeds=neg.pooled, latents=noise, height=resolution,
-                             width=resolution, num_inference_steps=steps, guidance_scale=guidance,
-                             output_type="latent")),
-        "edit": (lambda: sample(transformer, noise, sigmas, pos, neg, guidance, reference=ref),
-                 lambda: reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance)),
+        "t2i": dict(
+            project=lambda: sample(transformer, noise, sigmas, pos, neg, guidance),
+            native=native_sampler(native, noise, sigmas, pos, neg, guidance),
+            reference=lambda: pipe(prompt_embeds=pos.tokens, pooled_prompt_embeds=pos.pooled,
+                                   negative_prompt_embeds=neg.tokens, negative_pooled_prompt_embeds=neg.pooled,
+                                   latents=noise, height=resolution, width=resolution, num_inference_steps=steps,
+                                   guidance_scale=guidance, output_type="latent")),
+        "edit": dict(
+            project=lambda: sample(transformer, noise, sigmas, pos, neg, guidance, reference=ref),
+            native=native_sampler(native, noise, sigmas, pos, neg, guidance, reference=ref),
+            reference=lambda: reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance)),
     }
     with torch.no_grad():
-        for task, (ours, theirs) in cases.items():
-            report(f"{name:>10} {task:>4} {resolution:>5}px", "ms/step", steps, *compare(ours, theirs, device))
+        for task, legs in cases.items():
+            gap = (legs["native"]() - legs["project"]()).abs().max().item()
+            report(f"{name:>10} {task:>4} {resolution:>5}px", steps, compare(legs, device), gap)
 
 
 def main():
@@ -151,18 +217,25 @@ def main():
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-size", action="store_true", help="SD3.5-M DiT, random weights (bf16 on GPU)")
+    parser.add_argument("--use-pytorch-cross-attention", action="store_true",
+                        help="ComfyUI's flag: native attention by torch's SDPA, as the other legs use (ComfyUI's "
+                        "default on a CPU is sub-quadratic attention, on an NVIDIA GPU SDPA)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, {args.steps} steps, CFG on")
     with tempfile.TemporaryDirectory() as tmp:
+        host = NativeHost(f"{tmp}/host", device, args.use_pytorch_cross_attention)
+        print(f"device {device}, torch {torch.__version__}, {args.steps} steps, CFG on, "
+              f"native attention {host.attention}")
         for size in args.sizes:
             transformer = load_kontext(write_kontext_folder(f"{tmp}/{size}", size)).transformer.to(device)
-            bench(size, transformer, device, torch.float32, args.resolution, args.steps)
-    if args.full_size:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        transformer = KontextSD3Transformer(**SD35M_TRANSFORMER).to(device, dtype).eval()
-        for resolution in (512, 1024):
-            bench("SD3.5-M", transformer, device, dtype, resolution, args.steps)
+            bench(size, transformer, host.model(transformer, torch.float32), device, torch.float32,
+                  args.resolution, args.steps)
+        if args.full_size:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            transformer = KontextSD3Transformer(**SD35M_TRANSFORMER).to(device, dtype).eval()
+            native = host.model(transformer, dtype)
+            for resolution in (512, 1024):
+                bench("SD3.5-M", transformer, native, device, dtype, resolution, args.steps)
 
 
 if __name__ == "__main__":
