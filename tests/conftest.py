@@ -13,11 +13,14 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 
+TINY_KONTEXT = "UniPic2-tiny-Kontext"  # the tiny checkpoint's folder name, as the loaders list it
+
+
 @pytest.fixture(scope="session")
 def tiny_kontext_dir(tmp_path_factory) -> Path:
     from unipic_core.tiny import write_kontext_folder
 
-    return write_kontext_folder(tmp_path_factory.mktemp("ckpt") / "UniPic2-tiny-Kontext")
+    return write_kontext_folder(tmp_path_factory.mktemp("ckpt") / TINY_KONTEXT)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +85,7 @@ class InProcessHost:
         self.nodes = nodes
         models = work / "models" / "unipic2"  # an extra model folder: nothing is written into the host's own
         models.mkdir(parents=True)
-        (models / "UniPic2-tiny-Kontext").symlink_to(tiny_kontext_dir, target_is_directory=True)
+        (models / TINY_KONTEXT).symlink_to(tiny_kontext_dir, target_is_directory=True)
         (models / "UniPic2-tiny-MetaQuery").symlink_to(tiny_metaquery_dir, target_is_directory=True)
         folder_paths.add_model_folder_path("unipic2", str(models))
         self.loras = work / "models" / "loras"  # first in the list, so trained LoRAs land here
@@ -114,6 +117,18 @@ class InProcessHost:
 @pytest.fixture(scope="session")
 def host(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir, tiny_metaquery_dir)
+
+
+@pytest.fixture(scope="module")
+def loaded(host):
+    """Load UniPic2 Kontext on the tiny checkpoint: (model, text encoders, VAE)."""
+    return host.node("LoadUniPic2Kontext").load(TINY_KONTEXT, "fp32")
+
+
+@pytest.fixture(scope="module")
+def conditioning(host, loaded):
+    """(positive, negative) CONDITIONING of an edit instruction and a negative prompt."""
+    return host.node("UniPic2TextEncode").encode(loaded[1], "make it snow", "blurry")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import logging
 import pytest
 import torch
 
-TINY = "UniPic2-tiny-Kontext"
 UNET = "UniPic2-tiny-Kontext.safetensors"
 GUIDANCE = 3.5
 
@@ -20,16 +19,6 @@ def unet_loader(host, tiny_kontext_dir, tmp_path_factory):
     (folder / UNET).symlink_to(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     folder_paths.add_model_folder_path("diffusion_models", str(folder))
     return lambda weight_dtype="default": host.node("UNETLoader").load_unet(UNET, weight_dtype)[0]
-
-
-@pytest.fixture(scope="module")
-def loaded(host):
-    return host.node("LoadUniPic2Kontext").load(TINY, "fp32")
-
-
-@pytest.fixture(scope="module")
-def conditioning(host, loaded):
-    return host.node("UniPic2TextEncode").encode(loaded[1], "make it snow", "blurry")
 
 
 @pytest.fixture(scope="module")

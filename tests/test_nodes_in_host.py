@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-TINY = "UniPic2-tiny-Kontext"
+from conftest import TINY_KONTEXT as TINY
 
 
 def t2i_prompt(steps=3, batch=2, seed=5, width=64, height=96):
@@ -21,16 +21,6 @@ def t2i_prompt(steps=3, batch=2, seed=5, width=64, height=96):
         "5": {"class_type": "UniPic2VAEDecode", "inputs": {"vae": ["1", 2], "samples": ["4", 0]}},
         "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "t2i"}},
     }
-
-
-@pytest.fixture(scope="module")
-def loaded(host):
-    return host.node("LoadUniPic2Kontext").load(TINY, "fp32")
-
-
-@pytest.fixture(scope="module")
-def conditioning(host, loaded):
-    return host.node("UniPic2TextEncode").encode(loaded[1], "make it snow", "blurry")
 
 
 @pytest.fixture
