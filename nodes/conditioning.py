@@ -5,13 +5,17 @@ the same keys native CLIPTextEncode (SD3) and ReferenceLatent use, so our nodes 
 entries (Conditioning Combine) with timestep ranges (Conditioning Set Timestep Range) become a prompt schedule.
 """
 
+import logging
 import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..unipic_core.images import check_finite, check_latent
 from ..unipic_core.sampling import Prompt, PromptEmbeds, TimedPrompt
+
+log = logging.getLogger("unipic2")
 
 NODE = "UniPic2 Sampler"
 
@@ -96,19 +100,26 @@ def _prompt_embeds(tokens: torch.Tensor, extras: dict, where: str, config, batch
     return PromptEmbeds(tokens.float(), pooled.float())
 
 
+def attached_references(entries: list[dict], node: str) -> list[torch.Tensor]:
+    """The distinct raw reference latents attached to conditioning entries (their extras dicts): the same latent
+    carried by several entries (Conditioning Combine) counts once; an entry carrying two is refused."""
+    references = []
+    for extras in entries:
+        attached = extras.get("reference_latents") or []
+        if len(attached) > 1:
+            raise ValueError(f"{node}: {len(attached)} reference latents are attached; UniPic2-Kontext takes one "
+                             "reference image -- remove the extra Edit Reference / ReferenceLatent node")
+        references += [r for r in attached if not any(r is seen for seen in references)]
+    return references
+
+
 def reference_latent(positive: list, negative: list) -> torch.Tensor | None:
     """The raw reference latent attached to the conditioning (positive first), or None for text-to-image.
 
     One reference for all entries: Conditioning Combine of entries that carry the same latent is fine.
     """
     for name, conditioning in (("positive", positive), ("negative", negative)):
-        references = []
-        for _, extras in conditioning:
-            attached = extras.get("reference_latents") or []
-            if len(attached) > 1:
-                raise ValueError(f"{NODE}: {len(attached)} reference latents are attached; UniPic2-Kontext takes "
-                                 "one reference image -- remove the extra Edit Reference / ReferenceLatent node")
-            references += [r for r in attached if not any(r is seen for seen in references)]
+        references = attached_references([extras for _, extras in conditioning], NODE)
         if len(references) > 1:
             raise ValueError(f"{NODE}: the entries of '{name}' carry {len(references)} different reference "
                              "latents; UniPic2-Kontext takes one reference image -- attach it once, after "
@@ -117,3 +128,23 @@ def reference_latent(positive: list, negative: list) -> torch.Tensor | None:
             check_latent(references[0], f"{NODE}: the reference latent in '{name}'", REFERENCE_CAUSE)
             return references[0]
     return None
+
+
+def reference_at_target(reference: torch.Tensor, target: torch.Size, node: str, warned_sizes: set) -> torch.Tensor:
+    """A raw reference latent checked against the target latent's shape [B, C, H, W] and resized to its size (the
+    size UniPic2-Kontext was trained on), with a warning once per size pair recorded in `warned_sizes`."""
+    batch, channels, height, width = target
+    if reference.shape[1] != channels:
+        raise ValueError(f"{node}: the reference latent has {reference.shape[1]} channels, the model needs "
+                         f"{channels} -- encode the image with an SD3 VAE")
+    if reference.shape[0] not in (1, batch):
+        raise ValueError(f"{node}: reference batch {reference.shape[0]} does not match latent batch {batch}; use "
+                         "one reference image or one per output")
+    if reference.shape[-2:] != (height, width):
+        sizes = (tuple(reference.shape[-2:]), (height, width))
+        if sizes not in warned_sizes:
+            warned_sizes.add(sizes)
+            log.warning("%s: reference latent %s resized to the output latent %s; for best results encode the "
+                        "reference at the output size (UniPic2 Edit Reference does)", node, *sizes)
+        reference = F.interpolate(reference.float(), size=(height, width), mode="bilinear")
+    return reference

@@ -15,9 +15,9 @@ import comfy.model_base
 import comfy.ops
 import comfy.patcher_extension
 import torch
-import torch.nn.functional as F
 
 from ..unipic_core import images
+from .conditioning import attached_references, reference_at_target
 
 log = logging.getLogger("unipic2")
 
@@ -58,34 +58,14 @@ def _extra_conds_with_reference(patched):
         out = base_extra_conds(**kwargs)
         references = kwargs.get("reference_latents")
         if references:
-            reference = _reference_at_target(references, kwargs["noise"], warned_sizes)
+            (reference,) = references  # _share_reference refused more
+            images.check_latent(reference, f"{NODE}: the reference latent", REFERENCE_CAUSE)
+            reference = reference_at_target(reference, kwargs["noise"].shape, NODE, warned_sizes)
             # raw VAE latent -> model space, once (the sampler does the same to the target latent)
             out[REFERENCE_COND] = comfy.conds.CONDNoiseShape(patched.model.process_latent_in(reference))
         return out
 
     return extra_conds
-
-
-def _reference_at_target(references: list, noise: torch.Tensor, warned_sizes: set) -> torch.Tensor:
-    """The one raw reference latent (_share_reference refused more), checked, at the target latent's size (the size
-    UniPic2-Kontext was trained on)."""
-    (reference,) = references
-    images.check_latent(reference, f"{NODE}: the reference latent", REFERENCE_CAUSE)
-    batch, channels, height, width = noise.shape
-    if reference.shape[1] != channels:
-        raise ValueError(f"{NODE}: the reference latent has {reference.shape[1]} channels, the model needs "
-                         f"{channels} -- encode the image with an SD3 VAE")
-    if reference.shape[0] not in (1, batch):
-        raise ValueError(f"{NODE}: reference batch {reference.shape[0]} does not match latent batch {batch}; use "
-                         "one reference image or one per output")
-    if reference.shape[-2:] != (height, width):
-        sizes = (tuple(reference.shape[-2:]), (height, width))
-        if sizes not in warned_sizes:
-            warned_sizes.add(sizes)
-            log.warning("%s: reference latent %s resized to the output latent %s; for best results encode the "
-                        "reference at the output size (UniPic2 Edit Reference does)", NODE, *sizes)
-        reference = F.interpolate(reference.float(), size=(height, width), mode="bilinear")
-    return reference
 
 
 def _forward_with_reference(dit, plain_forward):
@@ -125,13 +105,7 @@ def _share_reference(executor, model, noise_shape, conds, *args, **kwargs):
     the positive only, so entries without one get it here (new dicts: the user's conditioning stays untouched).
     """
     entries = [entry for entries in conds.values() for entry in entries]
-    references = []
-    for entry in entries:
-        attached = entry.get("reference_latents") or []
-        if len(attached) > 1:
-            raise ValueError(f"{NODE}: {len(attached)} reference latents are attached; UniPic2-Kontext takes one "
-                             "reference image -- remove the extra ReferenceLatent / UniPic2 Edit Reference node")
-        references += [r for r in attached if not any(r is seen for seen in references)]
+    references = attached_references(entries, NODE)
     if not references:
         return executor(model, noise_shape, conds, *args, **kwargs)
     if any(entry.get("control") is not None for entry in entries):

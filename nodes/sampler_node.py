@@ -9,7 +9,7 @@ from ..unipic_core import images
 from ..unipic_core.sampling import SAMPLERS, resize_noise_mask, sample
 from ..unipic_core.schedule import denoise_sigmas, percent_to_sigma
 from . import host
-from .conditioning import prompt_schedule, reference_latent
+from .conditioning import prompt_schedule, reference_at_target, reference_latent
 
 log = logging.getLogger("unipic2")
 
@@ -116,17 +116,7 @@ def _model_space_reference(positive: list, negative: list, model, shape: torch.S
     reference = reference_latent(positive, negative)
     if reference is None:
         return None
-    batch, channels, height, width = shape
-    if reference.shape[1] != channels:
-        raise ValueError(f"UniPic2 Sampler: the reference latent has {reference.shape[1]} channels, the model "
-                         f"needs {channels} -- encode the image with this checkpoint's VAE")
-    if reference.shape[-2:] != (height, width):
-        log.warning("UniPic2 Sampler: reference latent %s resized to the output latent %s; for best results "
-                    "feed the latent from UniPic2 Edit Reference", tuple(reference.shape[-2:]), (height, width))
-        reference = F.interpolate(reference.float(), size=(height, width), mode="bilinear")
-    if reference.shape[0] not in (1, batch):
-        raise ValueError(f"UniPic2 Sampler: reference batch {reference.shape[0]} does not match latent "
-                         f"batch {batch}; use one reference image or one per output")
+    reference = reference_at_target(reference, shape, "UniPic2 Sampler", warned_sizes=set())
     return images.raw_to_model(reference, model.vae_shift, model.vae_scale)  # GuidedVelocity expands it
 
 

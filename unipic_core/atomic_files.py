@@ -28,7 +28,7 @@ def atomic_write(path: Path, write, what: str, *, replace: bool = True) -> None:
     The data is fsynced before the rename and the folder after it, so a crash or power cut leaves the old file
     or the new one, never a torn one. The file gets the user's usual permissions (0o666 & ~umask; safetensors
     writes 0600). Temp files that killed writers left for `path` are removed first. Any failure raises a
-    LoRAError naming `what`, `path` and the fix, and leaves a previous file unchanged. replace=False never
+    WriteError naming `what`, `path` and the fix, and leaves a previous file unchanged. replace=False never
     replaces a file, not even one another writer created meanwhile: it raises NameTaken instead.
     """
     path = Path(path)
