@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from benchmark_sampling import PeakMemory, measure
+from unipic_core.dit import DiffusersDiT
 from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem, TrainingModels
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.loading import load_kontext
@@ -46,7 +47,8 @@ def full_size_models(device: torch.device) -> TrainingModels:
                            torch.randn(1, cfg.pooled_projection_dim, generator=g)) for _ in "pn"]
     condition = lambda prompts, sources: (PromptEmbeds(embeds[0].tokens.expand(len(prompts), -1, -1),
                                                        embeds[0].pooled.expand(len(prompts), -1)), embeds[1])
-    return training_models(lambda: transformer, lambda: vae, condition, {"shift": 3.0}, device, "SD3.5-M-random")
+    dit = DiffusersDiT(transformer)
+    return training_models(lambda: dit, lambda: vae, condition, {"shift": 3.0}, device, "SD3.5-M-random")
 
 
 class Phases:
@@ -84,7 +86,7 @@ def bench(name: str, models: TrainingModels, settings: GRPOSettings, repeats: in
 
         def generate():
             with torch.no_grad():
-                latents = sample(trainer.transformer, noise, sigmas, positive, negative, settings.guidance,
+                latents = sample(trainer.dit, noise, sigmas, positive, negative, settings.guidance,
                                  sampler="flow-sde", noise_level=settings.noise_level, generator=generator)
                 models.decode(latents)
 

@@ -30,6 +30,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from comfyui_runner import PACK_NAME, prepare_host
+from unipic_core.dit import DiffusersDiT
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.loading import load_kontext
 from unipic_core.sampling import PromptEmbeds, sample
@@ -177,6 +178,7 @@ def native_sampler(model, noise, sigmas, pos, neg, guidance, reference=None):
 
 def bench(name, transformer, native, device, dtype, resolution, steps, guidance=3.5):
     cfg = transformer.config
+    dit = DiffusersDiT(transformer)
     g = torch.Generator().manual_seed(0)
     side = resolution // 8
     noise = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype)
@@ -193,14 +195,14 @@ def bench(name, transformer, native, device, dtype, resolution, steps, guidance=
 
     cases = {
         "t2i": dict(
-            project=lambda: sample(transformer, noise, sigmas, pos, neg, guidance),
+            project=lambda: sample(dit, noise, sigmas, pos, neg, guidance),
             native=native_sampler(native, noise, sigmas, pos, neg, guidance),
             reference=lambda: pipe(prompt_embeds=pos.tokens, pooled_prompt_embeds=pos.pooled,
                                    negative_prompt_embeds=neg.tokens, negative_pooled_prompt_embeds=neg.pooled,
                                    latents=noise, height=resolution, width=resolution, num_inference_steps=steps,
                                    guidance_scale=guidance, output_type="latent")),
         "edit": dict(
-            project=lambda: sample(transformer, noise, sigmas, pos, neg, guidance, reference=ref),
+            project=lambda: sample(dit, noise, sigmas, pos, neg, guidance, reference=ref),
             native=native_sampler(native, noise, sigmas, pos, neg, guidance, reference=ref),
             reference=lambda: reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance)),
     }

@@ -7,6 +7,7 @@ import os
 import re
 
 from ..unipic_core.atomic_files import NameTaken
+from ..unipic_core.dit import DiffusersDiT
 from ..unipic_core.lora import LoRAError, LoRAWeights, PREFIX, check_lora_fits, load_lora, save_lora
 from . import host
 
@@ -112,7 +113,7 @@ class UniPic2ApplyLoRA:
             raise ValueError(f"UniPic2 Apply LoRA: strength is {strength}; give a finite number (1 = as trained, "
                              "0 = the base model)")
         try:
-            check_lora_fits(lora, model.transformer)
+            check_lora_fits(lora, DiffusersDiT(model.transformer))
         except LoRAError as e:
             raise LoRAError(f"UniPic2 Apply LoRA: {e}") from e
         tensors, key_map = host_lora(lora)

@@ -136,6 +136,7 @@ class UniPic2GRPOTrainer:
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
               text_encoders=None, mllm=None, lora=None, node_id=None):
         from ..unipic_core.curves import plot_curves, sample_grid
+        from ..unipic_core.dit import DiffusersDiT
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
         from ..unipic_core.training_models import metaquery_condition, text_condition, training_models
 
@@ -154,10 +155,10 @@ class UniPic2GRPOTrainer:
             updates_per_step=updates_per_step, seed=seed,
             negative_prompt=negative_prompt, save_every=save_every)
 
-        def transformer_on_device():
+        def dit_on_device():
             transformer = host.load_on_device(model.patcher)[0]
             host.make_trainable(transformer)
-            return transformer
+            return DiffusersDiT(transformer)
 
         def text_encoders_on_device():
             host.load_on_device(*text_encoders.patchers)
@@ -183,7 +184,7 @@ class UniPic2GRPOTrainer:
                                json_safe(trainer.history[-1]), messages.jpeg_data_url(grid))
 
         with host.training_mode():
-            models = training_models(transformer_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
+            models = training_models(dit_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
                                      model.scheduler_config, host.device(), model.name)
             try:
                 trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)

@@ -132,17 +132,18 @@ def conditioning(host, loaded):
 
 
 @pytest.fixture
-def fresh_transformer(tiny_kontext_dir):
-    """A tiny DiT of its own, for tests that put a LoRA into it."""
+def fresh_dit(tiny_kontext_dir):
+    """A tiny diffusers DiT of its own, for tests that put a LoRA into it."""
+    from unipic_core.dit import DiffusersDiT
     from unipic_core.kontext_transformer import KontextSD3Transformer
     from unipic_core.loading import load_pretrained
 
-    return load_pretrained(KontextSD3Transformer, tiny_kontext_dir / "transformer", torch.float32)
+    return DiffusersDiT(load_pretrained(KontextSD3Transformer, tiny_kontext_dir / "transformer", torch.float32))
 
 
-def randomise_lora_b(transformer, std: float = 0.1) -> None:
-    """A trained-looking adapter (peft starts lora_B at zero), so the LoRA path really changes outputs."""
+def randomise_lora_b(dit, std: float = 0.1) -> None:
+    """A trained-looking adapter (add_lora starts lora_B at zero), so the LoRA path really changes outputs."""
     with torch.no_grad():
-        for name, p in transformer.named_parameters():
+        for name, p in dit.adapter_parameters().items():
             if "lora_B" in name:
                 p.normal_(std=std)

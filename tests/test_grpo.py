@@ -29,28 +29,28 @@ def test_noise_level_zero_mean_is_the_euler_step():
     assert std == 0.0 and torch.equal(mean, x + (sigmas[3] - sigmas[2]).item() * v)
 
 
-def _velocity(transformer, batch):
-    config = transformer.config
+def _velocity(dit, batch):
+    config = dit.transformer.config
     torch.manual_seed(1)
     pos = PromptEmbeds(torch.randn(1, 5, config.joint_attention_dim), torch.randn(1, config.pooled_projection_dim))
     neg = PromptEmbeds(torch.randn(1, 5, config.joint_attention_dim), torch.randn(1, config.pooled_projection_dim))
-    return GuidedVelocity(transformer, pos, neg, 3.5, None, batch, torch.device("cpu"))
+    return GuidedVelocity(dit, pos, neg, 3.5, None, batch, torch.device("cpu"))
 
 
-def _trajectory(transformer, sigmas, batch=3):
+def _trajectory(dit, sigmas, batch=3):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(batch, 16, 8, 8, generator=g)
     step_noise = torch.randn(len(sigmas) - 1, batch, 16, 8, 8, generator=g)
-    return sample_trajectory(_velocity(transformer, batch), noise, sigmas, 0.7, step_noise)
+    return sample_trajectory(_velocity(dit, batch), noise, sigmas, 0.7, step_noise)
 
 
 @pytest.fixture
-def rollout(fresh_transformer):
+def rollout(fresh_dit):
     """A DiT with a trained-looking LoRA, a 4-step SDE trajectory of 3 images sampled with it, and its velocity."""
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    randomise_lora_b(fresh_transformer)
+    add_lora(fresh_dit, 4, 8, seed=0)
+    randomise_lora_b(fresh_dit)
     sigmas = flow_sigmas(4, {"shift": 3.0})
-    return fresh_transformer, sigmas, _trajectory(fresh_transformer, sigmas), _velocity(fresh_transformer, 3)
+    return fresh_dit, sigmas, _trajectory(fresh_dit, sigmas), _velocity(fresh_dit, 3)
 
 
 def test_ratio_is_exactly_one_on_the_first_update(rollout):
@@ -62,12 +62,11 @@ def test_ratio_is_exactly_one_on_the_first_update(rollout):
 
 
 def test_kl_is_zero_with_the_lora_disabled(rollout):
-    fresh_transformer, sigmas, trajectory, velocity = rollout
+    fresh_dit, sigmas, trajectory, velocity = rollout
     log_prob, with_lora = step_policy(velocity, trajectory, sigmas, 1, 0.7)
-    fresh_transformer.disable_adapters()
-    _, without = step_policy(velocity, trajectory, sigmas, 1, 0.7)
-    _, ref = step_policy(velocity, trajectory, sigmas, 1, 0.7)
-    fresh_transformer.enable_adapters()
+    with fresh_dit.adapter_disabled():
+        _, without = step_policy(velocity, trajectory, sigmas, 1, 0.7)
+        _, ref = step_policy(velocity, trajectory, sigmas, 1, 0.7)
     adv = torch.zeros(3)
     assert grpo_loss(log_prob, trajectory.log_probs[1], adv, 1e-4, 0.04, without, ref, 0.5).kl.item() == 0.0
     assert grpo_loss(log_prob, trajectory.log_probs[1], adv, 1e-4, 0.04, with_lora, ref, 0.5).kl.item() > 0.0

@@ -20,7 +20,7 @@ from conftest import randomise_lora_b
 import unipic_core.lora as lora_module
 from unipic_core.atomic_files import NameTaken, WriteError, atomic_write
 from unipic_core.lora import (TARGET_MODULES, LoRAError, LoRAWeights, add_lora, adapter_tensors,
-                              load_into_adapter, load_lora, lora_weights, remove_lora, save_lora,
+                              load_into_adapter, load_lora, lora_weights, save_lora,
                               set_adapter_tensors)
 
 
@@ -34,28 +34,28 @@ def _forward(transformer):
                            timestep=torch.tensor([300.0, 700.0])).sample
 
 
-def test_adapter_targets_both_attention_streams(fresh_transformer):
-    add_lora(fresh_transformer, 4, 8, seed=0)
+def test_adapter_targets_both_attention_streams(fresh_dit):
+    add_lora(fresh_dit, 4, 8, seed=0)
     names = {k.split("transformer_blocks.0.attn.")[1].rsplit(".lora_", 1)[0]
-             for k in adapter_tensors(fresh_transformer) if "transformer_blocks.0.attn." in k}
+             for k in adapter_tensors(fresh_dit) if "transformer_blocks.0.attn." in k}
     assert names == set(TARGET_MODULES)
     assert all(p.dtype == torch.float32 and p.requires_grad
-               for n, p in fresh_transformer.named_parameters() if "lora_" in n)
-    assert not any(p.requires_grad for n, p in fresh_transformer.named_parameters() if "lora_" not in n)
+               for n, p in fresh_dit.transformer.named_parameters() if "lora_" in n)
+    assert not any(p.requires_grad for n, p in fresh_dit.transformer.named_parameters() if "lora_" not in n)
 
 
-def test_file_loads_in_diffusers_at_the_trained_scale(fresh_transformer, tiny_kontext, tmp_path):
-    add_lora(fresh_transformer, 4, alpha=12, seed=0)  # scale alpha / r = 3
-    randomise_lora_b(fresh_transformer, 0.2)
-    expected = _forward(fresh_transformer)
-    path = save_lora(lora_weights(adapter_tensors(fresh_transformer), 4, 12, {"base_model": "tiny"}), tmp_path / "l.safetensors")
-    remove_lora(fresh_transformer)
-    base = _forward(fresh_transformer)
+def test_file_loads_in_diffusers_at_the_trained_scale(fresh_dit, tiny_kontext, tmp_path):
+    add_lora(fresh_dit, 4, alpha=12, seed=0)  # scale alpha / r = 3
+    randomise_lora_b(fresh_dit, 0.2)
+    expected = _forward(fresh_dit.transformer)
+    path = save_lora(lora_weights(adapter_tensors(fresh_dit), 4, 12, {"base_model": "tiny"}), tmp_path / "l.safetensors")
+    fresh_dit.remove_lora()
+    base = _forward(fresh_dit.transformer)
     assert not torch.allclose(base, expected, atol=1e-3)
 
     te = tiny_kontext.text_encoders
     pipe = StableDiffusion3Pipeline(
-        transformer=fresh_transformer, vae=tiny_kontext.vae,
+        transformer=fresh_dit.transformer, vae=tiny_kontext.vae,
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(tiny_kontext.scheduler_config),
         text_encoder=te.clip_l, tokenizer=te.tokenizer_l, text_encoder_2=te.clip_g, tokenizer_2=te.tokenizer_g,
         text_encoder_3=te.t5, tokenizer_3=te.tokenizer_t5)
@@ -63,10 +63,10 @@ def test_file_loads_in_diffusers_at_the_trained_scale(fresh_transformer, tiny_ko
     assert torch.allclose(_forward(pipe.transformer), expected, atol=1e-5)
 
 
-def test_file_round_trip_keeps_tensors_and_metadata(fresh_transformer, tmp_path):
-    add_lora(fresh_transformer, 4, alpha=8, seed=0)
-    randomise_lora_b(fresh_transformer, 0.2)
-    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"base_model": "tiny", "steps": 7, "rewards": ["brightness"]})
+def test_file_round_trip_keeps_tensors_and_metadata(fresh_dit, tmp_path):
+    add_lora(fresh_dit, 4, alpha=8, seed=0)
+    randomise_lora_b(fresh_dit, 0.2)
+    lora = lora_weights(adapter_tensors(fresh_dit), 4, 8, {"base_model": "tiny", "steps": 7, "rewards": ["brightness"]})
     path = save_lora(lora, tmp_path / "sub" / "l.safetensors")
     loaded = load_lora(path)
     assert loaded.tensors.keys() == lora.tensors.keys()
@@ -77,11 +77,11 @@ def test_file_round_trip_keeps_tensors_and_metadata(fresh_transformer, tmp_path)
         peft_meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert peft_meta["transformer.r"] == 4 and peft_meta["transformer.lora_alpha"] == 4  # scale folded into B
     # Reading it back into a live adapter with another alpha keeps the same delta W.
-    raw = adapter_tensors(fresh_transformer)
-    remove_lora(fresh_transformer)
-    add_lora(fresh_transformer, 4, alpha=8, seed=1)
-    load_into_adapter(fresh_transformer, loaded, 4, 8)
-    assert all(torch.allclose(adapter_tensors(fresh_transformer)[k], raw[k]) for k in raw)
+    raw = adapter_tensors(fresh_dit)
+    fresh_dit.remove_lora()
+    add_lora(fresh_dit, 4, alpha=8, seed=1)
+    load_into_adapter(fresh_dit, loaded, 4, 8)
+    assert all(torch.allclose(adapter_tensors(fresh_dit)[k], raw[k]) for k in raw)
     # A foreign peft file (diffusers' metadata only, lora_alpha = 2 r) reads at its scale: B doubled.
     _rewrite(path, metadata={"unipic2": "{}", "lora_adapter_metadata": json.dumps({"transformer.r": 4,
                                                                                   "transformer.lora_alpha": 8})})
@@ -90,32 +90,32 @@ def test_file_round_trip_keeps_tensors_and_metadata(fresh_transformer, tmp_path)
     assert all(torch.allclose(foreign.tensors[k], lora.tensors[k] * (2 if "lora_B" in k else 1)) for k in lora.tensors)
 
 
-def test_remove_lora_restores_the_original_weight_keys(fresh_transformer):
-    keys = set(fresh_transformer.state_dict())
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    assert set(fresh_transformer.state_dict()) != keys
-    remove_lora(fresh_transformer)
-    assert set(fresh_transformer.state_dict()) == keys
+def test_remove_lora_restores_the_original_weight_keys(fresh_dit):
+    keys = set(fresh_dit.transformer.state_dict())
+    add_lora(fresh_dit, 4, 8, seed=0)
+    assert set(fresh_dit.transformer.state_dict()) != keys
+    fresh_dit.remove_lora()
+    assert set(fresh_dit.transformer.state_dict()) == keys
 
 
-def test_bad_lora_files_are_refused_clearly(fresh_transformer, tmp_path):
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {})
+def test_bad_lora_files_are_refused_clearly(fresh_dit, tmp_path):
+    add_lora(fresh_dit, 4, 8, seed=0)
+    lora = lora_weights(adapter_tensors(fresh_dit), 4, 8, {})
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
     with pytest.raises(LoRAError, match="cannot read LoRA file"):
         load_lora(tmp_path / "broken.safetensors")
     save_file({"model.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(LoRAError, match="no 'transformer.*lora_A"):
         load_lora(tmp_path / "other.safetensors")
-    remove_lora(fresh_transformer)
-    add_lora(fresh_transformer, 8, 8, seed=0)
+    fresh_dit.remove_lora()
+    add_lora(fresh_dit, 8, 8, seed=0)
     with pytest.raises(LoRAError, match="rank 4 but training asks for rank 8"):
-        load_into_adapter(fresh_transformer, lora, 8, 8)
+        load_into_adapter(fresh_dit, lora, 8, 8)
 
 
-def test_unwritable_folder_keeps_the_previous_file(fresh_transformer, tmp_path, monkeypatch):
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"steps": 1})
+def test_unwritable_folder_keeps_the_previous_file(fresh_dit, tmp_path, monkeypatch):
+    add_lora(fresh_dit, 4, 8, seed=0)
+    lora = lora_weights(adapter_tensors(fresh_dit), 4, 8, {"steps": 1})
     path = save_lora(lora, tmp_path / "l.safetensors")
     before = path.read_bytes()
 
@@ -124,7 +124,7 @@ def test_unwritable_folder_keeps_the_previous_file(fresh_transformer, tmp_path, 
 
     monkeypatch.setattr("unipic_core.lora.save_file", disk_full)
     with pytest.raises(WriteError, match="No space left.*previous file there is unchanged"):
-        save_lora(lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"steps": 2}), path)
+        save_lora(lora_weights(adapter_tensors(fresh_dit), 4, 8, {"steps": 2}), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["l.safetensors"]  # no temp file left behind
 
@@ -265,29 +265,29 @@ def test_save_lora_without_replace_never_overwrites_a_file_created_meanwhile(tmp
 # --- LoRAs that do not fit ----------------------------------------------------------------------------------
 
 
-def test_start_lora_covering_part_of_the_adapter_warns(fresh_transformer, caplog):
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    randomise_lora_b(fresh_transformer, 0.2)
-    full = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {})
+def test_start_lora_covering_part_of_the_adapter_warns(fresh_dit, caplog):
+    add_lora(fresh_dit, 4, 8, seed=0)
+    randomise_lora_b(fresh_dit, 0.2)
+    full = lora_weights(adapter_tensors(fresh_dit), 4, 8, {})
     kept = full.modules()[:5]
     part = LoRAWeights({k: v for k, v in full.tensors.items() if any(f".{m}.lora_" in k for m in kept)},
                        {"rank": 4, "alpha": 8})
-    raw = adapter_tensors(fresh_transformer)
-    remove_lora(fresh_transformer)
-    add_lora(fresh_transformer, 4, 8, seed=1)
+    raw = adapter_tensors(fresh_dit)
+    fresh_dit.remove_lora()
+    add_lora(fresh_dit, 4, 8, seed=1)
     with caplog.at_level(logging.WARNING, logger="unipic2"):
-        load_into_adapter(fresh_transformer, part, 4, 8)
+        load_into_adapter(fresh_dit, part, 4, 8)
     assert f"covers 5 of the adapter's {len(full.modules())} modules" in caplog.text
-    started = adapter_tensors(fresh_transformer)
+    started = adapter_tensors(fresh_dit)
     assert all(torch.allclose(started[k], raw[k]) for k in part.tensors)
     assert all(not started[k].any() for k in started if k.endswith("lora_B.weight") and k not in part.tensors)
 
 
-def test_start_lora_from_another_base_model_warns(fresh_transformer, caplog):
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {"base_model": "UniPic2-SD3.5M-Kontext-2B"})
+def test_start_lora_from_another_base_model_warns(fresh_dit, caplog):
+    add_lora(fresh_dit, 4, 8, seed=0)
+    lora = lora_weights(adapter_tensors(fresh_dit), 4, 8, {"base_model": "UniPic2-SD3.5M-Kontext-2B"})
     with caplog.at_level(logging.WARNING, logger="unipic2"):
-        load_into_adapter(fresh_transformer, lora, 4, 8, base_model="UniPic2-tiny-Kontext")
+        load_into_adapter(fresh_dit, lora, 4, 8, base_model="UniPic2-tiny-Kontext")
     assert "trained on 'UniPic2-SD3.5M-Kontext-2B', not on 'UniPic2-tiny-Kontext'" in caplog.text
 
 
@@ -297,30 +297,30 @@ def _wider(lora: LoRAWeights, extra_in: int) -> LoRAWeights:
                         for k, v in lora.tensors.items()}, dict(lora.info))
 
 
-def test_start_lora_with_other_shapes_is_refused(fresh_transformer):
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    lora = lora_weights(adapter_tensors(fresh_transformer), 4, 8, {})
-    before = adapter_tensors(fresh_transformer)
+def test_start_lora_with_other_shapes_is_refused(fresh_dit):
+    add_lora(fresh_dit, 4, 8, seed=0)
+    lora = lora_weights(adapter_tensors(fresh_dit), 4, 8, {})
+    before = adapter_tensors(fresh_dit)
     first = lora.modules()[0]
     with pytest.raises(LoRAError, match=rf"transformer.{re.escape(first)}.lora_A.weight is \(4, \d+\) but the "
                                         rf"adapter's module {re.escape(first)} needs \(4, \d+\); the LoRA was made "
                                         "for another model size"):
-        load_into_adapter(fresh_transformer, _wider(lora, 8), 4, 8)
+        load_into_adapter(fresh_dit, _wider(lora, 8), 4, 8)
     foreign = LoRAWeights({**lora.tensors, "transformer.proj_out.lora_A.weight": torch.ones(4, 8),
                            "transformer.proj_out.lora_B.weight": torch.ones(8, 4)}, lora.info)
     with pytest.raises(LoRAError, match="transformer.proj_out.lora_A.weight, which is not in the training adapter"):
-        load_into_adapter(fresh_transformer, foreign, 4, 8)
-    after = adapter_tensors(fresh_transformer)
+        load_into_adapter(fresh_dit, foreign, 4, 8)
+    after = adapter_tensors(fresh_dit)
     assert all(torch.equal(after[k], before[k]) for k in before)  # checked before anything is copied
 
 
-def test_resuming_an_adapter_with_modules_left_out_is_refused(fresh_transformer):
-    add_lora(fresh_transformer, 4, 8, seed=0)
-    raw = adapter_tensors(fresh_transformer)
+def test_resuming_an_adapter_with_modules_left_out_is_refused(fresh_dit):
+    add_lora(fresh_dit, 4, 8, seed=0)
+    raw = adapter_tensors(fresh_dit)
     partial = {k: v for k, v in raw.items() if ".transformer_blocks.0." not in k}
     left_out = len({k.rpartition(".lora_")[0] for k in raw.keys() - partial.keys()})
     with pytest.raises(LoRAError, match=rf"leave out {left_out} of its modules \(first: transformer_blocks.0.attn"):
-        set_adapter_tensors(fresh_transformer, partial)
+        set_adapter_tensors(fresh_dit, partial)
 
 
 def _rewrite(path, *, metadata=None, tensors=None):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+from unipic_core.dit import DiffusersDiT
 from unipic_core.sampling import (GuidedVelocity, PromptEmbeds, ScheduledVelocity, TimedPrompt, euler_step,
                                   flow_sde_step, sample, step_log_prob)
 from unipic_core.schedule import flow_sigmas
@@ -71,14 +72,14 @@ def test_text_to_image_with_cfg_equals_diffusers_pipeline(tiny_kontext):
             negative_pooled_prompt_embeds=neg.pooled, latents=noise.clone(), height=96, width=64,
             num_inference_steps=6, guidance_scale=4.0, output_type="latent",
         ).images
-        got = sample(tiny_kontext.transformer, noise, flow_sigmas(6, tiny_kontext.scheduler_config), pos, neg,
+        got = sample(DiffusersDiT(tiny_kontext.transformer), noise, flow_sigmas(6, tiny_kontext.scheduler_config), pos, neg,
                      guidance=4.0)
     assert (got - expected).abs().max().item() <= 1e-5
     assert (got - noise).abs().mean() > 0.1  # it really denoised
 
 
 def test_cfg_unequal_lengths_equals_two_forwards(tiny_kontext):
-    model = tiny_kontext.transformer
+    model = DiffusersDiT(tiny_kontext.transformer)
     x = torch.randn(1, 16, 8, 8)
     pos = PromptEmbeds(torch.randn(1, 9, 32), torch.randn(1, 20))
     neg = PromptEmbeds(torch.randn(1, 5, 32), torch.randn(1, 20))
@@ -96,7 +97,7 @@ def test_flow_sde_sampling_is_reproducible_per_seed(tiny_kontext):
 
     def run(seed):
         with torch.no_grad():
-            return sample(tiny_kontext.transformer, noise, sigmas, pos, sampler="flow-sde", noise_level=0.7,
+            return sample(DiffusersDiT(tiny_kontext.transformer), noise, sigmas, pos, sampler="flow-sde", noise_level=0.7,
                           generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(run(1), run(1))
@@ -123,7 +124,7 @@ def test_noise_mask_keeps_the_masked_out_latent_and_regenerates_the_rest(tiny_ko
     mask = torch.zeros(mask_batch, 1, 8, 8)
     mask[..., 4:] = 1.0  # regenerate the right half
     with torch.no_grad():
-        out = sample(tiny_kontext.transformer, noise, sigmas, pos, neg, guidance=3.0, sampler=sampler,
+        out = sample(DiffusersDiT(tiny_kontext.transformer), noise, sigmas, pos, neg, guidance=3.0, sampler=sampler,
                      generator=torch.Generator().manual_seed(1), start_latent=start, noise_mask=mask)
     assert (out[..., :4] - start[..., :4]).abs().max() <= 1e-6
     assert (out[..., 4:] - start[..., 4:]).abs().mean() > 0.1
@@ -136,7 +137,7 @@ def test_a_noise_mask_of_ones_equals_no_mask(tiny_kontext, sampler):
 
     def run(mask):
         with torch.no_grad():
-            return sample(tiny_kontext.transformer, noise, sigmas, pos, neg, guidance=3.0, sampler=sampler,
+            return sample(DiffusersDiT(tiny_kontext.transformer), noise, sigmas, pos, neg, guidance=3.0, sampler=sampler,
                           generator=torch.Generator().manual_seed(1), start_latent=start, noise_mask=mask)
 
     assert torch.equal(run(torch.ones(1, 1, 8, 8)), run(None))
@@ -144,7 +145,7 @@ def test_a_noise_mask_of_ones_equals_no_mask(tiny_kontext, sampler):
 
 def test_a_soft_noise_mask_follows_comfyuis_x0_inpainting(tiny_kontext):
     """ComfyUI's KSamplerX0Inpaint around k-diffusion's Euler, written out with the clean estimate (denoised)."""
-    model = tiny_kontext.transformer
+    model = DiffusersDiT(tiny_kontext.transformer)
     pos, neg, start, noise = _inpaint_inputs(tiny_kontext)
     mask = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     sigmas = flow_sigmas(4, tiny_kontext.scheduler_config)
@@ -161,12 +162,12 @@ def test_a_soft_noise_mask_follows_comfyuis_x0_inpainting(tiny_kontext):
 
 def _velocity(model, embeds, x, sigma):
     timestep = torch.full((len(x),), sigma * 1000)
-    return model(hidden_states=x, encoder_hidden_states=embeds.tokens, pooled_projections=embeds.pooled,
+    return model.transformer(hidden_states=x, encoder_hidden_states=embeds.tokens, pooled_projections=embeds.pooled,
                  timestep=timestep, return_dict=False)[0]
 
 
 def test_a_prompt_schedule_switches_prompts_at_the_switch_sigma(tiny_kontext):
-    model = tiny_kontext.transformer
+    model = DiffusersDiT(tiny_kontext.transformer)
     a, b, neg = (encode_prompts(tiny_kontext.text_encoders, [p]) for p in ("a red cube", "a blue sphere", "blurry"))
     sigmas = flow_sigmas(6, tiny_kontext.scheduler_config)
     switch = 0.75
@@ -186,7 +187,7 @@ def test_a_prompt_schedule_switches_prompts_at_the_switch_sigma(tiny_kontext):
 
 
 def test_overlapping_entries_average_their_velocities_by_strength(tiny_kontext):
-    model = tiny_kontext.transformer
+    model = DiffusersDiT(tiny_kontext.transformer)
     a, b = (encode_prompts(tiny_kontext.text_encoders, [p]) for p in ("a red cube", "a blue sphere"))
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
     schedule = [TimedPrompt(a, strength=1.0), TimedPrompt(b, strength=3.0)]

@@ -109,7 +109,7 @@ def test_combined_reward_reports_each_term(host):
     assert torch.allclose(combined.total(scores), 2.0 * scores["brightness"] + 0.5 * scores["jpeg_incompressibility"])
 
 
-def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, fresh_transformer, tmp_path):
+def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, fresh_dit, tmp_path):
     """The file as a native ComfyUI LoraLoader reads it on an SD3 model: the host's diffusers->MMDiT key map
     (fused qkv slices) and its load_lora / calculate_weight, at strength 0.7."""
     import comfy.lora
@@ -120,8 +120,8 @@ def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, fresh_transform
     from conftest import randomise_lora_b
 
     # ComfyUI's SD3 map assumes SD3's 64-wide heads, one per block: the tiny DiT (2 blocks, width 128) has them.
-    dit = fresh_transformer
-    assert dit.config.num_layers == 2 and dit.config.attention_head_dim == 64
+    dit = fresh_dit
+    assert dit.transformer.config.num_layers == 2 and dit.transformer.config.attention_head_dim == 64
     add_lora(dit, 4, 8, seed=0)
     randomise_lora_b(dit)
     lora = load_lora(save_lora(lora_weights(adapter_tensors(dit), 4, 8, {}), tmp_path / "sd3.safetensors"))

@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from .grpo import Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
 from .images import longer_edge_size, resize_image
+from .dit import TrainableDiT
 from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
-                   remove_lora, save_lora, set_adapter_tensors)
+                   save_lora, set_adapter_tensors)
 from .rewards import Reward
 from .sampling import GuidedVelocity, PromptEmbeds, sde_noise_scale
 from .schedule import flow_sigmas
@@ -101,7 +102,7 @@ class TrainingItem:
 class TrainingModels:
     """What the loop needs from the loaded components; the node wires these through ComfyUI's memory manager."""
 
-    transformer: Callable[[], torch.nn.Module]  # the DiT (adapter inside) placed on the compute device
+    dit: Callable[[], TrainableDiT]  # the DiT (adapter inside) placed on the compute device
     condition: Callable[[list[str], list[torch.Tensor | None]], tuple[PromptEmbeds, PromptEmbeds | None]]
     encode_image: Callable[[torch.Tensor], torch.Tensor]  # IMAGE [1, H, W, 3] -> model-space latent [1, C, h, w]
     decode: Callable[[torch.Tensor], torch.Tensor]  # model-space latents [N, C, h, w] -> IMAGE [N, H, W, 3]
@@ -239,15 +240,15 @@ class GRPOTrainer:
                 state = load_state(self.checkpoint)
                 check_resumable(state, settings, models.base_model, self.fingerprint, self.checkpoint)
         self.rank, self.world = _rank_world()
-        self.transformer = models.transformer()
-        self.params = add_lora(self.transformer, settings.lora_rank, settings.lora_alpha, settings.seed)
+        self.dit = models.dit()
+        self.params = add_lora(self.dit, settings.lora_rank, settings.lora_alpha, settings.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step, self.history = 0, []
         try:
             if state is not None:
                 self._restore(state)
             elif start_lora is not None:
-                load_into_adapter(self.transformer, start_lora, settings.lora_rank, settings.lora_alpha,
+                load_into_adapter(self.dit, start_lora, settings.lora_rank, settings.lora_alpha,
                                   base_model=models.base_model)
             self._finished = self._snapshot(None if state is None else state.samples)
             self._saved_step = self.step
@@ -282,8 +283,8 @@ class GRPOTrainer:
                             "lora_name") from e
 
     def _restore(self, state: TrainingState) -> None:
-        check_fits(state, self.optimizer, adapter_tensors(self.transformer), self.checkpoint)
-        set_adapter_tensors(self.transformer, state.adapter)
+        check_fits(state, self.optimizer, adapter_tensors(self.dit), self.checkpoint)
+        set_adapter_tensors(self.dit, state.adapter)
         try:
             self.optimizer.load_state_dict(state.optimizer)
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
@@ -308,13 +309,13 @@ class GRPOTrainer:
 
     def close(self) -> None:
         """Remove the adapter from the (shared, cached) DiT."""
-        remove_lora(self.transformer)
+        self.dit.remove_lora()
 
     def _snapshot(self, samples: torch.Tensor | None) -> TrainingState:
         """The current (finished) step's whole state as CPU copies; samples IMAGE [n, H, W, 3] kept as uint8."""
         if samples is not None and samples.dtype != torch.uint8:
             samples = (samples.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        return TrainingState(adapter_tensors(self.transformer), cpu_copy(self.optimizer.state_dict()), self.step,
+        return TrainingState(adapter_tensors(self.dit), cpu_copy(self.optimizer.state_dict()), self.step,
                              list(self.history), asdict(self.settings), self.models.base_model, self.fingerprint,
                              samples)
 
@@ -374,7 +375,7 @@ class GRPOTrainer:
                 return embeds
             return PromptEmbeds(embeds.tokens[chunk.group:chunk.group + 1], embeds.pooled[chunk.group:chunk.group + 1])
 
-        return GuidedVelocity(self.transformer, row(inputs.positive), row(inputs.negative), self.settings.guidance,
+        return GuidedVelocity(self.dit, row(inputs.positive), row(inputs.negative), self.settings.guidance,
                               inputs.references[chunk.group], batch or len(chunk.indices), self.models.device)
 
     def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
@@ -441,12 +442,8 @@ class GRPOTrainer:
         log_prob, mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
         ref_mean = None
         if s.beta > 0:
-            with torch.no_grad():
-                self.transformer.disable_adapters()
-                try:
-                    _, ref_mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
-                finally:
-                    self.transformer.enable_adapters()
+            with torch.no_grad(), self.dit.adapter_disabled():
+                _, ref_mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
         return grpo_loss(log_prob, trajectory.log_probs[j], advantages, s.clip_range, s.beta, mean, ref_mean,
                          sde_noise_scale(sigmas, j, s.noise_level))
 
@@ -489,7 +486,7 @@ class GRPOTrainer:
             inputs = self._prepare()
         chunks = plan_chunks(s, self.rank, self.world)
         with phase("sampling"):
-            self.transformer = self.models.transformer()
+            self.dit = self.models.dit()
             self._sample(chunks, inputs)
         with phase("decoding"):
             self._decode(chunks)
@@ -509,7 +506,7 @@ class GRPOTrainer:
             advantages[finite] = kept.reshape(-1, s.group_size)
         advantages = advantages.reshape(-1)
         with phase("update"):
-            self.transformer = self.models.transformer()  # the reward may have moved it off the device
+            self.dit = self.models.dit()  # the reward may have moved it off the device
             losses = self._train(chunks, inputs, advantages, valid)
         self.step += 1
         rewards = {}

@@ -1,4 +1,5 @@
-"""Reward LoRAs on the Kontext DiT: peft adapters for training, and the shareable .safetensors file.
+"""Reward LoRAs on the Kontext DiT: the training adapter's values (on any dit.TrainableDiT), and the shareable
+.safetensors file.
 
 File format (diffusers/peft style): `transformer.<module>.lora_A.weight` [r, in] and
 `transformer.<module>.lora_B.weight` [out, r], with the training scale alpha / r folded into lora_B, so that
@@ -64,49 +65,40 @@ class LoRAWeights:
 def lora_config(rank: int, alpha: float):
     from peft import LoraConfig
 
-    # Gaussian A and zero B: the adapter starts as an exact no-op, so step 0 samples the base model.
+    # The peft config diffusers' load_lora_weights reads back; add_lora sets the start values itself.
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES))
 
 
-def add_lora(transformer, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
-    """Inject a trainable float32 adapter into `transformer` (in place); returns its parameters."""
-    transformer.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer.add_adapter(lora_config(rank, alpha), adapter_name=ADAPTER)
-    params = [p for n, p in transformer.named_parameters() if f".{ADAPTER}." in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
+def add_lora(dit, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
+    """Add a trainable float32 adapter to `dit` (a dit.TrainableDiT) and return its parameters.
+
+    A ~ N(0, 1/r) from a generator seeded with `seed` (peft's "gaussian" start), B = 0: the adapter starts as an
+    exact no-op, so step 0 samples the base model, and any DiT implementation starts from the same values.
+    """
+    dit.add_lora(rank, alpha)
+    generator = torch.Generator().manual_seed(seed)
+    start = {key: (torch.randn(p.shape, generator=generator) / rank if key.endswith(".lora_A.weight")
+                   else torch.zeros(p.shape))
+             for key, p in sorted(dit.adapter_parameters().items())}
+    set_adapter_tensors(dit, start)
+    return list(dit.adapter_parameters().values())
 
 
-def remove_lora(transformer) -> None:
-    """Take the adapter out again, restoring the original module tree (and ModelPatcher weight keys)."""
-    transformer.unload_lora()
-
-
-def _adapter_parameters(transformer) -> dict[str, torch.nn.Parameter]:
-    """The live adapter's A and B parameters under file key names ('transformer.<module>.lora_A.weight')."""
-    return {PREFIX + name.replace(f".{ADAPTER}", ""): p
-            for name, p in transformer.named_parameters() if f".{ADAPTER}." in name}
-
-
-def adapter_tensors(transformer) -> dict[str, torch.Tensor]:
+def adapter_tensors(dit) -> dict[str, torch.Tensor]:
     """The live adapter's raw A and B under file key names, detached float32 CPU copies."""
-    return {key: p.detach().float().cpu().clone() for key, p in _adapter_parameters(transformer).items()}
+    return {key: p.detach().float().cpu().clone() for key, p in dit.adapter_parameters().items()}
 
 
 def _module(key: str) -> str:
     return key[len(PREFIX):].rpartition(".lora_")[0]
 
 
-def set_adapter_tensors(transformer, tensors: dict[str, torch.Tensor], *, partial: bool = False) -> list[str]:
+def set_adapter_tensors(dit, tensors: dict[str, torch.Tensor], *, partial: bool = False) -> list[str]:
     """Copy raw A and B (as adapter_tensors returns them) into the live adapter; returns the adapter's modules
     the tensors leave out. Everything is checked before anything is copied: a key the adapter lacks or another
     shape is refused naming the module; leaving modules out (they keep their zero start) needs `partial`, as a
     start LoRA may, while a training state holds the whole adapter."""
-    targets = _adapter_parameters(transformer)
+    targets = dit.adapter_parameters()
     for key, value in sorted(tensors.items()):
         target = targets.get(key)
         if target is None:
@@ -136,7 +128,7 @@ def lora_weights(adapter: dict[str, torch.Tensor], rank: int, alpha: float, info
     return LoRAWeights(fold_scale(adapter, alpha / rank), {**info, "rank": rank, "alpha": alpha})
 
 
-def load_into_adapter(transformer, lora: LoRAWeights, rank: int, alpha: float, *,
+def load_into_adapter(dit, lora: LoRAWeights, rank: int, alpha: float, *,
                       base_model: str | None = None) -> None:
     """Start a live adapter (rank, alpha) from a LoRA file: same delta_W whatever alpha the file was trained with.
     A LoRA covering only some of the adapter's modules is used with a warning (the rest start at zero); one
@@ -148,35 +140,28 @@ def load_into_adapter(transformer, lora: LoRAWeights, rank: int, alpha: float, *
     if base_model and trained_on and trained_on != base_model:
         log.warning("UniPic2 GRPO: the start LoRA was trained on '%s', not on '%s'; training continues from it",
                     trained_on, base_model)
-    left_out = set_adapter_tensors(transformer, fold_scale(lora.tensors, rank / alpha), partial=True)
+    left_out = set_adapter_tensors(dit, fold_scale(lora.tensors, rank / alpha), partial=True)
     if left_out:
         total = len(left_out) + len(lora.modules())
         log.warning("UniPic2 GRPO: the start LoRA covers %d of the adapter's %d modules (first left out: %s); "
                     "those start at zero", len(lora.modules()), total, left_out[0])
 
 
-def check_lora_fits(lora: LoRAWeights, transformer) -> None:
-    """Refuse a LoRA whose modules `transformer` lacks, or whose A [r, in] and B [out, r] do not match a module's
+def check_lora_fits(lora: LoRAWeights, dit) -> None:
+    """Refuse a LoRA whose modules `dit` (a dit.TrainableDiT) lacks, or whose A [r, in] and B [out, r] do not match a module's
     weight [out, in], naming the first: a host skips such patches with a log line and runs the base model."""
-    missing = [module for module in lora.modules() if _weight_shape(transformer, module) is None]
+    missing = [module for module in lora.modules() if dit.weight_shape(module) is None]
     if missing:
         raise LoRAError(f"{len(missing)} LoRA module(s) do not exist in this model (first: {missing[0]}); the LoRA "
                         "was made for another architecture")
     for module in lora.modules():
         down, up = lora.pair(module)
-        out_features, in_features = _weight_shape(transformer, module)
+        out_features, in_features = dit.weight_shape(module)
         if down.shape[1] != in_features or up.shape[0] != out_features or down.shape[0] != up.shape[1]:
             raise LoRAError(f"module {module}: the LoRA's A {tuple(down.shape)} and B {tuple(up.shape)} do not fit "
                             f"the model's weight ({out_features}, {in_features}), which needs A [r, {in_features}] "
                             f"and B [{out_features}, r] with one r; the LoRA was made for another model size -- use "
                             "one trained on this model")
-
-
-def _weight_shape(transformer, module: str) -> tuple[int, ...] | None:
-    try:
-        return tuple(transformer.get_submodule(module).weight.shape)
-    except AttributeError:
-        return None
 
 
 def save_lora(lora: LoRAWeights, path: str | Path, *, replace: bool = True) -> Path:

@@ -104,15 +104,15 @@ class GuidedVelocity:
     positive/negative: PromptEmbeds of batch 1 or `batch`; reference: [1 or batch, C, H, W] model-space or None.
     """
 
-    def __init__(self, transformer, positive: PromptEmbeds, negative: PromptEmbeds | None, guidance: float,
+    def __init__(self, dit, positive: PromptEmbeds, negative: PromptEmbeds | None, guidance: float,
                  reference: torch.Tensor | None, batch: int, device: torch.device):
-        self.transformer, self.guidance = transformer, guidance
+        self.dit, self.guidance = dit, guidance
         sides = [positive] if negative is None or guidance == 1.0 else [negative, positive]
         sides = [side.expand_to(batch) for side in sides]
         self.batched = len(sides) == 2 and sides[0].tokens.shape[1] == sides[1].tokens.shape[1]
         if self.batched:
             sides = [PromptEmbeds(torch.cat([s.tokens for s in sides]), torch.cat([s.pooled for s in sides]))]
-        cast = (lambda t: t.to(device, transformer.dtype))
+        cast = (lambda t: t.to(device, dit.dtype))
         copies = len(sides[0].tokens) // batch  # 2 when negative and positive share one forward
         ref = None if reference is None else cast(reference.expand(batch, -1, -1, -1)).repeat(copies, 1, 1, 1)
         self.passes = [(cast(side.tokens), cast(side.pooled), ref) for side in sides]
@@ -120,8 +120,7 @@ class GuidedVelocity:
     def _forward(self, x: torch.Tensor, sigma: float, tokens, pooled, ref) -> torch.Tensor:
         x_in = x.to(tokens.dtype).repeat(len(tokens) // len(x), 1, 1, 1)
         timestep = torch.full((len(x_in),), sigma * 1000, device=x.device, dtype=torch.float32)
-        return self.transformer(hidden_states=x_in, encoder_hidden_states=tokens, pooled_projections=pooled,
-                                timestep=timestep, ref_hidden_states=ref, return_dict=False)[0].float()
+        return self.dit(x_in, timestep, tokens, pooled, ref).float()
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """x: [B, C, H, W] model-space latent -> velocity [B, C, H, W] (float32)."""

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from .dit import DiffusersDiT, TrainableDiT
 from .grpo_training import TrainingModels
 from .images import model_to_raw, raw_to_model, vae_decode, vae_encode, vae_scaling
 from .loading import KontextComponents, MetaQueryComponents
@@ -50,12 +51,12 @@ def metaquery_condition(mllm_on_device: Callable[[], MetaQueryMLLM], negative_pr
     return condition
 
 
-def training_models(transformer_on_device: Callable[[], torch.nn.Module], vae_on_device: Callable[[], torch.nn.Module],
+def training_models(dit_on_device: Callable[[], TrainableDiT], vae_on_device: Callable[[], torch.nn.Module],
                     condition, scheduler_config: dict, device: torch.device, base_model: str) -> TrainingModels:
     vae = vae_on_device()
     shift, scale = vae_scaling(vae)
     return TrainingModels(
-        transformer=transformer_on_device,
+        dit=dit_on_device,
         condition=condition,
         encode_image=lambda image: raw_to_model(vae_encode(vae_on_device(), image), shift, scale).to(device),
         decode=lambda latents: vae_decode(vae_on_device(), model_to_raw(latents, shift, scale)),
@@ -79,5 +80,6 @@ def models_on_device(components: KontextComponents | MetaQueryComponents, folder
         components.mllm.mllm.to(device)
         components.mllm.conditioner.to(device)
         condition = metaquery_condition(lambda: components.mllm, negative_prompt)
-    return training_models(lambda: components.transformer, lambda: components.vae, condition,
+    dit = DiffusersDiT(components.transformer)
+    return training_models(lambda: dit, lambda: components.vae, condition,
                            components.scheduler_config, device, Path(folder).name)
