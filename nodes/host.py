@@ -66,6 +66,11 @@ def device() -> torch.device:
     return mm.get_torch_device()
 
 
+def load_models(*patchers: ModelPatcher) -> None:
+    """Let ComfyUI place these models on the compute device, fully or partially, evicting others as it sees fit."""
+    mm.load_models_gpu(list(patchers))
+
+
 def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
     """Let ComfyUI place these components on the compute device (evicting others as it sees fit)."""
     mm.load_models_gpu(list(patchers))

@@ -1,0 +1,138 @@
+"""The GRPO trainer's DiT on a native ComfyUI MODEL (unipic_core.dit.TrainableDiT): no second copy of the DiT.
+
+The adapter lives in ModelPatcher weight wrappers on a clone of the user's MODEL: each adapted weight W becomes
+W + scale * B @ A when ComfyUI casts it for a forward, so fp8 storage, partial loading and offloading work as in
+sampling, and the user's MODEL stays untouched. ComfyUI fuses to_q / to_k / to_v (and add_q/k/v_proj) into one
+qkv weight; its own SD3 key map (the one its LoRA loaders use) says which rows each diffusers module owns, so the
+adapter keeps the LoRA file's diffusers names.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import comfy.utils
+import torch
+
+from ..unipic_core.dit import TrainableDiT
+from ..unipic_core.lora import PREFIX, TARGET_MODULES
+from . import host
+from .native_kontext import with_kontext_reference
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a diffusers module's weight lives in the native MMDiT: rows [start, start + out) of `key`."""
+
+    key: str
+    start: int
+    shape: tuple[int, int]  # (out, in) of the diffusers module
+
+
+def lora_targets(model) -> dict[str, Target]:
+    """Diffusers module name ('transformer_blocks.0.attn.to_q') -> Target, for the modules the training adapter
+    adapts (lora.TARGET_MODULES, matched by name suffix as peft matches them)."""
+    native = model.model
+    targets = {}
+    for name, place in comfy.utils.mmdit_to_diffusers(native.model_config.unet_config,
+                                                      output_prefix="diffusion_model.").items():
+        module = name.removesuffix(".weight")
+        if module == name or not any(module == t or module.endswith("." + t) for t in TARGET_MODULES):
+            continue
+        key, rows = (place, None) if isinstance(place, str) else place
+        try:
+            weight = comfy.utils.get_attr(native, key)
+        except AttributeError:  # the map is generic: the last block's context stream has no output projection
+            continue
+        start, out = (0, weight.shape[0]) if rows is None else rows[1:]
+        targets[module] = Target(key, start, (out, weight.shape[1]))
+    return targets
+
+
+class LoRADelta:
+    """A ModelPatcher weight wrapper: W + scale * B @ A on the rows each adapted module owns (none while off)."""
+
+    def __init__(self, pieces: list[tuple[int, torch.nn.Parameter, torch.nn.Parameter]], scale: float):
+        self.pieces = sorted(pieces, key=lambda piece: piece[0])  # (first row, A [r, in], B [out, r])
+        self.scale = scale
+        self.enabled = True
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        rows, row = [], 0
+        for start, down, up in self.pieces:
+            if start > row:
+                rows.append(down.new_zeros(start - row, down.shape[1]))
+            rows.append(up @ down)
+            row = start + up.shape[0]
+        if row < weight.shape[0]:
+            rows.append(rows[0].new_zeros(weight.shape[0] - row, weight.shape[1]))
+        return weight + (torch.cat(rows) * self.scale).to(weight.dtype)
+
+
+class NativeDiT(TrainableDiT):
+    """A clone of a native SD3 MODEL with the Kontext reference ability and, after add_lora, the adapter."""
+
+    def __init__(self, model):
+        self.patcher = with_kontext_reference(model)
+        self.targets = lora_targets(self.patcher)
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.deltas: list[LoRADelta] = []
+
+    def on_device(self) -> "NativeDiT":
+        """Let ComfyUI place the model (wrappers and object patches applied), with autograd-usable weights."""
+        host.load_models(self.patcher)
+        diffusion_model = self.patcher.model.diffusion_model
+        host.make_trainable(diffusion_model)
+        diffusion_model.requires_grad_(False)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        native = self.patcher.model
+        return native.manual_cast_dtype or native.get_dtype()
+
+    def __call__(self, x, timestep, tokens, pooled, reference):
+        """As ComfyUI's BaseModel._apply_model casts and calls the MMDiT, returning its raw output (the velocity)."""
+        cast = (lambda t: None if t is None else t.to(self.dtype))
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        return self.patcher.model.diffusion_model(cast(x), timestep.float(), context=cast(tokens), y=cast(pooled),
+                                                  unipic2_ref=cast(reference), transformer_options=options)
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        device = host.device()
+        pieces: dict[str, list] = {}
+        for module, target in sorted(self.targets.items()):
+            out_features, in_features = target.shape
+            down = torch.nn.Parameter(torch.zeros(rank, in_features, device=device))
+            up = torch.nn.Parameter(torch.zeros(out_features, rank, device=device))
+            self.params[f"{PREFIX}{module}.lora_A.weight"] = down
+            self.params[f"{PREFIX}{module}.lora_B.weight"] = up
+            pieces.setdefault(target.key, []).append((target.start, down, up))
+        for key, key_pieces in pieces.items():
+            delta = LoRADelta(key_pieces, alpha / rank)
+            self.deltas.append(delta)
+            self.patcher.add_weight_wrapper(key, delta)
+
+    def adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.params)
+
+    @contextmanager
+    def adapter_disabled(self):
+        for delta in self.deltas:
+            delta.enabled = False
+        try:
+            yield
+        finally:
+            for delta in self.deltas:
+                delta.enabled = True
+
+    def remove_lora(self) -> None:
+        # The wrappers belong to this clone only; off, they add nothing should ComfyUI keep the clone loaded.
+        for delta in self.deltas:
+            delta.enabled = False
+        self.params, self.deltas = {}, []
+
+    def weight_shape(self, module: str) -> tuple[int, int] | None:
+        target = self.targets.get(module)
+        return None if target is None else target.shape
