@@ -105,18 +105,15 @@ def lora_path(name: str) -> str:
     return folder_paths.get_full_path("loras", name)
 
 
-def patch_lora(patcher: ModelPatcher, tensors: dict[str, torch.Tensor], key_map: dict[str, str],
-               strength: float) -> tuple[ModelPatcher, set[str]]:
-    """A clone of `patcher` with LoRA weight patches built by the host's own comfy.lora.load_lora.
-
-    tensors use the kohya names every host reads ('<name>.lora_up.weight' / '.lora_down.weight');
-    key_map maps '<name>' to the patcher's weight key. Returns the clone and the keys it patches.
-    """
+def patch_lora(model: ModelPatcher, tensors: dict[str, torch.Tensor], strength: float) -> tuple[ModelPatcher, int]:
+    """A clone of a native MODEL with a diffusers-named LoRA ('transformer.<module>.lora_A/B.weight') as weight
+    patches, placed by the host's own key map and comfy.lora.load_lora, as LoraLoaderModelOnly places them.
+    Returns the clone and how many modules got a patch."""
     import comfy.lora
 
-    patches = comfy.lora.load_lora(tensors, key_map)
-    clone = patcher.clone()
-    return clone, set(clone.add_patches(patches, strength))
+    patches = comfy.lora.load_lora(tensors, comfy.lora.model_lora_keys_unet(model.model, {}))
+    clone = model.clone()
+    return clone, len(clone.add_patches(patches, strength))
 
 
 @contextlib.contextmanager

@@ -1,14 +1,12 @@
 """UniPic2 LoRAs in the graph: save, load from models/loras, and apply as removable ModelPatcher weight patches."""
 
-import dataclasses
 import itertools
 import math
 import os
 import re
 
 from ..unipic_core.atomic_files import NameTaken
-from ..unipic_core.dit import DiffusersDiT
-from ..unipic_core.lora import LoRAError, LoRAWeights, PREFIX, check_lora_fits, load_lora, save_lora
+from ..unipic_core.lora import LoRAError, check_lora_fits, load_lora, save_lora
 from . import host
 
 LORA = ("UNIPIC2_LORA", {"tooltip": "From UniPic2 GRPO Trainer or UniPic2 Load LoRA."})
@@ -84,45 +82,36 @@ class UniPic2LoadLoRA:
         return (load_lora(host.lora_path(lora_name)),)
 
 
-def host_lora(lora: LoRAWeights) -> tuple[dict, dict]:
-    """(tensors under kohya names, key map to our ModelPatcher keys): the form every host's load_lora reads."""
-    tensors, key_map = {}, {}
-    for module in lora.modules():
-        down, up = lora.pair(module)
-        tensors[f"{PREFIX}{module}.lora_down.weight"] = down
-        tensors[f"{PREFIX}{module}.lora_up.weight"] = up
-        key_map[PREFIX + module] = f"module.{module}.weight"  # the Component holder's prefix
-    return tensors, key_map
-
-
 class UniPic2ApplyLoRA:
     CATEGORY = "UniPic2/lora"
-    DESCRIPTION = ("Applies a LoRA to the UniPic2 model as ComfyUI weight patches: adjustable strength, nothing "
-                   "rebuilt, and the unpatched model stays available to other branches of the graph.")
-    RETURN_TYPES = ("UNIPIC2_MODEL",)
+    DESCRIPTION = ("Applies a UniPic2 LoRA to the MODEL as ComfyUI weight patches, as LoraLoaderModelOnly does, but "
+                   "refuses a LoRA that does not fit the model instead of silently skipping its modules.")
+    RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("UNIPIC2_MODEL", {"tooltip": "From a UniPic2 loader."}), "lora": LORA,
+        return {"required": {"model": ("MODEL", {"tooltip": "A UniPic2 / SD3.5-M MODEL (Load UniPic2 Kontext or "
+                                                 "Load Diffusion Model)."}), "lora": LORA,
                              "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                                     "tooltip": "1 = as trained; 0 = the base model exactly."})}}
 
     def apply(self, model, lora, strength):
+        from .native_training import lora_targets
+
         if not math.isfinite(strength):
             raise ValueError(f"UniPic2 Apply LoRA: strength is {strength}; give a finite number (1 = as trained, "
                              "0 = the base model)")
+        shapes = {module: target.shape for module, target in lora_targets(model, adapted=None).items()}
         try:
-            check_lora_fits(lora, DiffusersDiT(model.transformer))
+            check_lora_fits(lora, shapes.get)
         except LoRAError as e:
             raise LoRAError(f"UniPic2 Apply LoRA: {e}") from e
-        tensors, key_map = host_lora(lora)
-        patcher, patched = host.patch_lora(model.patcher, tensors, key_map, strength)
-        unpatched = sorted(set(key_map.values()) - patched)
-        if unpatched:  # the host skips a key it cannot place with a log line only
-            raise ValueError(f"UniPic2 Apply LoRA: ComfyUI placed no patch for {len(unpatched)} LoRA module(s) (first: "
-                             f"{unpatched[0]}); the model's weights are not where the LoRA expects them")
-        base = lora.info.get("base_model")
-        if base and model.name and base != model.name:
-            host.log.warning("UniPic2 Apply LoRA: LoRA trained on '%s', applied to '%s'", base, model.name)
-        return (dataclasses.replace(model, patcher=patcher),)
+        patched, placed = host.patch_lora(model, lora.tensors, strength)
+        if placed != len(lora.modules()):  # the host skips a key it cannot place with a log line only
+            raise ValueError(f"UniPic2 Apply LoRA: ComfyUI placed patches for {placed} of the LoRA's "
+                             f"{len(lora.modules())} modules; the model's weights are not where the LoRA expects them")
+        base, name = lora.info.get("base_model"), host.checkpoint_name(model)
+        if base and name and base != name:
+            host.log.warning("UniPic2 Apply LoRA: LoRA trained on '%s', applied to '%s'", base, name)
+        return (patched,)

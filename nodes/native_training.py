@@ -14,6 +14,7 @@ import comfy.utils
 import torch
 
 from ..unipic_core.dit import TrainableDiT
+from ..unipic_core.grpo_training import TrainingModels
 from ..unipic_core.lora import PREFIX, TARGET_MODULES
 from . import host
 from .native_kontext import with_kontext_reference
@@ -28,20 +29,22 @@ class Target:
     shape: tuple[int, int]  # (out, in) of the diffusers module
 
 
-def lora_targets(model) -> dict[str, Target]:
+def lora_targets(model, adapted: tuple[str, ...] | None = TARGET_MODULES) -> dict[str, Target]:
     """Diffusers module name ('transformer_blocks.0.attn.to_q') -> Target, for the modules the training adapter
-    adapts (lora.TARGET_MODULES, matched by name suffix as peft matches them)."""
+    adapts (lora.TARGET_MODULES, matched by name suffix as peft matches them), or for every weight (None)."""
     native = model.model
     targets = {}
     for name, place in comfy.utils.mmdit_to_diffusers(native.model_config.unet_config,
                                                       output_prefix="diffusion_model.").items():
         module = name.removesuffix(".weight")
-        if module == name or not any(module == t or module.endswith("." + t) for t in TARGET_MODULES):
+        if module == name or adapted and not any(module == t or module.endswith("." + t) for t in adapted):
             continue
         key, rows = (place, None) if isinstance(place, str) else place
         try:
             weight = comfy.utils.get_attr(native, key)
         except AttributeError:  # the map is generic: the last block's context stream has no output projection
+            continue
+        if weight.ndim != 2:  # LoRAs adapt linear layers
             continue
         start, out = (0, weight.shape[0]) if rows is None else rows[1:]
         targets[module] = Target(key, start, (out, weight.shape[1]))
@@ -136,3 +139,25 @@ class NativeDiT(TrainableDiT):
     def weight_shape(self, module: str) -> tuple[int, int] | None:
         target = self.targets.get(module)
         return None if target is None else target.shape
+
+
+def carries_weight_patches(model) -> bool:
+    """True when a LoRA loader (or any weight patch) changed the MODEL's weights."""
+    return bool(model.patches)
+
+
+def native_training_models(model, vae, condition) -> TrainingModels:
+    """The loop's TrainingModels on a native MODEL and VAE, each placed by ComfyUI's memory manager when used."""
+    dit = NativeDiT(model)
+    native = dit.patcher.model
+    device = host.device()
+    return TrainingModels(
+        dit=dit.on_device,
+        condition=condition,
+        encode_image=torch.no_grad()(lambda image: native.process_latent_in(vae.encode(image[..., :3])).to(device)),
+        decode=torch.no_grad()(lambda latents: vae.decode(native.process_latent_out(latents.float()))),
+        scheduler_config={"shift": float(dit.patcher.get_model_object("model_sampling").shift)},
+        latent_channels=native.latent_format.latent_channels,
+        device=device,
+        base_model=host.checkpoint_name(model),
+    )

@@ -92,9 +92,10 @@ class UniPic2GRPOTrainer:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("UNIPIC2_MODEL", {"tooltip": "The DiT to train a LoRA for (straight from the loader; to "
-                                        "continue a LoRA, connect it to 'lora')."}),
-            "vae": ("UNIPIC2_VAE", {"tooltip": "Decodes samples for the reward and encodes edit sources."}),
+            "model": ("MODEL", {"tooltip": "The UniPic2 DiT to train a LoRA for: Load UniPic2 Kontext / MetaQuery, "
+                                "or Load Diffusion Model (any weight_dtype). Without LoRAs: to continue a LoRA, "
+                                "connect it to 'lora'."}),
+            "vae": ("VAE", {"tooltip": "Decodes samples for the reward and encodes edit sources."}),
             "prompts": ("UNIPIC2_PROMPTS", {"tooltip": "UniPic2 Prompt List (text-to-image) or Edit Pairs."}),
             "reward": ("UNIPIC2_REWARD", {"tooltip": "A reward node, or Combine Rewards."}),
             "lora_name": ("STRING", {"default": "unipic2_grpo", "tooltip": "File name under models/loras/unipic2: "
@@ -136,16 +137,16 @@ class UniPic2GRPOTrainer:
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
               text_encoders=None, mllm=None, lora=None, node_id=None):
         from ..unipic_core.curves import plot_curves, sample_grid
-        from ..unipic_core.dit import DiffusersDiT
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
-        from ..unipic_core.training_models import metaquery_condition, text_condition, training_models
+        from ..unipic_core.training_models import metaquery_condition, text_condition
+        from .native_training import carries_weight_patches, native_training_models
 
         if (text_encoders is None) == (mllm is None):
             raise ValueError("UniPic2 GRPO Trainer: connect exactly one of 'text_encoders' (Kontext) or 'mllm' "
                              "(MetaQuery)")
-        if model.patcher.patches:  # peft wraps the patched layers, and ComfyUI could no longer unpatch them
-            raise ValueError("UniPic2 GRPO Trainer: the model carries weight patches (Apply LoRA); connect that LoRA "
-                             "to the trainer's 'lora' input instead, to continue training it")
+        if carries_weight_patches(model):  # the KL reference and the saved LoRA would silently include it
+            raise ValueError("UniPic2 GRPO Trainer: the model carries weight patches (a LoRA loader or Apply LoRA); "
+                             "connect that LoRA to the trainer's 'lora' input instead, to continue training it")
         lora_file = Path(host.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"
         settings = GRPOSettings(
             steps=steps, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
@@ -154,11 +155,6 @@ class UniPic2GRPOTrainer:
             timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch,
             updates_per_step=updates_per_step, seed=seed,
             negative_prompt=negative_prompt, save_every=save_every)
-
-        def dit_on_device():
-            transformer = host.load_on_device(model.patcher)[0]
-            host.make_trainable(transformer)
-            return DiffusersDiT(transformer)
 
         def text_encoders_on_device():
             host.load_on_device(*text_encoders.patchers)
@@ -184,8 +180,7 @@ class UniPic2GRPOTrainer:
                                json_safe(trainer.history[-1]), messages.jpeg_data_url(grid))
 
         with host.training_mode():
-            models = training_models(dit_on_device, lambda: host.load_on_device(vae.patcher)[0], condition,
-                                     model.scheduler_config, host.device(), model.name)
+            models = native_training_models(model, vae, condition)
             try:
                 trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
             except ValueError as e:  # a refusal before training: bad settings, a name clash, another run's state

@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -147,16 +148,17 @@ def load_into_adapter(dit, lora: LoRAWeights, rank: int, alpha: float, *,
                     "those start at zero", len(lora.modules()), total, left_out[0])
 
 
-def check_lora_fits(lora: LoRAWeights, dit) -> None:
-    """Refuse a LoRA whose modules `dit` (a dit.TrainableDiT) lacks, or whose A [r, in] and B [out, r] do not match a module's
-    weight [out, in], naming the first: a host skips such patches with a log line and runs the base model."""
-    missing = [module for module in lora.modules() if dit.weight_shape(module) is None]
+def check_lora_fits(lora: LoRAWeights, weight_shape: Callable[[str], tuple[int, ...] | None]) -> None:
+    """Refuse a LoRA whose modules the model lacks (weight_shape(module) is None), or whose A [r, in] and B [out, r]
+    do not match a module's weight [out, in], naming the first: a host skips such patches with a log line and
+    runs the base model."""
+    missing = [module for module in lora.modules() if weight_shape(module) is None]
     if missing:
         raise LoRAError(f"{len(missing)} LoRA module(s) do not exist in this model (first: {missing[0]}); the LoRA "
                         "was made for another architecture")
     for module in lora.modules():
         down, up = lora.pair(module)
-        out_features, in_features = dit.weight_shape(module)
+        out_features, in_features = weight_shape(module)
         if down.shape[1] != in_features or up.shape[0] != out_features or down.shape[0] != up.shape[1]:
             raise LoRAError(f"module {module}: the LoRA's A {tuple(down.shape)} and B {tuple(up.shape)} do not fit "
                             f"the model's weight ({out_features}, {in_features}), which needs A [r, {in_features}] "
