@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from test_nodes_in_host import TINY
-from unipic_core.lora import TARGET_MODULES, LoRAWeights
+from unipic_core.lora import LoRAWeights
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +17,19 @@ def model(host):
     return host.node("LoadUniPic2Kontext").load(TINY, "fp32")[0]
 
 
-def lora_for(transformer, extra_in: int = 0, rank: int = 4) -> LoRAWeights:
-    """A LoRA on every target module of `transformer`; extra_in > 0 makes A [r, in + extra_in] (another size)."""
+@pytest.fixture(scope="module")
+def targets(host, model):
+    """The model's adapted modules (diffusers names) and their (out, in) shapes."""
+    return importlib.import_module(f"{host.pack.__name__}.nodes.native_training").lora_targets(model)
+
+
+def lora_for(targets, extra_in: int = 0, rank: int = 4) -> LoRAWeights:
+    """A LoRA on every target module; extra_in > 0 makes A [r, in + extra_in] (another model size)."""
     tensors = {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(tuple("." + t for t in TARGET_MODULES)):
-            tensors[f"transformer.{name}.lora_A.weight"] = torch.full((rank, module.in_features + extra_in), 0.01)
-            tensors[f"transformer.{name}.lora_B.weight"] = torch.full((module.out_features, rank), 0.01)
+    for name, target in targets.items():
+        out_features, in_features = target.shape
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.full((rank, in_features + extra_in), 0.01)
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.full((out_features, rank), 0.01)
     return LoRAWeights(tensors, {"rank": rank, "alpha": rank})
 
 
@@ -32,21 +38,21 @@ def small_lora() -> LoRAWeights:
     return LoRAWeights(tensors, {"rank": 2, "alpha": 2})
 
 
-def test_apply_lora_refuses_mismatched_shapes_naming_the_module(host, model):
-    lora = lora_for(model.transformer, extra_in=8)
+def test_apply_lora_refuses_mismatched_shapes_naming_the_module(host, model, targets):
+    lora = lora_for(targets, extra_in=8)
     first = lora.modules()[0]
-    out_features, in_features = model.transformer.get_submodule(first).weight.shape
+    out_features, in_features = targets[first].shape
     with pytest.raises(ValueError, match=rf"UniPic2 Apply LoRA: module {re.escape(first)}: the LoRA's A \(4, "
                                          rf"{in_features + 8}\) and B \({out_features}, 4\) do not fit the model's "
                                          rf"weight \({out_features}, {in_features}\).*another model size"):
         host.node("UniPic2ApplyLoRA").apply(model, lora, 1.0)
-    assert host.node("UniPic2ApplyLoRA").apply(model, lora_for(model.transformer), 1.0)[0].patcher is not model.patcher
+    assert host.node("UniPic2ApplyLoRA").apply(model, lora_for(targets), 1.0)[0] is not model
 
 
 @pytest.mark.parametrize("strength", [math.nan, math.inf, -math.inf])
-def test_apply_lora_refuses_nan_strength(host, model, strength):
+def test_apply_lora_refuses_nan_strength(host, model, targets, strength):
     with pytest.raises(ValueError, match=rf"UniPic2 Apply LoRA: strength is {strength}; give a finite number"):
-        host.node("UniPic2ApplyLoRA").apply(model, lora_for(model.transformer), strength)
+        host.node("UniPic2ApplyLoRA").apply(model, lora_for(targets), strength)
 
 
 @pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links (FAT)"])
