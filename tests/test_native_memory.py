@@ -1,0 +1,98 @@
+"""Memory that ComfyUI really manages: a UniPic2 DiT partially loaded (lowvram) computes what a full load does.
+
+On a CPU-only host ComfyUI never plans a partial load by itself (the CPU has no VRAM to run short of), so these
+tests force one the way the memory manager does it on a small GPU: ModelPatcher.patch_model with a
+lowvram_model_memory below the model's size. Modules past the budget keep their weights where they are and are
+cast per forward (comfy_cast_weights), with LoRA patches applied on the fly (LowVramPatch).
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from unipic_core.lora import add_lora
+
+from conftest import randomise_lora_b
+
+
+@pytest.fixture
+def pack_nodes(host):
+    return lambda name: importlib.import_module(f"{host.pack.__name__}.nodes.{name}")
+
+
+@pytest.fixture
+def native_model(host, tiny_kontext_dir):
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def load(patcher, budget_fraction: float | None):
+    """Load `patcher` as the memory manager would: fully, or with only this fraction of its weights resident."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    budget = 0 if budget_fraction is None else int(patcher.model_size() * budget_fraction)
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
+    return patcher
+
+
+def offloaded_modules(patcher) -> int:
+    """Modules the load left to per-forward casting (ComfyUI marks them as it lowvram-loads them)."""
+    return sum(1 for m in patcher.model.modules() if hasattr(m, "prev_comfy_cast_weights"))
+
+
+def edit_inputs(patcher, batch=2):
+    dit = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, 16, 8, 12, generator=g)
+    context = torch.randn(batch, 7, dit.context_embedder.in_features, generator=g)
+    pooled = torch.randn(batch, dit.y_embedder.mlp[0].in_features, generator=g)
+    reference = torch.randn(batch, 16, 8, 12, generator=g)
+    return x, torch.tensor([800.0, 300.0][:batch]), context, pooled, reference
+
+
+def forward(patcher, x, timestep, context, pooled, reference):
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, timestep, context=context, y=pooled, unipic2_ref=reference)
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["plain", "LoRA patches"])
+def test_a_partially_loaded_edit_model_computes_what_a_full_load_does(host, pack_nodes, native_model, fresh_dit,
+                                                                      with_lora):
+    patcher = pack_nodes("native_kontext").with_kontext_reference(native_model)
+    if with_lora:
+        from unipic_core.lora import adapter_tensors, lora_weights
+
+        add_lora(fresh_dit, 4, 8, seed=0)
+        randomise_lora_b(fresh_dit, 0.3)
+        lora = lora_weights(adapter_tensors(fresh_dit), 4, 8, {})
+        patcher = host.node("UniPic2ApplyLoRA").apply(patcher, lora, 0.8)[0]
+    args = edit_inputs(patcher)
+    full = forward(load(patcher, None), *args)
+    assert offloaded_modules(patcher) == 0
+    partial = forward(load(patcher, 0.3), *args)
+    assert offloaded_modules(patcher) > 0 and patcher.model.model_loaded_weight_memory < 0.5 * patcher.model_size()
+    assert torch.equal(partial, full) or (partial - full).abs().max() <= 1e-6
+    plain = forward(load(pack_nodes("native_kontext").with_kontext_reference(native_model), None), *args)
+    assert with_lora == bool((full - plain).abs().max() > 1e-4)  # the LoRA really is in both loads
+
+
+def test_training_gradients_under_a_partial_load_equal_a_full_load(pack_nodes, native_model):
+    dit = pack_nodes("native_training").NativeDiT(native_model)
+    add_lora(dit, 4, 8, seed=0)
+    randomise_lora_b(dit, 0.3)
+    args = edit_inputs(dit.patcher)
+    grads = []
+    for fraction in (None, 0.3):
+        load(dit.patcher, fraction)
+        pack_nodes("host").make_trainable(dit.patcher.model.diffusion_model)
+        assert (offloaded_modules(dit.patcher) > 0) == (fraction is not None)
+        with torch.inference_mode(False), torch.enable_grad():
+            (dit(*args).float() ** 2).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in dit.adapter_parameters().items()})
+        for p in dit.adapter_parameters().values():
+            p.grad = None
+    assert all((grads[0][k] - grads[1][k]).abs().max() <= 1e-6 for k in grads[0])
+    assert any(g.abs().max() > 0 for g in grads[0].values())
