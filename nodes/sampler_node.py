@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from ..unipic_core import images
 from ..unipic_core.sampling import SAMPLERS
-from ..unipic_core.schedule import denoise_sigmas
 from . import host
 from .conditioning import check_conditioning
 from .native_kontext import has_kontext_reference, with_kontext_reference
-from .native_sampling import FlowSDESampler, sample_flow_sde
+from .native_sampling import FlowSDESampler, official_sigmas, sample_flow_sde
 
 log = logging.getLogger("unipic2")
 
@@ -90,8 +89,9 @@ class UniPic2Sampler:
         }}
 
     def sample(self, model, positive, negative, latent, seed, steps, guidance, sampler, noise_level, shift, denoise):
-        has_reference = any(extras.get("reference_latents") for conditioning in (positive, negative)
-                            for _, extras in conditioning)
+        has_reference = any(isinstance(entry, (list, tuple)) and len(entry) == 2 and
+                            entry[1].get("reference_latents") for conditioning in (positive, negative)
+                            if isinstance(conditioning, list) for entry in conditioning)
         model = sampling_model(model, shift, has_reference)
         dit = model.get_model_object("diffusion_model")
         raw = latent["samples"]
@@ -108,7 +108,7 @@ class UniPic2Sampler:
         check_conditioning(positive, NODE, "positive", widths, raw.shape[0])
         check_conditioning(negative, NODE, "negative", widths, raw.shape[0])
 
-        sigmas = denoise_sigmas(steps, denoise, {"shift": float(model.get_model_object("model_sampling").shift)})
+        sigmas = official_sigmas(model, steps, denoise, NODE)
         if sampler == "euler":
             ksampler = comfy.samplers.ksampler("euler")
         else:  # its step noise continues the seed's stream after the initial noise, as the pack always drew it
