@@ -14,7 +14,7 @@ import comfy.sd
 import torch
 from comfy.diffusers_convert import convert_vae_state_dict
 
-from ..unipic_core.loading import CheckpointError, read_json, read_weights
+from ..unipic_core.loading import CheckpointError, read_json, read_transformer_weights, read_weights
 from . import host
 from .native_kontext import with_kontext_reference
 
@@ -29,12 +29,18 @@ def load_native_dit(folder: Path, scheduler_config: dict, model_options: dict):
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     component = folder / "transformer"
-    model = comfy.sd.load_diffusion_model_state_dict(read_weights(component), model_options=dict(model_options))
+    weights = read_transformer_weights(folder)  # strict official keys: ComfyUI's loader would only log a mismatch
+    fix = ("this folder is not a UniPic2-Kontext transformer (SD3.5-M's MMDiT, hidden size = 64 x depth); download "
+           "the official transformer/ folder again")
+    try:
+        model = comfy.sd.load_diffusion_model_state_dict(weights, model_options=dict(model_options))
+    except (RuntimeError, ValueError, KeyError) as err:  # detected from widths, then the weights did not fit
+        raise CheckpointError(f"{component}: ComfyUI detects no SD3 / SD3.5 MMDiT it can load in "
+                              f"diffusion_pytorch_model*.safetensors ({str(err).splitlines()[0]}) -- {fix}") from err
     if model is None or not isinstance(model.model, comfy.model_base.SD3):
         kind = "no model ComfyUI knows" if model is None else f"a {type(model.model).__name__} model"
         raise CheckpointError(f"{component}: ComfyUI detects {kind} in diffusion_pytorch_model*.safetensors, not an "
-                              "SD3 / SD3.5 MMDiT -- this folder is not a UniPic2-Kontext transformer; download the "
-                              "official transformer/ folder again")
+                              f"SD3 / SD3.5 MMDiT -- {fix}")
     if scheduler_config.get("use_dynamic_shifting"):
         raise CheckpointError(f"{folder / 'scheduler' / 'scheduler_config.json'} enables use_dynamic_shifting; "
                               f"UniPic2 supports {SUPPORTED_SCHEDULER_KEYS} -- use the official scheduler config")

@@ -79,18 +79,36 @@ def test_a_sharded_transformer_loads_the_same_weights(host, loaded, tiny_kontext
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_transformer_comfyui_does_not_detect_as_sd3_is_refused(host, tiny_kontext_dir, tmp_path):
-    from safetensors.torch import save_file
+def test_a_transformer_comfyui_does_not_detect_as_sd3_is_refused(host, tmp_path):
+    from unipic_core.kontext_transformer import KontextSD3Transformer
 
-    folder = tmp_path / "not-sd3"
-    (folder / "transformer").mkdir(parents=True)
-    save_file({"foo.weight": torch.zeros(2, 2)}, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(ValueError, match=r"not-sd3/transformer: ComfyUI detects no model ComfyUI knows .* not an SD3"):
+    folder = tmp_path / "not-sd3"  # hidden 128 with 3 layers: ComfyUI's MMDiT needs hidden = 64 x depth
+    KontextSD3Transformer(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
+                          attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                          caption_projection_dim=128, pooled_projection_dim=20, pos_embed_max_size=32,
+                          qk_norm="rms_norm").save_pretrained(str(folder / "transformer"))
+    with pytest.raises(ValueError, match=r"not-sd3/transformer: ComfyUI detects no SD3 / SD3.5 MMDiT it can load .* "
+                                         r"hidden size = 64 x depth"):
         native_loading(host).load_native_dit(folder, {"shift": 3.0}, {})
 
 
-def test_missing_transformer_weights_name_the_file(host, tmp_path):
+def test_a_transformer_with_a_missing_or_foreign_key_is_refused_naming_it(host, tiny_kontext_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_kontext_dir / "transformer", folder / "transformer")
+    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(path))
+    weights["context_embedder.wieght"] = weights.pop("context_embedder.weight")
+    save_file(weights, str(path))
+    with pytest.raises(ValueError, match=r"renamed/transformer: weights do not match transformer/config.json -- "
+                                         r"missing: context_embedder.weight; unexpected: context_embedder.wieght"):
+        native_loading(host).load_native_dit(folder, {"shift": 3.0}, {})
+
+
+def test_missing_transformer_weights_name_the_file(host, tiny_kontext_dir, tmp_path):
     (tmp_path / "empty" / "transformer").mkdir(parents=True)
+    shutil.copy(tiny_kontext_dir / "transformer" / "config.json", tmp_path / "empty" / "transformer")
     with pytest.raises(ValueError, match=r"'transformer/diffusion_pytorch_model.safetensors' \(or its sharded"):
         native_loading(host).load_native_dit(tmp_path / "empty", {"shift": 3.0}, {})
 

@@ -131,6 +131,22 @@ def read_weights(component: Path, stem: str = "diffusion_pytorch_model") -> dict
     return weights
 
 
+def read_transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """transformer/'s tensors (official diffusers keys), checked strictly against the keys its config.json gives
+    the Kontext DiT: any missing or unexpected key is an error naming it."""
+    component = folder / "transformer"
+    config = read_json(component / "config.json")
+    weights = read_weights(component)
+    with torch.device("meta"):  # only the key names are needed: nothing is allocated
+        expected = set(KontextSD3Transformer.from_config(config).state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{component}: weights do not match transformer/config.json -- missing: "
+                              f"{', '.join(missing[:10]) or 'none'}; unexpected: {', '.join(unexpected[:10]) or 'none'}"
+                              ". Is this folder an unmodified UniPic2 checkpoint?")
+    return weights
+
+
 def load_scheduler_config(folder: Path) -> dict:
     return read_json(folder / "scheduler" / "scheduler_config.json")
 
