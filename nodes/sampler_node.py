@@ -113,8 +113,9 @@ class UniPic2Sampler:
             ksampler = comfy.samplers.ksampler("euler")
         else:  # its step noise continues the seed's stream after the initial noise, as the pack always drew it
             ksampler = FlowSDESampler(sample_flow_sde, {"noise_level": noise_level})
+        noise = comfy.sample.prepare_noise(raw, seed, latent.get("batch_index"))  # CPU, as KSampler draws it
         samples = comfy.sample.sample_custom(
-            model, comfy.sample.prepare_noise(raw, seed), guidance, ksampler, sigmas, positive, negative, raw,
-            noise_mask=latent.get("noise_mask"), callback=host.sampling_callback(model, len(sigmas) - 1),
+            model, noise, guidance, ksampler, sigmas, positive, negative, raw, noise_mask=latent.get("noise_mask"),
+            callback=host.sampling_callback(model, len(sigmas) - 1),
             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         return ({**latent, "samples": samples},)
