@@ -11,7 +11,6 @@ from .reward_nodes import (UniPic2ColourReward, UniPic2CombineRewards, UniPic2Ed
                            UniPic2JPEGReward, UniPic2JudgeReward)
 from .sampler_node import UniPic2Sampler
 from .training_nodes import UniPic2EditPairs, UniPic2GRPOTrainer, UniPic2PromptList
-from .vae_nodes import UniPic2VAEDecode, UniPic2VAEEncode
 
 register_routes()  # GET /unipic2/messages/<event>?clientId=: that client's training runs (web/ catches up with it)
 
@@ -25,8 +24,6 @@ NODE_CLASS_MAPPINGS = {
     "UniPic2Sampler": UniPic2Sampler,
     "UniPic2Schedule": UniPic2Schedule,
     "UniPic2FlowSDESampler": UniPic2FlowSDESampler,
-    "UniPic2VAEEncode": UniPic2VAEEncode,
-    "UniPic2VAEDecode": UniPic2VAEDecode,
     "UniPic2PromptList": UniPic2PromptList,
     "UniPic2EditPairs": UniPic2EditPairs,
     "UniPic2JPEGReward": UniPic2JPEGReward,
@@ -50,8 +47,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniPic2Sampler": "UniPic2 Sampler",
     "UniPic2Schedule": "UniPic2 Schedule",
     "UniPic2FlowSDESampler": "UniPic2 Flow-SDE Sampler",
-    "UniPic2VAEEncode": "UniPic2 VAE Encode",
-    "UniPic2VAEDecode": "UniPic2 VAE Decode",
     "UniPic2PromptList": "UniPic2 Prompt List",
     "UniPic2EditPairs": "UniPic2 Edit Pairs",
     "UniPic2JPEGReward": "UniPic2 JPEG Reward",

@@ -61,9 +61,9 @@ def sized_image(image, node: str, name: str, size_policy: str, longer_edge: int,
 
 
 def attach_reference(vae, image, positive, negative):
-    """Both conditionings with the image's raw VAE latent attached, and the empty LATENT of the same size."""
-    host.load_on_device(vae.patcher)
-    raw = images.vae_encode(vae.vae, image)
+    """Both conditionings with the image's raw VAE latent (native VAE Encode's) attached, and the empty LATENT of
+    the same size."""
+    raw = vae.encode(image[..., :3]).float()
     return with_reference(positive, raw), with_reference(negative, raw), {"samples": raw.new_zeros(raw.shape)}
 
 
@@ -78,7 +78,8 @@ class UniPic2EditReference:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("UNIPIC2_VAE", {"tooltip": "From a UniPic2 loader."}),
+            "vae": ("VAE", {"tooltip": "The SD3 VAE: from a UniPic2 loader, or Load VAE with the checkpoint's "
+                            "vae file."}),
             "image": ("IMAGE", {"tooltip": "The image to edit (at least 64 px per side)."}),
             "positive": ("CONDITIONING", {"tooltip": "The edit instruction's conditioning."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),

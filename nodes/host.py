@@ -21,6 +21,7 @@ UNIPIC2_FOLDER = "unipic2"
 folder_paths.add_model_folder_path(UNIPIC2_FOLDER, os.path.join(folder_paths.models_dir, UNIPIC2_FOLDER))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CHECKPOINT_KEY = "unipic2_checkpoint"  # model_options entry: the checkpoint folder a UniPic2 loader read the MODEL from
 
 
 def model_folders(kind: str) -> list[str]:
@@ -60,6 +61,12 @@ class Component(torch.nn.Module):
 def wrap(module: torch.nn.Module) -> ModelPatcher:
     """A ModelPatcher around one component; its size (for ComfyUI's planning) is the module's true size."""
     return ModelPatcher(Component(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def checkpoint_name(model: ModelPatcher) -> str:
+    """The checkpoint folder name a UniPic2 loader recorded on a native MODEL (clones keep it); "" for a MODEL
+    from another loader (Load Diffusion Model, a GGUF loader...)."""
+    return str(model.model_options.get(CHECKPOINT_KEY, ""))
 
 
 def device() -> torch.device:
@@ -159,6 +166,20 @@ def download_progress():
 def check_cancel() -> None:
     """Raise the host's interrupt exception if the user pressed Cancel."""
     mm.throw_exception_if_processing_interrupted()
+
+
+def sampling_callback(model: ModelPatcher, steps: int):
+    """ComfyUI's sampler callback (progress bar with latent previews, as KSampler's) that also stops at the end of
+    the step during which the user pressed Cancel."""
+    import latent_preview
+
+    show = latent_preview.prepare_callback(model, steps)
+
+    def callback(step, x0, x, total_steps):
+        show(step, x0, x, total_steps)
+        check_cancel()
+
+    return callback
 
 
 class StepProgress:

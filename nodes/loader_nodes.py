@@ -1,15 +1,48 @@
-"""Loaders: a checkpoint folder (or official repo id) -> the pack's model bundles, cached by (folders, dtype)."""
+"""Loaders: a checkpoint folder (or official repo id) -> native MODEL and VAE plus the pack's text encoders / MLLM,
+cached by (folders, dtype)."""
 
 from pathlib import Path
+
+import torch
 
 from ..unipic_core import folders
 from ..unipic_core.repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
 from . import host
-from .bundles import UniPic2MLLM, UniPic2Model, UniPic2Text, UniPic2VAE
+from .bundles import UniPic2MLLM, UniPic2Text
 
 INSIDE = "(inside the checkpoint)"
-DTYPE_INPUT = (["auto", "bf16", "fp16", "fp32"], {"default": "auto", "tooltip": "Weight precision. auto: bf16 on GPUs "
-                                                  "that support it, fp16 on others, fp32 on the CPU."})
+# Load Diffusion Model's weight_dtype choices, plus plain precisions for the whole checkpoint.
+DIT_OPTIONS = {
+    "default": {},
+    "fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+    "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+    "fp8_e5m2": {"dtype": torch.float8_e5m2},
+    "bf16": {"dtype": torch.bfloat16},
+    "fp16": {"dtype": torch.float16},
+    "fp32": {"dtype": torch.float32},
+}
+DTYPE_INPUT = (list(DIT_OPTIONS), {"default": "default", "tooltip": (
+    "Weight precision, as Load Diffusion Model's weight_dtype. default: ComfyUI picks for the DiT and VAE (bf16 or "
+    "fp16 on GPUs, fp32 on the CPU), the text encoders / MLLM use bf16 where supported, fp16 on other GPUs, fp32 on "
+    "the CPU. fp8_e4m3fn / fp8_e5m2: the DiT's weights stored in fp8 (half the memory of bf16; computed in bf16/"
+    "fp16); fp8_e4m3fn_fast also computes in fp8 on GPUs that support it (faster, slightly less exact). fp8 does "
+    "not apply to the text encoders / MLLM and VAE: they load as with default. bf16 / fp16 / fp32: that precision "
+    "for the DiT and the text encoders / MLLM; the VAE uses fp32 with fp32, ComfyUI's choice otherwise.")})
+_CACHE: dict[tuple, tuple] = {}  # (kind, folders, dtype) -> node outputs; the most recent load only
+
+
+def encoder_dtype(choice: str) -> torch.dtype:
+    """The text encoders' / MLLM's precision for a dtype choice (fp8 is for the DiT only)."""
+    return host.pick_dtype(choice if choice in host.DTYPES else "auto")
+
+
+def native_dit_and_vae(folder: Path, choice: str):
+    """The folder's DiT as a native MODEL (Kontext reference ability, the checkpoint's shift) and its native VAE."""
+    from ..unipic_core.loading import load_scheduler_config
+    from .native_loading import load_native_dit, load_native_vae
+
+    model = load_native_dit(folder, load_scheduler_config(folder), DIT_OPTIONS[choice])
+    return model, load_native_vae(folder, torch.float32 if choice == "fp32" else None)
 _CACHE: dict[tuple, tuple] = {}  # (kind, folders, dtype) -> node outputs; the most recent load only
 
 
@@ -60,18 +93,13 @@ def cached(key: tuple, load):
     return _CACHE[key]
 
 
-def dit_bundle(transformer, vae, scheduler_config, name: str) -> tuple[UniPic2Model, UniPic2VAE]:
-    from ..unipic_core.images import fit_latent_to_rgb, vae_scaling
-
-    shift, scale = vae_scaling(vae)
-    model = UniPic2Model(host.wrap(transformer), scheduler_config, shift, scale, fit_latent_to_rgb(vae), name)
-    return model, UniPic2VAE(host.wrap(vae))
-
-
 class LoadUniPic2Kontext:
     CATEGORY = "UniPic2/loaders"
-    DESCRIPTION = "Loads a UniPic2-SD3.5M-Kontext checkpoint (diffusers layout) for text-to-image and editing."
-    RETURN_TYPES = ("UNIPIC2_MODEL", "UNIPIC2_TEXT", "UNIPIC2_VAE")
+    DESCRIPTION = ("Loads a UniPic2-SD3.5M-Kontext checkpoint (diffusers layout) for text-to-image and editing: the DiT "
+                   "as a native MODEL (ComfyUI's SD3 model with UniPic2's reference-image ability and the checkpoint's "
+                   "shift, so KSampler, LoRA loaders and model patches work), the pack's exact text encoders, and "
+                   "the native VAE for VAE Encode / VAE Decode.")
+    RETURN_TYPES = ("MODEL", "UNIPIC2_TEXT", "VAE")
     RETURN_NAMES = ("model", "text_encoders", "vae")
     FUNCTION = "load"
 
@@ -85,17 +113,15 @@ class LoadUniPic2Kontext:
 
     def load(self, checkpoint, dtype):
         folder = resolve(checkpoint, kontext_folders(), KONTEXT_REPOS, "checkpoint")
-        torch_dtype = host.pick_dtype(dtype)
-        return cached(("kontext", str(folder.resolve()), str(torch_dtype)), lambda: self._load(folder, torch_dtype))
+        return cached(("kontext", str(folder.resolve()), dtype), lambda: self._load(folder, dtype))
 
     @staticmethod
-    def _load(folder: Path, dtype):
-        from ..unipic_core.loading import load_kontext
+    def _load(folder: Path, choice: str):
+        from ..unipic_core.loading import load_kontext_text_encoders
 
-        parts = load_kontext(folder, dtype)
-        model, vae = dit_bundle(parts.transformer, parts.vae, parts.scheduler_config, folder.name)
-        text = UniPic2Text(parts.text_encoders, [host.wrap(m) for m in parts.text_encoders.modules()])
-        return model, text, vae
+        encoders = load_kontext_text_encoders(folder, encoder_dtype(choice))
+        model, vae = native_dit_and_vae(folder, choice)
+        return model, UniPic2Text(encoders, [host.wrap(m) for m in encoders.modules()]), vae
 
 
 class LoadUniPic2MetaQuery:
@@ -103,7 +129,7 @@ class LoadUniPic2MetaQuery:
     DESCRIPTION = ("Loads UniPic2-MetaQuery: Qwen2.5-VL-7B + connector conditioning the Kontext DiT, for generation, "
                    "editing and image understanding. Needs ~16 GB (bf16) for the MLLM, which ComfyUI offloads "
                    "before sampling when VRAM is short.")
-    RETURN_TYPES = ("UNIPIC2_MODEL", "UNIPIC2_MLLM", "UNIPIC2_VAE")
+    RETURN_TYPES = ("MODEL", "UNIPIC2_MLLM", "VAE")
     RETURN_NAMES = ("model", "mllm", "vae")
     FUNCTION = "load"
 
@@ -126,15 +152,13 @@ class LoadUniPic2MetaQuery:
                                  f"(a folder in models/LLM or models/unipic2, or {QWEN_REPO})")
         else:
             qwen = resolve(mllm, qwen_folders(), (QWEN_REPO,), "MLLM")
-        torch_dtype = host.pick_dtype(dtype)
-        key = ("metaquery", str(folder.resolve()), str(qwen.resolve()), str(torch_dtype))
-        return cached(key, lambda: self._load(folder, qwen, torch_dtype))
+        key = ("metaquery", str(folder.resolve()), str(qwen.resolve()), dtype)
+        return cached(key, lambda: self._load(folder, qwen, dtype))
 
     @staticmethod
-    def _load(folder: Path, qwen: Path, dtype):
-        from ..unipic_core.loading import load_metaquery
+    def _load(folder: Path, qwen: Path, choice: str):
+        from ..unipic_core.loading import load_metaquery_encoder
 
-        parts = load_metaquery(folder, qwen, dtype)
-        model, vae = dit_bundle(parts.transformer, parts.vae, parts.scheduler_config, folder.name)
-        mllm = UniPic2MLLM(parts.mllm, host.wrap(parts.mllm.mllm), host.wrap(parts.mllm.conditioner))
-        return model, mllm, vae
+        encoder = load_metaquery_encoder(folder, qwen, encoder_dtype(choice))
+        model, vae = native_dit_and_vae(folder, choice)
+        return model, UniPic2MLLM(encoder, host.wrap(encoder.mllm), host.wrap(encoder.conditioner)), vae

@@ -45,7 +45,8 @@ class UniPic2MetaQueryEncode:
             "optional": {
                 "image": ("IMAGE", {"tooltip": "The image to edit: read by the MLLM, and by the DiT when a VAE is "
                                     "connected."}),
-                "vae": ("UNIPIC2_VAE", {"tooltip": "Connect to attach the image as the DiT's reference (editing)."}),
+                "vae": ("VAE", {"tooltip": "Connect (the loader's VAE) to attach the image as the DiT's reference "
+                                "(editing)."}),
                 "image2": ("IMAGE", {"tooltip": "A second image for the MLLM only (e.g. a style or object source)."}),
             },
         }

@@ -37,7 +37,7 @@ def with_kontext_reference(model):
         raise ValueError(f"{NODE}: 'model' is a {type(model.model).__name__} model; it needs an SD3 / SD3.5 MMDiT "
                          "-- load the UniPic2-Kontext transformer with Load Diffusion Model or Load UniPic2 Kontext")
     patched = model.clone()
-    if patched.get_wrappers(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY):
+    if has_kontext_reference(patched):
         return patched
     patched.add_object_patch("extra_conds", _extra_conds_with_reference(patched))
     patched.add_object_patch("memory_usage_factor_conds",
@@ -47,6 +47,11 @@ def with_kontext_reference(model):
                                                      patched.get_model_object("diffusion_model.forward")))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY, _share_reference)
     return patched
+
+
+def has_kontext_reference(model) -> bool:
+    """Whether with_kontext_reference was applied to this ModelPatcher (or one it was cloned from)."""
+    return bool(model.get_wrappers(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY))
 
 
 def _extra_conds_with_reference(patched):

@@ -39,14 +39,19 @@ class UniPic2Schedule:
         }}
 
     def schedule(self, model, steps, denoise):
-        model_sampling = model.get_model_object("model_sampling")
-        # The official schedule is SD3's static shift; Flux's resolution-dependent shift is another schedule.
-        if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow)
-                and isinstance(model_sampling, comfy.model_sampling.CONST)):
-            raise ValueError(f"UniPic2 Schedule: 'model' samples as {_sampling_kind(model_sampling)}; the official "
-                             f"schedule needs {FLOW_MODELS} (ModelSamplingDiscreteFlow) -- use BasicScheduler for "
-                             "this model")
-        return (denoise_sigmas(steps, denoise, {"shift": float(model_sampling.shift)}),)
+        return (official_sigmas(model, steps, denoise, "UniPic2 Schedule"),)
+
+
+def official_sigmas(model, steps: int, denoise: float, node: str) -> torch.Tensor:
+    """The official schedule at the MODEL's shift (its model_sampling: the checkpoint's, or a ModelSamplingSD3
+    node's); a model that is not SD3-style flow matching is refused naming `node`."""
+    model_sampling = model.get_model_object("model_sampling")
+    # The official schedule is SD3's static shift; Flux's resolution-dependent shift is another schedule.
+    if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow)
+            and isinstance(model_sampling, comfy.model_sampling.CONST)):
+        raise ValueError(f"{node}: 'model' samples as {_sampling_kind(model_sampling)}; the official schedule "
+                         f"needs {FLOW_MODELS} (ModelSamplingDiscreteFlow) -- use BasicScheduler for this model")
+    return denoise_sigmas(steps, denoise, {"shift": float(model_sampling.shift)})
 
 
 def seeded_step_noise(x: torch.Tensor, seed: int | None):

@@ -1,18 +1,24 @@
-"""UniPic2 Sampler: flow-matching denoising with the Kontext DiT, with or without a reference image."""
+"""UniPic2 Sampler: the official schedule and the paper's samplers on a native MODEL, through ComfyUI's sampling."""
 
 import logging
 
+import comfy.model_base
+import comfy.sample
+import comfy.samplers
+import comfy.utils
 import torch
 import torch.nn.functional as F
 
 from ..unipic_core import images
-from ..unipic_core.sampling import SAMPLERS, resize_noise_mask, sample
-from ..unipic_core.schedule import denoise_sigmas, percent_to_sigma
+from ..unipic_core.sampling import SAMPLERS
 from . import host
-from .conditioning import prompt_schedule, reference_at_target, reference_latent
+from .conditioning import check_conditioning
+from .native_kontext import has_kontext_reference, with_kontext_reference
+from .native_sampling import FlowSDESampler, official_sigmas, sample_flow_sde
 
 log = logging.getLogger("unipic2")
 
+NODE = "UniPic2 Sampler"
 LATENT_CAUSE = "a VAE Encode of a broken image, or a failed earlier sampler"
 
 
@@ -22,24 +28,44 @@ def _grid_latent(raw: torch.Tensor, patch: int) -> torch.Tensor:
     grid_h, grid_w = (max(patch, round(s / patch) * patch) for s in (height, width))
     if (grid_h, grid_w) == (height, width):
         return raw
-    log.warning("UniPic2 Sampler: latent %dx%d resized to %dx%d (sides must be multiples of %d latent pixels, "
-                "i.e. images a multiple of %d px)", width, height, grid_w, grid_h, patch, patch * images.LATENT_TO_IMAGE)
-    return F.interpolate(raw.float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+    log.warning("%s: latent %dx%d resized to %dx%d (sides must be multiples of %d latent pixels, i.e. images a "
+                "multiple of %d px)", NODE, width, height, grid_w, grid_h, patch, patch * images.LATENT_TO_IMAGE)
+    return F.interpolate(raw, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+
+
+def sampling_model(model, shift: float, has_reference: bool):
+    """The MODEL to sample with: refused unless it is an SD3 MMDiT (UniPic2-Kontext is one), shifted the
+    ModelSamplingSD3 way when shift > 0, and given the reference ability when a reference is attached but the
+    model (e.g. from Load Diffusion Model) lacks it."""
+    if not isinstance(model.model, comfy.model_base.SD3):
+        raise ValueError(f"{NODE}: 'model' is a {type(model.model).__name__} model; UniPic2 Sampler runs "
+                         "UniPic2-Kontext (an SD3 / SD3.5 MMDiT) -- load it with Load UniPic2 Kontext, or use "
+                         "KSampler for other models")
+    if shift > 0:
+        from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+        (model,) = ModelSamplingSD3().patch(model, shift)
+    if has_reference and not has_kontext_reference(model):
+        model = with_kontext_reference(model)
+    return model
 
 
 class UniPic2Sampler:
     CATEGORY = "UniPic2/sampling"
-    DESCRIPTION = ("Denoises a latent with UniPic2-Kontext. A reference latent in the conditioning (UniPic2 Edit "
-                   "Reference or native ReferenceLatent) makes it an edit; otherwise it is text-to-image. Honours a "
-                   "latent's noise mask (Set Latent Noise Mask: inpainting) and timestep ranges (Conditioning Set "
-                   "Timestep Range + Conditioning Combine: switch prompts during sampling), as KSampler does.")
+    DESCRIPTION = ("Denoises a latent with UniPic2-Kontext on the official schedule (exactly diffusers' "
+                   "FlowMatchEulerDiscreteScheduler) with euler or the paper's flow-sde, through ComfyUI's own "
+                   "sampling: model patches, LoRAs, noise masks (Set Latent Noise Mask), timestep ranges, areas "
+                   "and masks of the conditioning apply as in KSampler. A reference latent in the conditioning "
+                   "(UniPic2 Edit Reference or native ReferenceLatent) makes it an edit; otherwise it is "
+                   "text-to-image.")
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("UNIPIC2_MODEL", {"tooltip": "From Load UniPic2 Kontext."}),
+            "model": ("MODEL", {"tooltip": "UniPic2-Kontext: from Load UniPic2 Kontext / MetaQuery, or Load "
+                                "Diffusion Model on its transformer file (LoRAs and model patches included)."}),
             "positive": ("CONDITIONING", {"tooltip": "Prompt or edit instruction (UniPic2 Text Encode, or SD3 "
                                           "CLIPTextEncode); may carry the reference image, and several prompts "
                                           "with timestep ranges."}),
@@ -56,82 +82,40 @@ class UniPic2Sampler:
             "noise_level": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "flow-sde "
                                       "only: SDE noise scale a (paper: 0.7); 0 equals euler."}),
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Timestep shift; "
-                                "0 uses the checkpoint's scheduler config (3.0 for UniPic2-Kontext)."}),
+                                "0 uses the model's (the checkpoint's scheduler config: 3.0 for UniPic2-Kontext, or "
+                                "a ModelSamplingSD3 node's). Above 0 it replaces it, as ModelSamplingSD3 would."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1, "
                                   "starts from the input latent noised to that level (img2img)."}),
         }}
 
     def sample(self, model, positive, negative, latent, seed, steps, guidance, sampler, noise_level, shift, denoise):
-        config = model.transformer.config
+        has_reference = any(isinstance(entry, (list, tuple)) and len(entry) == 2 and
+                            entry[1].get("reference_latents") for conditioning in (positive, negative)
+                            if isinstance(conditioning, list) for entry in conditioning)
+        model = sampling_model(model, shift, has_reference)
+        dit = model.get_model_object("diffusion_model")
         raw = latent["samples"]
-        images.check_latent(raw, "UniPic2 Sampler: 'latent'", LATENT_CAUSE)
-        raw = _grid_latent(raw, config.patch_size)
-        images.check_grid_size(raw, "UniPic2 Sampler: 'latent'", config.patch_size, config.pos_embed_max_size)
-        batch, channels, height, width = raw.shape
-        if channels != config.in_channels:
-            if denoise < 1.0:
-                raise ValueError(f"UniPic2 Sampler: 'latent' has {channels} channels; img2img (denoise < 1) needs "
-                                 f"a {config.in_channels}-channel SD3 latent from UniPic2 VAE Encode")
-            raw = raw.new_zeros(batch, config.in_channels, height, width)  # an empty latent only sets the size
+        images.check_latent(raw, f"{NODE}: 'latent'", LATENT_CAUSE)
+        raw = comfy.sample.fix_empty_latent_channels(model, raw.float())  # Empty Latent Image's 4 -> 16 channels
+        channels = model.get_model_object("latent_format").latent_channels
+        if raw.shape[1] != channels:
+            raise ValueError(f"{NODE}: 'latent' has {raw.shape[1]} channels; the model needs a {channels}-channel "
+                             "SD3 latent -- encode with the checkpoint's VAE (VAE Encode), or start from Empty "
+                             "Latent Image")
+        raw = _grid_latent(raw, dit.patch_size)
+        images.check_grid_size(raw, f"{NODE}: 'latent'", dit.patch_size, dit.pos_embed_max_size)
+        widths = (dit.context_embedder.in_features, dit.y_embedder.mlp[0].in_features)
+        check_conditioning(positive, NODE, "positive", widths, raw.shape[0])
+        check_conditioning(negative, NODE, "negative", widths, raw.shape[0])
 
-        schedule_config = dict(model.scheduler_config)
-        if shift > 0:
-            schedule_config.update(shift=shift, use_dynamic_shifting=False)
-        tokens = (height // config.patch_size) * (width // config.patch_size)
-        sigmas = denoise_sigmas(steps, denoise, schedule_config, image_seq_len=tokens)
-        to_sigma = (lambda percent: percent_to_sigma(percent, schedule_config, tokens))
-        pos = prompt_schedule(positive, "positive", config, batch, sigmas[:-1], to_sigma)
-        neg = prompt_schedule(negative, "negative", config, batch, sigmas[:-1], to_sigma)
-
-        reference = _model_space_reference(positive, negative, model, raw.shape)
-        mask = _noise_mask(latent, batch, height, width)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(raw.shape, generator=generator, dtype=torch.float32)
-        keeps_input = denoise < 1.0 or mask is not None
-        start = images.raw_to_model(raw, model.vae_shift, model.vae_scale) if keeps_input else None
-
-        (transformer,) = host.load_on_device(model.patcher)
-        device = transformer.device
-        progress = host.StepProgress(len(sigmas) - 1)
-
-        def on_step(i, total, x, x0):
-            host.check_cancel()
-            preview = images.latent_preview(images.model_to_raw(x0[0], model.vae_shift, model.vae_scale).cpu(),
-                                            model.latent_rgb)
-            progress.update(i + 1, total, preview)
-
-        move = (lambda t: None if t is None else t.to(device))
-        with torch.no_grad():
-            x = sample(transformer, noise.to(device), sigmas, pos, neg, guidance=guidance, reference=move(reference),
-                       sampler=sampler, noise_level=noise_level, generator=generator, start_latent=move(start),
-                       noise_mask=move(mask), on_step=on_step)
-        return ({"samples": images.model_to_raw(x, model.vae_shift, model.vae_scale).cpu()},)
-
-
-def _model_space_reference(positive: list, negative: list, model, shape: torch.Size) -> torch.Tensor | None:
-    """The conditioning's reference latent in model space at the output latent's size, or None (text-to-image).
-
-    Resizing it to the output also keeps it within the DiT's position grid, which the output was checked against.
-    """
-    reference = reference_latent(positive, negative)
-    if reference is None:
-        return None
-    reference = reference_at_target(reference, shape, "UniPic2 Sampler", warned_sizes=set())
-    return images.raw_to_model(reference, model.vae_shift, model.vae_scale)  # GuidedVelocity expands it
-
-
-def _noise_mask(latent: dict, batch: int, height: int, width: int) -> torch.Tensor | None:
-    """The LATENT's noise_mask (Set Latent Noise Mask, VAE Encode for Inpaint) at the latent's size, or None."""
-    mask = latent.get("noise_mask")
-    if mask is None:
-        return None
-    name = "UniPic2 Sampler: the noise mask of 'latent'"
-    if mask.ndim < 2 or mask.numel() == 0:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected a MASK [batch, height, width] -- check "
-                         "the Set Latent Noise Mask node")
-    images.check_finite(mask, name, "the MASK given to Set Latent Noise Mask")
-    mask = resize_noise_mask(mask, height, width)
-    if mask.shape[0] not in (1, batch):
-        raise ValueError(f"{name} has batch {mask.shape[0]} for a latent batch of {batch} -- use one mask for all "
-                         "images, or one per image")
-    return mask
+        sigmas = official_sigmas(model, steps, denoise, NODE)
+        if sampler == "euler":
+            ksampler = comfy.samplers.ksampler("euler")
+        else:  # its step noise continues the seed's stream after the initial noise, as the pack always drew it
+            ksampler = FlowSDESampler(sample_flow_sde, {"noise_level": noise_level})
+        noise = comfy.sample.prepare_noise(raw, seed, latent.get("batch_index"))  # CPU, as KSampler draws it
+        samples = comfy.sample.sample_custom(
+            model, noise, guidance, ksampler, sigmas, positive, negative, raw, noise_mask=latent.get("noise_mask"),
+            callback=host.sampling_callback(model, len(sigmas) - 1),
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        return ({**latent, "samples": samples},)

@@ -32,6 +32,16 @@ def test_loader_lists_metaquery_folders_and_mllm_choices(host):
     assert spec["mllm"][0][0] == INSIDE and "Qwen/Qwen2.5-VL-7B-Instruct" in spec["mllm"][0]
 
 
+def test_loader_gives_the_native_model_and_vae(host, loaded):
+    import comfy.model_base
+    import comfy.sd
+
+    nodes_host = host.pack.nodes.host
+    assert isinstance(loaded[0].model, comfy.model_base.SD3) and isinstance(loaded[2], comfy.sd.VAE)
+    assert host.pack.nodes.native_kontext.has_kontext_reference(loaded[0])
+    assert nodes_host.checkpoint_name(loaded[0]) == MQ
+
+
 def test_mllm_and_conditioner_have_their_own_patchers(loaded):
     mllm = loaded[1]
     assert mllm.mllm_patcher is not mllm.conditioner_patcher
@@ -47,7 +57,9 @@ def test_edit_conditioning_attaches_the_reference_and_samples(host, loaded):
     reference = positive[0][1]["reference_latents"][0]
     assert reference.shape == latent["samples"].shape == (1, 16, 12, 16)
     assert torch.equal(negative[0][1]["reference_latents"][0], reference)
-    assert positive[0][0].shape == (1, 256, loaded[0].transformer.config.joint_attention_dim)
+    assert positive[0][0].shape == (1, 256, loaded[0].get_model_object("diffusion_model").context_embedder.in_features)
+    # the reference is the native VAE's latent of the image
+    assert torch.equal(reference, loaded[2].encode(picture[..., :3]).float())
     edited = sample(host, loaded, positive, negative, latent)
     mllm_only = sample(host, loaded, *encode(host, loaded, picture, with_vae=False)[:2], latent)
     assert edited.shape == (1, 16, 12, 16)
@@ -77,7 +89,7 @@ def test_encoding_the_same_prompt_and_image_twice_reuses_the_result(host):
         "3": {"class_type": "UniPic2Sampler", "inputs": {
             "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent": ["2", 2], "seed": 1, "steps": 1,
             "guidance": 3.5, "sampler": "euler", "noise_level": 0.7, "shift": 0.0, "denoise": 1.0}},
-        "4": {"class_type": "UniPic2VAEDecode", "inputs": {"vae": ["1", 2], "samples": ["3", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"vae": ["1", 2], "samples": ["3", 0]}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "mq"}},
     }
     executed = []

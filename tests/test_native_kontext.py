@@ -25,7 +25,7 @@ def unet_loader(host, tiny_kontext_dir, tmp_path_factory):
 def reference(host, loaded):
     """A raw VAE latent of a random 64x96 px image: 8x12 latent pixels, 24 tokens."""
     image = torch.rand(1, 96, 64, 3, generator=torch.Generator().manual_seed(0))
-    return host.node("UniPic2VAEEncode").encode(loaded[2], image)[0]
+    return host.node("VAEEncode").encode(loaded[2], image)[0]
 
 
 def kontext(host, model):
@@ -47,21 +47,20 @@ def ksampler(host, model, positive, negative, latent, steps=2, seed=4):
                                         latent)[0]["samples"]
 
 
-def official_sigmas(loaded, steps: int, latent: torch.Tensor) -> torch.Tensor:
+def official_sigmas(tiny_kontext, steps: int) -> torch.Tensor:
     """The schedule UniPic2 Sampler uses (shift from the checkpoint's scheduler config), as a native SIGMAS."""
     from unipic_core.schedule import denoise_sigmas
 
-    tokens = (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
-    return denoise_sigmas(steps, 1.0, dict(loaded[0].scheduler_config), image_seq_len=tokens)
+    return denoise_sigmas(steps, 1.0, dict(tiny_kontext.scheduler_config))
 
 
 @pytest.mark.parametrize("with_ref", [True, False], ids=["reference", "no-reference"])
-def test_native_model_call_equals_the_diffusers_kontext_dit(host, unet_loader, loaded, with_ref):
+def test_native_model_call_equals_the_diffusers_kontext_dit(host, unet_loader, tiny_kontext, with_ref):
     import comfy.model_management
 
     model = kontext(host, unet_loader())
     comfy.model_management.load_models_gpu([model])  # applies the object patches
-    dit = loaded[0].transformer
+    dit = tiny_kontext.transformer
     generator = torch.Generator().manual_seed(1)
     x, ref = torch.randn(2, 16, 8, 12, generator=generator), torch.randn(1, 16, 8, 12, generator=generator)
     context = torch.randn(2, 7, dit.config.joint_attention_dim, generator=generator)
@@ -75,8 +74,8 @@ def test_native_model_call_equals_the_diffusers_kontext_dit(host, unet_loader, l
     assert (ours - theirs).abs().max() <= 1e-5
 
 
-def test_native_edit_equals_unipic2_sampler_with_the_official_sigmas(host, unet_loader, loaded, conditioning,
-                                                                     reference):
+def test_native_edit_equals_unipic2_sampler_with_the_official_sigmas(host, unet_loader, loaded, tiny_kontext,
+                                                                     conditioning, reference):
     """6-step CFG edit, batch 2, reference on the positive only (the negative shares it, as officially)."""
     steps, seed = 6, 7
     latent = {"samples": torch.zeros(2, 16, 8, 12)}
@@ -93,7 +92,7 @@ def test_native_edit_equals_unipic2_sampler_with_the_official_sigmas(host, unet_
     ours = native("nodes_custom_sampler", "SamplerCustomAdvanced",
                   native("nodes_custom_sampler", "RandomNoise", seed)[0], guider,
                   native("nodes_custom_sampler", "KSamplerSelect", "euler")[0],
-                  official_sigmas(loaded, steps, latent["samples"]), latent)[0]["samples"]
+                  official_sigmas(tiny_kontext, steps), latent)[0]["samples"]
     pack = host.node("UniPic2Sampler").sample(loaded[0], positive, conditioning[1], latent, seed=seed, steps=steps,
                                               guidance=GUIDANCE, sampler="euler", noise_level=0.7, shift=0.0,
                                               denoise=1.0)[0]["samples"]
@@ -185,9 +184,9 @@ def test_a_model_that_is_not_sd3_is_refused(host):
         kontext(host, NotSD3())
 
 
-def test_partial_load_gives_the_full_load_output_with_weights_offloaded(host, unet_loader, loaded, reference):
+def test_partial_load_gives_the_full_load_output_with_weights_offloaded(host, unet_loader, tiny_kontext, reference):
     model = kontext(host, unet_loader())
-    config = loaded[0].transformer.config
+    config = tiny_kontext.transformer.config
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(2, 16, 8, 12, generator=generator)
     context = torch.randn(2, 7, config.joint_attention_dim, generator=generator)

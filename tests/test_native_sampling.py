@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from unipic_core.dit import DiffusersDiT
 from unipic_core.images import model_to_raw, raw_to_model
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.sampling import PromptEmbeds, euler_step, flow_sde_step, sample
@@ -60,7 +61,7 @@ def pack_sample(dit, prompts, sigmas, seed: int, **options) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(SHAPE, generator=generator, dtype=torch.float32)
     with torch.no_grad():
-        x = sample(dit, noise, sigmas, *prompts, guidance=GUIDANCE, generator=generator, **options)
+        x = sample(DiffusersDiT(dit), noise, sigmas, *prompts, guidance=GUIDANCE, generator=generator, **options)
     return model_to_raw(x, *SD3_VAE)
 
 

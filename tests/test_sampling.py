@@ -1,12 +1,10 @@
 import math
 
-import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from unipic_core.dit import DiffusersDiT
-from unipic_core.sampling import (GuidedVelocity, PromptEmbeds, ScheduledVelocity, TimedPrompt, euler_step,
-                                  flow_sde_step, sample, step_log_prob)
+from unipic_core.sampling import GuidedVelocity, PromptEmbeds, euler_step, flow_sde_step, sample, step_log_prob
 from unipic_core.schedule import flow_sigmas
 from unipic_core.text_encoding import encode_prompts
 
@@ -105,93 +103,3 @@ def test_flow_sde_sampling_is_reproducible_per_seed(tiny_kontext):
 
 
 # --- noise masks (inpainting) and prompt schedules (timestep ranges), as ComfyUI's samplers do them ------------
-
-def _inpaint_inputs(tiny_kontext, batch=2):
-    pos = encode_prompts(tiny_kontext.text_encoders, ["a cat"])
-    neg = encode_prompts(tiny_kontext.text_encoders, ["blurry"])
-    generator = torch.Generator().manual_seed(7)
-    start, noise = torch.randn(batch, 16, 8, 8, generator=generator), torch.randn(batch, 16, 8, 8, generator=generator)
-    return pos, neg, start, noise
-
-
-@pytest.mark.parametrize("sampler, denoise_steps, mask_batch", [("euler", None, 1), ("flow-sde", 3, 2)],
-                         ids=["euler-denoise-1-one-mask", "flow-sde-denoise-0.5-mask-per-image"])
-def test_noise_mask_keeps_the_masked_out_latent_and_regenerates_the_rest(tiny_kontext, sampler, denoise_steps,
-                                                                         mask_batch):
-    pos, neg, start, noise = _inpaint_inputs(tiny_kontext)
-    sigmas = flow_sigmas(6, tiny_kontext.scheduler_config)[-(denoise_steps + 1):] if denoise_steps else \
-        flow_sigmas(3, tiny_kontext.scheduler_config)
-    mask = torch.zeros(mask_batch, 1, 8, 8)
-    mask[..., 4:] = 1.0  # regenerate the right half
-    with torch.no_grad():
-        out = sample(DiffusersDiT(tiny_kontext.transformer), noise, sigmas, pos, neg, guidance=3.0, sampler=sampler,
-                     generator=torch.Generator().manual_seed(1), start_latent=start, noise_mask=mask)
-    assert (out[..., :4] - start[..., :4]).abs().max() <= 1e-6
-    assert (out[..., 4:] - start[..., 4:]).abs().mean() > 0.1
-
-
-@pytest.mark.parametrize("sampler", ["euler", "flow-sde"])
-def test_a_noise_mask_of_ones_equals_no_mask(tiny_kontext, sampler):
-    pos, neg, start, noise = _inpaint_inputs(tiny_kontext)
-    sigmas = flow_sigmas(6, tiny_kontext.scheduler_config)[-4:]
-
-    def run(mask):
-        with torch.no_grad():
-            return sample(DiffusersDiT(tiny_kontext.transformer), noise, sigmas, pos, neg, guidance=3.0, sampler=sampler,
-                          generator=torch.Generator().manual_seed(1), start_latent=start, noise_mask=mask)
-
-    assert torch.equal(run(torch.ones(1, 1, 8, 8)), run(None))
-
-
-def test_a_soft_noise_mask_follows_comfyuis_x0_inpainting(tiny_kontext):
-    """ComfyUI's KSamplerX0Inpaint around k-diffusion's Euler, written out with the clean estimate (denoised)."""
-    model = DiffusersDiT(tiny_kontext.transformer)
-    pos, neg, start, noise = _inpaint_inputs(tiny_kontext)
-    mask = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    sigmas = flow_sigmas(4, tiny_kontext.scheduler_config)
-    velocity_of = GuidedVelocity(model, pos, neg, 3.0, None, 2, torch.device("cpu"))
-    with torch.no_grad():
-        got = sample(model, noise, sigmas, pos, neg, guidance=3.0, start_latent=start, noise_mask=mask)
-        x = noise.clone()  # noise_scaling at sigma 1
-        for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-            x_in = x * mask + (sigma * noise + (1 - sigma) * start) * (1 - mask)
-            denoised = (x_in - sigma * velocity_of(x_in, sigma)) * mask + start * (1 - mask)
-            x = x + (x - denoised) / sigma * (sigma_next - sigma)
-    assert (got - x).abs().max() <= 1e-5
-
-
-def _velocity(model, embeds, x, sigma):
-    timestep = torch.full((len(x),), sigma * 1000)
-    return model.transformer(hidden_states=x, encoder_hidden_states=embeds.tokens, pooled_projections=embeds.pooled,
-                 timestep=timestep, return_dict=False)[0]
-
-
-def test_a_prompt_schedule_switches_prompts_at_the_switch_sigma(tiny_kontext):
-    model = DiffusersDiT(tiny_kontext.transformer)
-    a, b, neg = (encode_prompts(tiny_kontext.text_encoders, [p]) for p in ("a red cube", "a blue sphere", "blurry"))
-    sigmas = flow_sigmas(6, tiny_kontext.scheduler_config)
-    switch = 0.75
-    assert switch not in sigmas.tolist()
-    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
-    schedule = [TimedPrompt(a, sigma_start=1.0, sigma_end=switch), TimedPrompt(b, sigma_start=switch, sigma_end=0.0)]
-    with torch.no_grad():
-        got = sample(model, noise, sigmas, schedule, neg, guidance=3.0)
-        only_a = sample(model, noise, sigmas, a, neg, guidance=3.0)
-        x = noise.clone()
-        for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-            v_pos = _velocity(model, a if sigma > switch else b, x, sigma)
-            v_neg = _velocity(model, neg, x, sigma)
-            x = x + (sigma_next - sigma) * (v_neg + 3.0 * (v_pos - v_neg))
-    assert (got - x).abs().max() <= 1e-5
-    assert (got - only_a).abs().mean() > 1e-3  # prompt b really took over
-
-
-def test_overlapping_entries_average_their_velocities_by_strength(tiny_kontext):
-    model = DiffusersDiT(tiny_kontext.transformer)
-    a, b = (encode_prompts(tiny_kontext.text_encoders, [p]) for p in ("a red cube", "a blue sphere"))
-    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
-    schedule = [TimedPrompt(a, strength=1.0), TimedPrompt(b, strength=3.0)]
-    with torch.no_grad():
-        got = ScheduledVelocity(model, schedule, None, 1.0, None, 1, x.device)(x, 0.6)
-        expected = (_velocity(model, a, x, 0.6) + 3.0 * _velocity(model, b, x, 0.6)) / 4.0
-    assert torch.allclose(got, expected, atol=1e-6)

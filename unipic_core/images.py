@@ -1,4 +1,4 @@
-"""Images <-> SD3 VAE latents, sizes for the DiT's patch grid, and cheap latent previews.
+"""Images <-> SD3 VAE latents, sizes for the DiT's patch grid.
 
 IMAGE tensors are ComfyUI's [B, H, W, 3] float in 0..1. "Raw" latents are what the VAE encoder gives
 ([B, 16, H/8, W/8], what native VAE Encode/Decode use); "model-space" latents are (raw - shift) * scale,
@@ -110,25 +110,3 @@ def vae_decode(vae, raw: torch.Tensor) -> torch.Tensor:
     """Raw latent [B, C, h, w] -> IMAGE [B, 8h, 8w, 3] 0..1 (float32, CPU)."""
     x = vae.decode(raw.to(device=vae.device, dtype=vae.dtype)).sample
     return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
-
-
-@torch.no_grad()
-def fit_latent_to_rgb(vae, side: int = 64) -> torch.Tensor:
-    """A [C + 1, 3] affine map from raw latent channels to RGB, least-squares fitted on one synthetic image.
-
-    Used for step previews: a fit against the loaded VAE works for any checkpoint (real or tiny) and costs one
-    small encode at load time.
-    """
-    axis = torch.linspace(0, 1, side)
-    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-    image = torch.stack([xx, yy, (1 - xx) * (1 - yy)], dim=-1)[None]
-    raw = vae_encode(vae, image)[0]  # [C, h, w]
-    target = F.adaptive_avg_pool2d(image.movedim(-1, 1), raw.shape[-2:])[0]
-    features = torch.cat([raw.flatten(1), torch.ones(1, raw[0].numel())]).T  # [h*w, C+1]
-    return torch.linalg.lstsq(features, target.flatten(1).T).solution
-
-
-def latent_preview(raw: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """Raw latent [C, h, w] -> approximate RGB [h, w, 3] in 0..1 through a fit_latent_to_rgb map."""
-    features = torch.cat([raw.float().flatten(1), torch.ones(1, raw[0].numel())]).T
-    return (features @ projection).clamp(0, 1).reshape(*raw.shape[-2:], 3)

@@ -56,14 +56,19 @@ def check_folder(folder: Path, required: tuple[str, ...], layout: str, example_r
                                   f"{layout}, as in {example_repo} on the Hugging Face hub")
 
 
+def check_safetensors_file(path: Path) -> None:
+    """Open a .safetensors header; a truncated or corrupt file fails here, named."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(f"{path} is corrupt or truncated ({err}); download it again") from err
+
+
 def check_safetensors(component: Path) -> None:
     """Open every .safetensors header in a component folder; a truncated or corrupt file fails here, named."""
     for path in sorted(component.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except Exception as err:  # safetensors raises its own error types for bad headers and short files
-            raise CheckpointError(f"{path} is corrupt or truncated ({err}); download it again") from err
+        check_safetensors_file(path)
 
 
 def _strict(result, component: Path):
@@ -91,12 +96,59 @@ def load_pretrained(cls, component: Path, dtype: torch.dtype):
     return _strict(result, component).eval().requires_grad_(False)
 
 
-def load_scheduler_config(folder: Path) -> dict:
-    path = folder / "scheduler" / "scheduler_config.json"
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is missing or not valid JSON ({err})") from err
+
+
+def weight_files(component: Path, stem: str = "diffusion_pytorch_model") -> list[Path]:
+    """The safetensors file(s) of a component folder: `stem`.safetensors, or the shards its index json names."""
+    single = component / f"{stem}.safetensors"
+    if single.exists():
+        return [single]
+    index = component / f"{stem}.safetensors.index.json"
+    if not index.exists():
+        raise CheckpointError(f"'{component.name}/{single.name}' (or its sharded '{index.name}') not found in "
+                              f"{component.parent} -- copy the {component.name}/ folder of the official checkpoint")
+    shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+    missing = [name for name in shards if not (component / name).exists()]
+    if not shards or missing:
+        raise CheckpointError(f"{index} names shard(s) {', '.join(missing) or '(none)'} that are not in "
+                              f"{component} -- download the missing files again")
+    return [component / name for name in shards]
+
+
+def read_weights(component: Path, stem: str = "diffusion_pytorch_model") -> dict[str, torch.Tensor]:
+    """Every tensor of a component folder (official key names, one or several shards) on the CPU."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for path in weight_files(component, stem):
+        check_safetensors_file(path)
+        weights.update(load_file(str(path)))
+    return weights
+
+
+def read_transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """transformer/'s tensors (official diffusers keys), checked strictly against the keys its config.json gives
+    the Kontext DiT: any missing or unexpected key is an error naming it."""
+    component = folder / "transformer"
+    config = read_json(component / "config.json")
+    weights = read_weights(component)
+    with torch.device("meta"):  # only the key names are needed: nothing is allocated
+        expected = set(KontextSD3Transformer.from_config(config).state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{component}: weights do not match transformer/config.json -- missing: "
+                              f"{', '.join(missing[:10]) or 'none'}; unexpected: {', '.join(unexpected[:10]) or 'none'}"
+                              ". Is this folder an unmodified UniPic2 checkpoint?")
+    return weights
+
+
+def load_scheduler_config(folder: Path) -> dict:
+    return read_json(folder / "scheduler" / "scheduler_config.json")
 
 
 def load_text_encoders(folder: Path, dtype: torch.dtype, joint_dim: int) -> SD3TextEncoders:
@@ -115,7 +167,7 @@ def load_text_encoders(folder: Path, dtype: torch.dtype, joint_dim: int) -> SD3T
 
 
 def load_kontext(folder: str | Path, dtype: torch.dtype = torch.float32) -> KontextComponents:
-    """Load every component of a Kontext folder on the CPU in `dtype`."""
+    """Load every component of a Kontext folder on the CPU in `dtype` (the diffusers modules)."""
     folder = Path(folder)
     check_folder(folder, KONTEXT_FILES, KONTEXT_LAYOUT, KONTEXT_REPOS[0])
     log.info("UniPic2: loading Kontext checkpoint %s (%s)", folder, dtype)
@@ -126,6 +178,15 @@ def load_kontext(folder: str | Path, dtype: torch.dtype = torch.float32) -> Kont
         text_encoders=load_text_encoders(folder, dtype, transformer.config.joint_attention_dim),
         scheduler_config=load_scheduler_config(folder),
     )
+
+
+def load_kontext_text_encoders(folder: str | Path, dtype: torch.dtype = torch.float32) -> SD3TextEncoders:
+    """Only the text encoders of a Kontext folder (the DiT and VAE load elsewhere, e.g. natively in ComfyUI)."""
+    folder = Path(folder)
+    check_folder(folder, KONTEXT_FILES, KONTEXT_LAYOUT, KONTEXT_REPOS[0])
+    log.info("UniPic2: loading Kontext checkpoint %s (text encoders, %s)", folder, dtype)
+    joint_dim = read_json(folder / "transformer" / "config.json")["joint_attention_dim"]
+    return load_text_encoders(folder, dtype, joint_dim)
 
 
 def download_repo(repo_id: str, destination: Path, tqdm_class=None) -> Path:
@@ -181,17 +242,27 @@ def load_metaquery(folder: str | Path, qwen_folder: str | Path | None = None,
                    dtype: torch.dtype = torch.float32) -> MetaQueryComponents:
     """Load a MetaQuery folder on the CPU; the MLLM from `qwen_folder`, or from inside the folder when None."""
     folder = Path(folder)
+    mllm = load_metaquery_encoder(folder, qwen_folder, dtype)
+    return MetaQueryComponents(load_pretrained(KontextSD3Transformer, folder / "transformer", dtype),
+                               load_pretrained(AutoencoderKL, folder / "vae", dtype), mllm,
+                               load_scheduler_config(folder))
+
+
+def load_metaquery_encoder(folder: str | Path, qwen_folder: str | Path | None = None,
+                           dtype: torch.dtype = torch.float32) -> MetaQueryMLLM:
+    """The MLLM and conditioner of a MetaQuery folder, checked against its DiT's config (the DiT itself is not
+    loaded); the MLLM from `qwen_folder`, or from inside the folder when None."""
+    folder = Path(folder)
     check_folder(folder, METAQUERY_FILES, METAQUERY_LAYOUT, METAQUERY_REPOS[0])
     qwen_folder = Path(qwen_folder) if qwen_folder else find_qwen_inside(folder)
     if qwen_folder is None:
         raise CheckpointError(f"{folder} holds no Qwen2.5-VL folder; choose one ({QWEN_REPO}) in the loader")
     log.info("UniPic2: loading MetaQuery checkpoint %s with MLLM %s (%s)", folder, qwen_folder, dtype)
-    transformer = load_pretrained(KontextSD3Transformer, folder / "transformer", dtype)
     mllm = load_metaquery_mllm(qwen_folder, folder / "conditioner", dtype)
-    dit = transformer.config
+    dit = read_json(folder / "transformer" / "config.json")
     made = mllm.conditioner.config
-    if (made.joint_attention_dim, made.pooled_projection_dim) != (dit.joint_attention_dim, dit.pooled_projection_dim):
+    wanted = (dit.get("joint_attention_dim"), dit.get("pooled_projection_dim"))
+    if (made.joint_attention_dim, made.pooled_projection_dim) != wanted:
         raise CheckpointError(f"{folder}: the conditioner makes {made.joint_attention_dim}/{made.pooled_projection_dim}"
-                              f"-wide conditioning, the DiT takes {dit.joint_attention_dim}/{dit.pooled_projection_dim}")
-    return MetaQueryComponents(transformer, load_pretrained(AutoencoderKL, folder / "vae", dtype), mllm,
-                               load_scheduler_config(folder))
+                              f"-wide conditioning, the DiT takes {wanted[0]}/{wanted[1]}")
+    return mllm

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 SAMPLERS = ("euler", "flow-sde")
 
@@ -28,26 +27,6 @@ class PromptEmbeds:
         if self.tokens.shape[0] != 1:
             raise ValueError(f"conditioning batch {self.tokens.shape[0]} does not match latent batch {batch}")
         return PromptEmbeds(self.tokens.expand(batch, -1, -1), self.pooled.expand(batch, -1))
-
-
-@dataclass
-class TimedPrompt:
-    """One conditioning entry of a prompt schedule (ComfyUI's timestep ranges and strength).
-
-    Active while sigma_end <= sigma <= sigma_start (both ends included, as ComfyUI's get_area_and_mult); when
-    several entries of one side are active, their velocities are averaged weighted by strength.
-    """
-
-    embeds: PromptEmbeds
-    sigma_start: float = 1.0
-    sigma_end: float = 0.0
-    strength: float = 1.0
-
-    def active_at(self, sigma: float) -> bool:
-        return self.sigma_end <= sigma <= self.sigma_start
-
-
-Prompt = PromptEmbeds | list[TimedPrompt]  # one prompt for every step, or a schedule of several
 
 
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -140,100 +119,26 @@ def guide(v_neg: torch.Tensor, v_pos: torch.Tensor, guidance: float) -> torch.Te
     return v_neg + guidance * (v_pos - v_neg)
 
 
-class ScheduledVelocity:
-    """Classifier-free guidance over prompt schedules (several conditioning entries with timestep ranges).
-
-    Each side's velocity at sigma is the strength-weighted mean of the velocities of its entries active at sigma
-    (ComfyUI's rule in calc_cond_batch), one forward per active entry. Same arguments as GuidedVelocity.
-    """
-
-    def __init__(self, transformer, positive: Prompt, negative: Prompt | None, guidance: float,
-                 reference: torch.Tensor | None, batch: int, device: torch.device):
-        def entries(prompt: Prompt) -> list[tuple[TimedPrompt, GuidedVelocity]]:
-            timed = [TimedPrompt(prompt)] if isinstance(prompt, PromptEmbeds) else prompt
-            return [(e, GuidedVelocity(transformer, e.embeds, None, 1.0, reference, batch, device)) for e in timed]
-
-        self.guidance = guidance
-        self.positive = entries(positive)
-        self.negative = None if negative is None or guidance == 1.0 else entries(negative)
-
-    @staticmethod
-    def _mean_velocity(side, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        active = [(entry.strength, velocity_of) for entry, velocity_of in side if entry.active_at(sigma)]
-        if not active:
-            raise ValueError(f"no conditioning entry is active at sigma {sigma:.4f}; the timestep ranges must "
-                             "cover the whole schedule")
-        return sum(strength * velocity_of(x, sigma) for strength, velocity_of in active) / sum(s for s, _ in active)
-
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        v_pos = self._mean_velocity(self.positive, x, sigma)
-        if self.negative is None:
-            return v_pos
-        return guide(self._mean_velocity(self.negative, x, sigma), v_pos, self.guidance)
-
-
-def guided_velocity(transformer, positive: Prompt, negative: Prompt | None, guidance: float,
-                    reference: torch.Tensor | None, batch: int, device: torch.device):
-    """GuidedVelocity for one prompt per side (batched CFG), ScheduledVelocity when either side is a schedule."""
-    if isinstance(positive, PromptEmbeds) and (negative is None or isinstance(negative, PromptEmbeds)):
-        return GuidedVelocity(transformer, positive, negative, guidance, reference, batch, device)
-    return ScheduledVelocity(transformer, positive, negative, guidance, reference, batch, device)
-
-
-def resize_noise_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A LATENT's noise_mask ([h, w], [B, h, w] or [B, 1, h, w]; 1 = regenerate, 0 = keep) -> [B, 1, height, width].
-
-    Bilinear, as ComfyUI's prepare_mask (comfy.utils.reshape_mask) sizes it to the latent; float32.
-    """
-    mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
-    return F.interpolate(mask, size=(height, width), mode="bilinear")
-
-
-class InpaintVelocity:
-    """ComfyUI's noise-mask inpainting (comfy.samplers.KSamplerX0Inpaint) for a velocity model.
-
-    Where the mask is 0 the model sees the original latent noised to the current sigma with the sampler's own
-    noise, (1 - sigma) * x0 + sigma * noise, and its clean estimate there is replaced by x0; the returned velocity
-    is (x - estimate) / sigma, so the sampler lands on x0 in the kept region at sigma = 0. A soft mask blends.
-    mask: [1 or B, 1, H, W] in 0..1; latent (x0) and noise: [B, C, H, W] model space.
-    """
-
-    def __init__(self, velocity_of, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor):
-        self.velocity_of, self.mask, self.latent, self.noise = velocity_of, mask, latent, noise
-
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        keep = 1 - self.mask
-        x_in = x * self.mask + ((1 - sigma) * self.latent + sigma * self.noise) * keep
-        # (x - [mask * (x_in - sigma * v) + keep * x0]) / sigma, arranged so a mask of ones returns v bit-exactly
-        return self.mask * self.velocity_of(x_in, sigma) + (x - self.mask * x_in - keep * self.latent) / sigma
-
-
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def sample(
-    transformer, noise: torch.Tensor, sigmas: torch.Tensor, positive: Prompt,
-    negative: Prompt | None = None, guidance: float = 3.5, reference: torch.Tensor | None = None,
+    dit, noise: torch.Tensor, sigmas: torch.Tensor, positive: PromptEmbeds,
+    negative: PromptEmbeds | None = None, guidance: float = 3.5, reference: torch.Tensor | None = None,
     sampler: str = "euler", noise_level: float = 0.7, generator: torch.Generator | None = None,
-    start_latent: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None,
-    on_step: StepCallback | None = None,
+    start_latent: torch.Tensor | None = None, on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Denoise from `noise` along `sigmas` and return the model-space latent (float32).
+    """Denoise from `noise` along `sigmas` with `dit` (a dit.TrainableDiT) and return the model-space latent (float32).
 
-    noise: [B, C, H, W]; positive/negative: one PromptEmbeds, or a schedule of TimedPrompts; start_latent:
-    model-space latent to noise to sigmas[0] (img2img), or None to start from pure noise; noise_mask:
-    [1 or B, 1, H, W] in 0..1 (resize_noise_mask), 1 = regenerate, 0 = keep start_latent (inpainting, needs
-    start_latent); generator: CPU generator for the flow-sde step noise (reproducible across devices);
-    on_step(i, total, x, x0_estimate) runs after every step -- progress, previews and Cancel live there.
+    The host-free reference loop (benchmarks, scripts, parity tests); in ComfyUI, UniPic2 Sampler runs the native
+    model through ComfyUI's sampling instead. noise: [B, C, H, W]; start_latent: model-space latent to noise to
+    sigmas[0] (img2img), or None to start from pure noise; generator: CPU generator for the flow-sde step noise
+    (reproducible across devices); on_step(i, total, x, x0_estimate) runs after every step -- progress, previews and Cancel live there.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     x = noise.float()
-    velocity_of = guided_velocity(transformer, positive, negative, guidance, reference, x.shape[0], x.device)
-    if noise_mask is not None:
-        if start_latent is None:
-            raise ValueError("a noise mask needs start_latent, the latent to keep where the mask is 0")
-        velocity_of = InpaintVelocity(velocity_of, noise_mask.to(x.device).float(), start_latent.float(), x)
+    velocity_of = GuidedVelocity(dit, positive, negative, guidance, reference, x.shape[0], x.device)
     if start_latent is not None:
         x = sigmas[0].item() * x + (1 - sigmas[0].item()) * start_latent.float()
     total = len(sigmas) - 1

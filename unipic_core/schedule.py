@@ -67,23 +67,6 @@ def flow_sigmas(steps: int, config: dict, image_seq_len: int | None = None) -> t
     return torch.cat([sigmas, torch.zeros(1)])
 
 
-def percent_to_sigma(percent: float, config: dict, image_seq_len: int | None = None) -> float:
-    """The sigma at which `percent` (0..1) of the sampling has passed, shifted as flow_sigmas shifts.
-
-    ComfyUI's ModelSamplingDiscreteFlow.percent_to_sigma (0 -> 1, 1 -> 0, else the shifted 1 - percent), which
-    turns the start/end percents of timestep-range conditioning into sigmas.
-    """
-    if percent <= 0.0:
-        return 1.0
-    if percent >= 1.0:
-        return 0.0
-    if config.get("use_dynamic_shifting", False):
-        if image_seq_len is None:
-            raise ValueError("dynamic shifting needs image_seq_len (the number of DiT tokens of the target)")
-        return dynamic_shift_sigmas(1.0 - percent, dynamic_shift_mu(image_seq_len, config))
-    return shift_sigmas(1.0 - percent, float(config.get("shift", 1.0)))
-
-
 def denoise_sigmas(steps: int, denoise: float, config: dict, image_seq_len: int | None = None) -> torch.Tensor:
     """Sigmas for img2img: the last steps+1 of a schedule stretched to steps/denoise steps (as ComfyUI does)."""
     if not 0.0 < denoise <= 1.0:

@@ -24,7 +24,7 @@ from .tiny_qwen import write_qwen25vl_folder
 # SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk. The DiT keeps head dim 64 and
 # layers == heads (hidden = 64 x depth), as ComfyUI's MMDiT hard-wires, so Load Diffusion Model loads it natively.
 SIZES = {
-    "tiny": dict(layers=2, heads=2, head_dim=64, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(8, 8, 16, 16),
+    "tiny": dict(layers=2, heads=2, head_dim=64, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(32, 32, 32, 32),
                  llm=32, connector=16, connector_layers=2),
     "mid": dict(layers=4, heads=4, head_dim=64, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64),
                 llm=256, connector=128, connector_layers=4),
@@ -115,7 +115,7 @@ def write_vae(folder: Path, channels: tuple[int, ...]) -> None:
     AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=channels, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+        norm_num_groups=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
     ).save_pretrained(str(folder))
 
 
