@@ -39,6 +39,8 @@ def lora_targets(model, adapted: tuple[str, ...] | None = TARGET_MODULES) -> dic
         module = name.removesuffix(".weight")
         if module == name or adapted and not any(module == t or module.endswith("." + t) for t in adapted):
             continue
+        if isinstance(place, tuple) and len(place) > 2:  # a re-arranged weight (adaLN): no LoRA target
+            continue
         key, rows = (place, None) if isinstance(place, str) else place
         try:
             weight = comfy.utils.get_attr(native, key)

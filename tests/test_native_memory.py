@@ -6,6 +6,7 @@ lowvram_model_memory below the model's size. Modules past the budget keep their 
 cast per forward (comfy_cast_weights), with LoRA patches applied on the fly (LowVramPatch).
 """
 
+import contextlib
 import importlib
 
 import pytest
@@ -28,14 +29,16 @@ def native_model(host, tiny_kontext_dir):
     return comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
-def load(patcher, budget_fraction: float | None):
-    """Load `patcher` as the memory manager would: fully, or with only this fraction of its weights resident."""
-    import comfy.model_management as mm
-
-    mm.unload_all_models()
+@contextlib.contextmanager
+def loaded(patcher, budget_fraction: float | None):
+    """`patcher` loaded as the memory manager would: fully, or with only this fraction of its weights resident;
+    unloaded again (weights unpatched) afterwards."""
     budget = 0 if budget_fraction is None else int(patcher.model_size() * budget_fraction)
     patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
-    return patcher
+    try:
+        yield patcher
+    finally:
+        patcher.unpatch_model(torch.device("cpu"))
 
 
 def offloaded_modules(patcher) -> int:
@@ -69,12 +72,16 @@ def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_lo
     randomise_lora_b(fresh_dit, 0.3)
     patcher = host.node("UniPic2ApplyLoRA").apply(plain, lora_weights(adapter_tensors(fresh_dit), 4, 8, {}), 0.8)[0]
     args = edit_inputs(patcher)
-    full = forward(load(patcher, None), *args)
-    assert offloaded_modules(patcher) == 0
-    partial = forward(load(patcher, 0.3), *args)
-    assert offloaded_modules(patcher) > 0 and patcher.model.model_loaded_weight_memory < 0.5 * patcher.model_size()
+    with loaded(patcher, None):
+        full = forward(patcher, *args)
+        assert offloaded_modules(patcher) == 0
+    with loaded(patcher, 0.3):
+        partial = forward(patcher, *args)
+        assert offloaded_modules(patcher) > 0
+        assert patcher.model.model_loaded_weight_memory < 0.5 * patcher.model_size()
     assert (partial - full).abs().max() <= 1e-6
-    assert (full - forward(load(plain, None), *args)).abs().max() > 1e-4  # the LoRA really is in both loads
+    with loaded(plain, None):
+        assert (full - forward(plain, *args)).abs().max() > 1e-4  # the LoRA really is in both loads
 
 
 def test_training_gradients_under_a_partial_load_equal_a_full_load(pack_nodes, native_model):
@@ -84,10 +91,9 @@ def test_training_gradients_under_a_partial_load_equal_a_full_load(pack_nodes, n
     args = edit_inputs(dit.patcher)
     grads = []
     for fraction in (None, 0.3):
-        load(dit.patcher, fraction)
-        pack_nodes("host").make_trainable(dit.patcher.model.diffusion_model)
-        assert (offloaded_modules(dit.patcher) > 0) == (fraction is not None)
-        with torch.inference_mode(False), torch.enable_grad():
+        with loaded(dit.patcher, fraction), torch.inference_mode(False), torch.enable_grad():
+            pack_nodes("host").make_trainable(dit.patcher.model.diffusion_model)
+            assert (offloaded_modules(dit.patcher) > 0) == (fraction is not None)
             (dit(*args).float() ** 2).mean().backward()
         grads.append({k: p.grad.clone() for k, p in dit.adapter_parameters().items()})
         for p in dit.adapter_parameters().values():
