@@ -13,6 +13,7 @@ from demo import LOADERS, SAMPLE_IMAGE, api_prompt
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352),
+                  "unipic2_kontext_edit_flow_sde.json": (512, 352),
                   "unipic2_metaquery_t2i.json": (384, 512), "unipic2_metaquery_edit.json": (512, 352)}
 TEXT_WORKFLOWS = {"unipic2_understand.json"}
 # GRPO workflow -> (LoRA files its trainers write, images it saves: curves and samples per trainer, + generation)
