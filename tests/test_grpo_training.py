@@ -1,5 +1,7 @@
 """The GRPO training loop on the tiny model: learning, exact resume, edit pairs, and bad input."""
 
+import dataclasses
+import importlib
 import logging
 import math
 
@@ -24,10 +26,22 @@ def small(**overrides) -> GRPOSettings:
     return GRPOSettings(**{**values, **overrides})
 
 
-@pytest.fixture
-def models(tiny_kontext_dir):
-    """Freshly loaded tiny components (training puts an adapter into the DiT)."""
-    return models_on_device(load_kontext(tiny_kontext_dir), tiny_kontext_dir, torch.device("cpu"))
+@pytest.fixture(params=["diffusers"])
+def models(request, tiny_kontext_dir):
+    """Freshly loaded tiny components (training puts an adapter into the DiT). Parametrized with "native", the DiT
+    is the one the trainer node trains: ComfyUI's native MODEL (Load Diffusion Model) with weight-wrapper LoRAs."""
+    models = models_on_device(load_kontext(tiny_kontext_dir), tiny_kontext_dir, torch.device("cpu"))
+    if request.param == "native":
+        import comfy.sd
+
+        host = request.getfixturevalue("host")
+        native_training = importlib.import_module(f"{host.pack.__name__}.nodes.native_training")
+        native = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+        models = dataclasses.replace(models, dit=native_training.NativeDiT(native).on_device)
+    return models
+
+
+BOTH_DITS = pytest.mark.parametrize("models", ["diffusers", "native"], indirect=True)
 
 
 def train(models, settings, data=PROMPTS, reward=None, **kwargs):
@@ -38,6 +52,7 @@ def train(models, settings, data=PROMPTS, reward=None, **kwargs):
         trainer.close()
 
 
+@BOTH_DITS
 def test_resume_equals_training_straight_through(models, tmp_path):
     # alpha / r = 3 is not a power of two: the checkpoint must hold the raw adapter for this to be exact.
     _, straight = train(models, small(steps=4), checkpoint=tmp_path / "a.safetensors")
@@ -129,6 +144,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(models, tmp_path, monkey
     assert path.with_suffix(".training-state").read_bytes() == state and path.read_bytes() == lora
 
 
+@BOTH_DITS
 def test_brightness_reward_rises_within_twenty_five_steps(models):
     """Learning test. The tiny random VAE decodes any latent to a brightness within about 0.448..0.455, too flat
     for any policy to move, so here pixels are a fixed map of the latent (sigmoid of its first three channels);
