@@ -32,9 +32,9 @@ def models(request, tiny_kontext_dir):
     is the one the trainer node trains: ComfyUI's native MODEL (Load Diffusion Model) with weight-wrapper LoRAs."""
     models = models_on_device(load_kontext(tiny_kontext_dir), tiny_kontext_dir, torch.device("cpu"))
     if request.param == "native":
+        host = request.getfixturevalue("host")  # puts ComfyUI on sys.path
         import comfy.sd
 
-        host = request.getfixturevalue("host")
         native_training = importlib.import_module(f"{host.pack.__name__}.nodes.native_training")
         native = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
         models = dataclasses.replace(models, dit=native_training.NativeDiT(native).on_device)
@@ -158,7 +158,8 @@ def test_brightness_reward_rises_within_twenty_five_steps(models):
     stds = [h["rewards"]["brightness"][1] for h in result.history]
     first, last = sum(means[:3]) / 3, sum(means[-3:]) / 3
     # Margin: 0.025, about 8 standard errors of a 3-step mean at the start (~0.003 with G = 8 images a step), so
-    # the rise cannot come from sampling noise. Measured with seeds 0, 1, 2: rises of 0.212, 0.180, 0.218.
+    # the rise cannot come from sampling noise. Measured with seeds 0, 1, 2: rises of 0.24, 0.24, 0.21
+    # (diffusers and native DiT within 0.003 of each other).
     standard_error = (sum(stds[:3]) / 3) / math.sqrt(3 * settings.group_size)
     assert last - first > max(5 * standard_error, 0.025), (means, standard_error)
 
