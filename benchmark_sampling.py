@@ -1,5 +1,6 @@
-"""Benchmark (not a test): the project's sampler and native ComfyUI sampling against a reference loop, same process,
-same weights and inputs.
+"""Benchmark (not a test): the engine's host-free sampling loop (unipic_core.sampling.sample, as the GRPO trainer and
+torchrun sample) and ComfyUI's native sampling (the path UniPic2 Sampler and SamplerCustomAdvanced take) against a
+reference loop, same process, same weights and inputs.
 
     python benchmark_sampling.py [--sizes tiny mid] [--steps 8] [--resolution 512] [--device cpu|cuda] [--full-size]
                                  [--use-pytorch-cross-attention]
@@ -8,8 +9,9 @@ Text-to-image runs against diffusers' StableDiffusion3Pipeline (latent output, g
 editing against a plain loop over diffusers' FlowMatchEulerDiscreteScheduler calling the same Kontext DiT with
 the reference latent. The native leg is ComfyUI (the tests' host, imported here) sampling the same weights loaded
 by Load Diffusion Model's loader, made to edit by the pack's Kontext reference patch: CFGGuider + euler on the
-official sigmas, as SamplerCustomAdvanced runs it, the reference as `reference_latents` on the positive.
-Prints time per step and peak memory, the ratios project / reference and native / reference (target <= 1.0), and
+official sigmas, as UniPic2 Sampler runs it, the reference as `reference_latents` on the positive.
+Prints time per step and peak memory, the ratios project (the engine loop) / reference and native / reference
+(target <= 1.0), and
 the largest difference between the native and the project latents (the parity tests allow 1e-4 in fp32).
 Peak memory is CUDA's max_memory_allocated on a GPU, and on the CPU the growth of the process RSS (sampled every
 2 ms, after returning freed heap to the OS with malloc_trim).
