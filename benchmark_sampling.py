@@ -11,8 +11,8 @@ the reference latent. The native leg is ComfyUI (the tests' host, imported here)
 by Load Diffusion Model's loader, made to edit by the pack's Kontext reference patch: CFGGuider + euler on the
 official sigmas, as UniPic2 Sampler runs it, the reference as `reference_latents` on the positive.
 Prints time per step and peak memory, the ratios project (the engine loop) / reference and native / reference
-(target <= 1.0), and
-the largest difference between the native and the project latents (the parity tests allow 1e-4 in fp32).
+(target <= 1.0), and the largest difference between the native and the project latents (the parity tests allow
+1e-4 in fp32).
 Peak memory is CUDA's max_memory_allocated on a GPU, and on the CPU the growth of the process RSS (sampled every
 2 ms, after returning freed heap to the OS with malloc_trim).
 --full-size builds SD3.5-Medium's DiT with random weights (GPU: bf16 at 512^2 and 1024^2).
