@@ -147,3 +147,17 @@ def randomise_lora_b(dit, std: float = 0.1) -> None:
         for name, p in dit.adapter_parameters().items():
             if "lora_B" in name:
                 p.normal_(std=std)
+
+
+def load_lora_in_diffusers(transformer, components, path) -> None:
+    """What a diffusers user does with our LoRA file: StableDiffusion3Pipeline.load_lora_weights on `transformer`
+    (components: the tiny checkpoint's KontextComponents, for the pipeline's other parts)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    te = components.text_encoders
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=components.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config),
+        text_encoder=te.clip_l, tokenizer=te.tokenizer_l, text_encoder_2=te.clip_g, tokenizer_2=te.tokenizer_g,
+        text_encoder_3=te.t5, tokenizer_3=te.tokenizer_t5)
+    pipe.load_lora_weights(str(path))

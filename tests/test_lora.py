@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import safe_open, save_file
 
-from conftest import randomise_lora_b
+from conftest import load_lora_in_diffusers, randomise_lora_b
 import unipic_core.lora as lora_module
 from unipic_core.atomic_files import NameTaken, WriteError, atomic_write
 from unipic_core.lora import (TARGET_MODULES, LoRAError, LoRAWeights, add_lora, adapter_tensors,
@@ -53,14 +52,8 @@ def test_file_loads_in_diffusers_at_the_trained_scale(fresh_dit, tiny_kontext, t
     base = _forward(fresh_dit.transformer)
     assert not torch.allclose(base, expected, atol=1e-3)
 
-    te = tiny_kontext.text_encoders
-    pipe = StableDiffusion3Pipeline(
-        transformer=fresh_dit.transformer, vae=tiny_kontext.vae,
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(tiny_kontext.scheduler_config),
-        text_encoder=te.clip_l, tokenizer=te.tokenizer_l, text_encoder_2=te.clip_g, tokenizer_2=te.tokenizer_g,
-        text_encoder_3=te.t5, tokenizer_3=te.tokenizer_t5)
-    pipe.load_lora_weights(str(path))
-    assert torch.allclose(_forward(pipe.transformer), expected, atol=1e-5)
+    load_lora_in_diffusers(fresh_dit.transformer, tiny_kontext, path)
+    assert torch.allclose(_forward(fresh_dit.transformer), expected, atol=1e-5)
 
 
 def test_file_round_trip_keeps_tensors_and_metadata(fresh_dit, tmp_path):

@@ -12,7 +12,7 @@ from unipic_core.lora import adapter_tensors, add_lora
 from unipic_core.rewards import colour_reward
 from unipic_core.training_models import models_on_device
 
-from conftest import randomise_lora_b
+from conftest import load_lora_in_diffusers, randomise_lora_b
 
 
 @pytest.fixture
@@ -136,21 +136,15 @@ def test_native_lora_loader_gives_what_diffusers_load_lora_weights_gives(host, n
                                                                          tiny_kontext):
     """A trainer-written file through native LoraLoaderModelOnly (strength 1) and through diffusers."""
     import comfy.model_management
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from unipic_core.lora import lora_weights, save_lora
 
     add_lora(fresh_dit, 4, 12, seed=0)
     randomise_lora_b(fresh_dit, 0.2)
-    save_lora(lora_weights(adapter_tensors(fresh_dit), 4, 12, {}), host.loras / "unipic2" / "native_vs_diffusers.safetensors")
+    path = save_lora(lora_weights(adapter_tensors(fresh_dit), 4, 12, {}),
+                     host.loras / "unipic2" / "native_vs_diffusers.safetensors")
     fresh_dit.remove_lora()
-    te = tiny_kontext.text_encoders
-    pipe = StableDiffusion3Pipeline(
-        transformer=fresh_dit.transformer, vae=tiny_kontext.vae,
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(tiny_kontext.scheduler_config),
-        text_encoder=te.clip_l, tokenizer=te.tokenizer_l, text_encoder_2=te.clip_g, tokenizer_2=te.tokenizer_g,
-        text_encoder_3=te.t5, tokenizer_3=te.tokenizer_t5)
-    pipe.load_lora_weights(str(host.loras / "unipic2" / "native_vs_diffusers.safetensors"))
+    load_lora_in_diffusers(fresh_dit.transformer, tiny_kontext, path)
     x, timestep, tokens, pooled, _ = inputs(fresh_dit.transformer.config, reference=False)
     patched = host.node("LoraLoaderModelOnly").load_lora_model_only(
         native_model, "unipic2/native_vs_diffusers.safetensors", 1.0)[0]
