@@ -79,8 +79,13 @@ def load_models(*patchers: ModelPatcher) -> None:
 
 
 def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
-    """Let ComfyUI place these components on the compute device (evicting others as it sees fit)."""
-    mm.load_models_gpu(list(patchers))
+    """load_models for components of the pack's own (Component-wrapped) models, returning the modules.
+
+    Always under inference mode, as ComfyUI runs nodes: their weights were made there, and moving an inference
+    tensor outside it (a trainer step does) leaves a parameter torch can no longer use.
+    """
+    with torch.inference_mode():
+        load_models(*patchers)
     return [p.model.module for p in patchers]
 
 

@@ -43,7 +43,6 @@ def native_dit_and_vae(folder: Path, choice: str):
 
     model = load_native_dit(folder, load_scheduler_config(folder), DIT_OPTIONS[choice])
     return model, load_native_vae(folder, torch.float32 if choice == "fp32" else None)
-_CACHE: dict[tuple, tuple] = {}  # (kind, folders, dtype) -> node outputs; the most recent load only
 
 
 def local_folders(kinds: tuple[str, ...], accept) -> dict[str, Path]:

@@ -85,11 +85,15 @@ class NativeDiT(TrainableDiT):
         self.deltas: list[LoRADelta] = []
 
     def on_device(self) -> "NativeDiT":
-        """Let ComfyUI place the model (wrappers and object patches applied), with autograd-usable weights."""
-        host.load_models(self.patcher)
+        """Let ComfyUI place the model (wrappers and object patches applied), with autograd-usable weights.
+
+        The weights become normal tensors first: the loader made them under inference mode, and a move outside it
+        (ComfyUI loading them to the GPU for training) would leave parameters torch can no longer use.
+        """
         diffusion_model = self.patcher.model.diffusion_model
         host.make_trainable(diffusion_model)
         diffusion_model.requires_grad_(False)
+        host.load_models(self.patcher)
         return self
 
     @property
@@ -133,9 +137,11 @@ class NativeDiT(TrainableDiT):
                 delta.enabled = True
 
     def remove_lora(self) -> None:
-        # The wrappers belong to this clone only; off, they add nothing should ComfyUI keep the clone loaded.
+        # The wrappers belong to this clone only; off and emptied, they add nothing and hold no adapter memory
+        # should ComfyUI keep the clone loaded.
         for delta in self.deltas:
             delta.enabled = False
+            delta.pieces = []
         self.params, self.deltas = {}, []
 
     def weight_shape(self, module: str) -> tuple[int, int] | None:
@@ -148,16 +154,32 @@ def carries_weight_patches(model) -> bool:
     return bool(model.patches)
 
 
+def fp8_fast(model) -> bool:
+    """True for weight_dtype fp8_e4m3fn_fast: ComfyUI then multiplies in fp8, where no LoRA delta can be added."""
+    return bool(model.model.model_config.optimizations.get("fp8"))
+
+
 def native_training_models(model, vae, condition) -> TrainingModels:
     """The loop's TrainingModels on a native MODEL and VAE, each placed by ComfyUI's memory manager when used."""
     dit = NativeDiT(model)
     native = dit.patcher.model
     device = host.device()
+
+    def encode_image(image: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():  # as ComfyUI's VAE Encode runs (see host.load_on_device)
+            latent = native.process_latent_in(vae.encode(image[..., :3]))
+        return latent.clone().to(device)  # a normal tensor again, for the training graph
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            images = vae.decode(native.process_latent_out(latents.float()))
+        return images.clone()
+
     return TrainingModels(
         dit=dit.on_device,
         condition=condition,
-        encode_image=torch.no_grad()(lambda image: native.process_latent_in(vae.encode(image[..., :3])).to(device)),
-        decode=torch.no_grad()(lambda latents: vae.decode(native.process_latent_out(latents.float()))),
+        encode_image=encode_image,
+        decode=decode,
         scheduler_config={"shift": float(dit.patcher.get_model_object("model_sampling").shift)},
         latent_channels=native.latent_format.latent_channels,
         device=device,

@@ -233,3 +233,33 @@ def test_bad_lora_name_is_refused_before_step_one(host, kontext, lora_name):
         host.node("UniPic2GRPOTrainer").train(model, vae, prompts, reward, text_encoders=text,
                                               **trainer_inputs(lora_name=lora_name, steps=1))
     assert calls == [] and sorted(host.loras.rglob("*")) == before
+
+
+def test_trainer_refuses_an_fp8_fast_model_naming_the_fix(host, kontext, tiny_kontext_dir):
+    import comfy.sd
+
+    _, text, vae = kontext
+    fast = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
+                                         model_options={"dtype": torch.float8_e4m3fn, "fp8_optimizations": True})
+    prompts = host.node("UniPic2PromptList").make("a red fox")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    with pytest.raises(ValueError, match="fp8_e4m3fn_fast.*load it with fp8_e4m3fn"):
+        host.node("UniPic2GRPOTrainer").train(fast, vae, prompts, reward, text_encoders=text,
+                                              **trainer_inputs(lora_name="fp8_fast"))
+
+
+def test_trainer_trains_an_fp8_model(host, kontext, tiny_kontext_dir):
+    """fp8_e4m3fn storage: weights are cast to the compute dtype before the LoRA delta is added."""
+    import comfy.sd
+
+    _, text, vae = kontext
+    fp8 = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
+                                        model_options={"dtype": torch.float8_e4m3fn})
+    prompts = host.node("UniPic2PromptList").make("a red fox")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    with torch.inference_mode():
+        lora = host.node("UniPic2GRPOTrainer").train(fp8, vae, prompts, reward, text_encoders=text,
+                                                     **trainer_inputs(lora_name="fp8", steps=1))[0]
+    assert lora.info["steps"] == 1
+    assert any(v.abs().max() > 0 for k, v in lora.tensors.items() if "lora_B" in k)  # it trained
+    assert untouched(fp8)
