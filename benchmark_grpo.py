@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import torch
-from diffusers import AutoencoderKL
 
 from benchmark_sampling import PeakMemory, measure
 from unipic_core.dit import DiffusersDiT
@@ -27,20 +26,16 @@ from unipic_core.loading import load_kontext
 from unipic_core.rewards import jpeg_reward
 from unipic_core.sampling import PromptEmbeds, sample
 from unipic_core.schedule import flow_sigmas
-from unipic_core.tiny import SD35M_TRANSFORMER, write_kontext_folder
+from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, SD35M_TRANSFORMER, random_vae, write_kontext_folder
 from unipic_core.training_models import models_on_device, training_models
 
-SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
-               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-               layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-               use_post_quant_conv=False)
 PROMPTS = [TrainingItem("a photo of a red apple on a wooden table")]
 
 
 def full_size_models(device: torch.device) -> TrainingModels:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = KontextSD3Transformer(**SD35M_TRANSFORMER).to(device, dtype).eval()
-    vae = AutoencoderKL(**SD3_VAE).to(device, dtype).eval()
+    vae = random_vae(SD3_VAE_CHANNELS, SD3_VAE_LAYERS).to(device, dtype).eval()
     cfg = transformer.config
     g = torch.Generator().manual_seed(0)
     embeds = [PromptEmbeds(torch.randn(1, 333, cfg.joint_attention_dim, generator=g),

@@ -132,6 +132,31 @@ def test_native_vae_has_every_weight_and_matches_the_diffusers_vae(loaded, tiny_
     assert expected_raw.abs().max() > 0.05  # not two near-zero latents
 
 
+def test_an_official_size_vae_loads_in_native_vae_loader_as_in_the_pack_loader(host, tmp_path):
+    """ComfyUI's VAELoader hard-codes the SD VAE's widths: the official vae/ file loads there, and decodes as the
+    pack's loader's VAE (explicit config from vae/config.json) and diffusers do. The tiny sizes' narrow VAEs
+    (fast enough for every test) go through the pack's loader only."""
+    import folder_paths
+
+    from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, random_vae
+
+    torch.manual_seed(0)
+    official = random_vae(SD3_VAE_CHANNELS, SD3_VAE_LAYERS)
+    official.save_pretrained(str(tmp_path / "ckpt" / "vae"))
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "sd3_official_layout.safetensors").symlink_to(
+        tmp_path / "ckpt" / "vae" / "diffusion_pytorch_model.safetensors")
+    folder_paths.add_model_folder_path("vae", str(tmp_path / "vae"))
+    native = host.node("VAELoader").load_vae("sd3_official_layout.safetensors")[0]
+    ours = native_loading(host).load_native_vae(tmp_path / "ckpt", torch.float32)
+    raw = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ((official.decode(raw).sample + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert native.latent_channels == 16
+    assert (native.decode(raw) - expected).abs().max() <= VAE_TOLERANCE
+    assert (ours.decode(raw) - expected).abs().max() <= VAE_TOLERANCE
+
+
 def test_the_vae_loader_leaves_no_weight_missing_or_unused(host, tiny_kontext_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -36,6 +36,9 @@ SD35M_TRANSFORMER = dict(
     pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
 )
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+# vae/config.json's architecture (SD3's VAE): the widths ComfyUI's VAELoader hard-codes. The tiny sizes' narrow
+# VAEs load through the pack's loader only; this one (84 M weights) in VAELoader too.
+SD3_VAE_CHANNELS, SD3_VAE_LAYERS = (128, 256, 512, 512), 2
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -111,12 +114,18 @@ def write_conditioner(folder: Path, size: dict) -> None:
     save_with_official_class(conditioner, folder, CONDITIONER_CLASS)
 
 
-def write_vae(folder: Path, channels: tuple[int, ...]) -> None:
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=channels, layers_per_block=1,
+def random_vae(channels: tuple[int, ...], layers_per_block: int = 1) -> AutoencoderKL:
+    """An SD3-latent-space AutoencoderKL (16 channels, SD3's scaling and shift) with random weights."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=channels,
+        layers_per_block=layers_per_block,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
         norm_num_groups=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-    ).save_pretrained(str(folder))
+    )
+
+
+def write_vae(folder: Path, channels: tuple[int, ...], layers_per_block: int = 1) -> None:
+    random_vae(channels, layers_per_block).save_pretrained(str(folder))
 
 
 def write_dit_and_vae(out: Path, spec: dict) -> None:
