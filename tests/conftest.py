@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints generated once per test session in the official folder layout."""
 
 import asyncio
+import importlib
 import sys
 from pathlib import Path
 
@@ -98,6 +99,10 @@ class InProcessHost:
     def node(self, name):
         return self.nodes.NODE_CLASS_MAPPINGS[name]()
 
+    def module(self, name: str):
+        """A module of the pack as the host imported it, e.g. module("nodes.native_training")."""
+        return importlib.import_module(f"{self.pack.__name__}.{name}")
+
     def execute(self, prompt: dict) -> tuple[bool, list]:
         """Validate and run an API prompt with one long-lived PromptExecutor (so node outputs stay cached between
         runs, as in a server); returns (success, the messages sent to the UI during this run)."""
@@ -117,6 +122,20 @@ class InProcessHost:
 @pytest.fixture(scope="session")
 def host(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir, tiny_metaquery_dir)
+
+
+def native_tiny_dit(tiny_kontext_dir: Path, **model_options):
+    """The tiny DiT as ComfyUI's Load Diffusion Model loads it (model_options: its weight_dtype's, e.g. dtype)."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
+                                         model_options=model_options)
+
+
+@pytest.fixture
+def native_model(host, tiny_kontext_dir):
+    """A fresh native MODEL of the tiny DiT (Load Diffusion Model, default weight_dtype: fp32 on the CPU)."""
+    return native_tiny_dit(tiny_kontext_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The GRPO training loop on the tiny model: learning, exact resume, edit pairs, and bad input."""
 
 import dataclasses
-import importlib
 import logging
 import math
 
@@ -16,6 +15,8 @@ from unipic_core.rewards import Reward, RewardTerm, colour_reward, combine, edit
 from unipic_core.training_data import edit_pairs, read_prompts
 from unipic_core.training_models import models_on_device
 from unipic_core.training_state import load_state
+
+from conftest import native_tiny_dit
 
 PROMPTS = [TrainingItem("a red fox"), TrainingItem("a blue lake")]
 
@@ -33,11 +34,8 @@ def models(request, tiny_kontext_dir):
     models = models_on_device(load_kontext(tiny_kontext_dir), tiny_kontext_dir, torch.device("cpu"))
     if request.param == "native":
         host = request.getfixturevalue("host")  # puts ComfyUI on sys.path
-        import comfy.sd
-
-        native_training = importlib.import_module(f"{host.pack.__name__}.nodes.native_training")
-        native = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
-        models = dataclasses.replace(models, dit=native_training.NativeDiT(native).on_device)
+        native = host.module("nodes.native_training").NativeDiT(native_tiny_dit(tiny_kontext_dir))
+        models = dataclasses.replace(models, dit=native.on_device)
     return models
 
 

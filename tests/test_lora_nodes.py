@@ -1,6 +1,5 @@
 """Save LoRA and Apply LoRA inside the real ComfyUI host: names that never replace a file, LoRAs that must fit."""
 
-import importlib
 import math
 import os
 import re
@@ -20,7 +19,7 @@ def model(host):
 @pytest.fixture(scope="module")
 def targets(host, model):
     """The model's adapted modules (diffusers names) and their (out, in) shapes."""
-    return importlib.import_module(f"{host.pack.__name__}.nodes.native_training").lora_targets(model)
+    return host.module("nodes.native_training").lora_targets(model)
 
 
 def lora_for(targets, extra_in: int = 0, rank: int = 4) -> LoRAWeights:
@@ -57,7 +56,7 @@ def test_apply_lora_refuses_nan_strength(host, model, targets, strength):
 
 @pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links (FAT)"])
 def test_save_lora_never_overwrites_a_file_created_meanwhile(host, monkeypatch, hard_links):
-    lora_module = importlib.import_module(f"{host.pack.__name__}.unipic_core.lora")
+    lora_module = host.module("unipic_core.lora")
     folder = host.loras / f"race_{hard_links}"
     theirs = folder / "mine_00001.safetensors"
     real_save_file = lora_module.save_file

@@ -36,9 +36,9 @@ def test_loader_gives_the_native_model_and_vae(host, loaded):
     import comfy.model_base
     import comfy.sd
 
-    nodes_host = host.pack.nodes.host
+    nodes_host = host.module("nodes.host")
     assert isinstance(loaded[0].model, comfy.model_base.SD3) and isinstance(loaded[2], comfy.sd.VAE)
-    assert host.pack.nodes.native_kontext.has_kontext_reference(loaded[0])
+    assert host.module("nodes.native_kontext").has_kontext_reference(loaded[0])
     assert nodes_host.checkpoint_name(loaded[0]) == MQ
 
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_KONTEXT as TINY
+from conftest import TINY_KONTEXT as TINY, native_tiny_dit
 
 # fp32 on the CPU, measured: VAE encode 6e-7, decode 3.5e-6 (native VAE vs diffusers AutoencoderKL); 5-step
 # sampling 5e-7 (euler t2i), 1.3e-6 (euler CFG edit), 2.4e-6 (flow-sde edit) on latents of magnitude ~1-4
@@ -16,7 +16,7 @@ SAMPLING_TOLERANCE = 1e-4
 
 
 def native_loading(host):
-    return host.pack.nodes.native_loading
+    return host.module("nodes.native_loading")
 
 
 def model_sampling_sd3(model, shift):
@@ -31,23 +31,20 @@ def test_loader_gives_a_native_sd3_model_that_edits_with_the_checkpoints_shift(h
 
     model, _, vae = loaded
     assert isinstance(model.model, comfy.model_base.SD3) and isinstance(vae, comfy.sd.VAE)
-    assert host.pack.nodes.native_kontext.has_kontext_reference(model)
+    assert host.module("nodes.native_kontext").has_kontext_reference(model)
     assert model.get_model_object("model_sampling").shift == tiny_kontext.scheduler_config["shift"] == 3.0
     assert model.model.diffusion_model.x_embedder.proj.weight.dtype == torch.float32
 
 
 def test_the_checkpoint_name_is_recorded_and_survives_clones(host, loaded):
-    checkpoint_name = host.pack.nodes.host.checkpoint_name
+    checkpoint_name = host.module("nodes.host").checkpoint_name
     assert checkpoint_name(loaded[0]) == TINY
     assert checkpoint_name(model_sampling_sd3(loaded[0], 2.0)) == TINY
-    assert checkpoint_name(host.pack.nodes.native_kontext.with_kontext_reference(loaded[0].clone())) == TINY
+    assert checkpoint_name(host.module("nodes.native_kontext").with_kontext_reference(loaded[0].clone())) == TINY
 
 
-def test_a_model_from_another_loader_has_no_checkpoint_name(host, tiny_kontext_dir):
-    import comfy.sd
-
-    plain = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert host.pack.nodes.host.checkpoint_name(plain) == ""
+def test_a_model_from_another_loader_has_no_checkpoint_name(host, native_model):
+    assert host.module("nodes.host").checkpoint_name(native_model) == ""
 
 
 def test_native_dit_weights_equal_the_official_transformer(loaded, tiny_kontext):
@@ -62,7 +59,7 @@ def test_native_dit_weights_equal_the_official_transformer(loaded, tiny_kontext)
 def test_dtype_choice_sets_the_dits_weight_dtype(host, tiny_kontext_dir, choice, dtype):
     from pathlib import Path
 
-    loader_nodes = host.pack.nodes.loader_nodes
+    loader_nodes = host.module("nodes.loader_nodes")
     model, vae = loader_nodes.native_dit_and_vae(Path(tiny_kontext_dir), choice)
     assert model.model.diffusion_model.joint_blocks[0].x_block.attn.qkv.weight.dtype == dtype
     assert vae.vae_dtype == torch.float32  # on the CPU ComfyUI keeps the VAE in fp32 either way
@@ -222,10 +219,7 @@ def test_sampler_equals_the_engines_diffusers_loop(host, loaded, tiny_kontext, c
 
 
 def test_sampler_adds_the_reference_ability_to_a_plain_native_model(host, loaded, conditioning, tiny_kontext_dir):
-    import comfy.sd
-
-    plain = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
-                                          model_options={"dtype": torch.float32})
+    plain = native_tiny_dit(tiny_kontext_dir, dtype=torch.float32)
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
     positive, negative, latent = host.node("UniPic2EditReference").attach(loaded[2], image, *conditioning,
                                                                           "keep size", 512, 32)

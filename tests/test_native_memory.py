@@ -7,26 +7,12 @@ cast per forward (comfy_cast_weights), with LoRA patches applied on the fly (Low
 """
 
 import contextlib
-import importlib
 
-import pytest
 import torch
 
 from unipic_core.lora import add_lora
 
 from conftest import randomise_lora_b
-
-
-@pytest.fixture
-def pack_nodes(host):
-    return lambda name: importlib.import_module(f"{host.pack.__name__}.nodes.{name}")
-
-
-@pytest.fixture
-def native_model(host, tiny_kontext_dir):
-    import comfy.sd
-
-    return comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
 @contextlib.contextmanager
@@ -61,13 +47,13 @@ def forward(patcher, x, timestep, context, pooled, reference):
         return patcher.model.diffusion_model(x, timestep, context=context, y=pooled, unipic2_ref=reference)
 
 
-def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_load_does(host, pack_nodes,
-                                                                                       native_model, fresh_dit):
+def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_load_does(host, native_model,
+                                                                                       fresh_dit):
     """LoRA patches on offloaded weights are applied per forward (LowVramPatch): the same output as merged ones.
     (test_native_kontext checks the partial load without a LoRA.)"""
     from unipic_core.lora import adapter_tensors, lora_weights
 
-    plain = pack_nodes("native_kontext").with_kontext_reference(native_model)
+    plain = host.module("nodes.native_kontext").with_kontext_reference(native_model)
     add_lora(fresh_dit, 4, 8, seed=0)
     randomise_lora_b(fresh_dit, 0.3)
     patcher = host.node("UniPic2ApplyLoRA").apply(plain, lora_weights(adapter_tensors(fresh_dit), 4, 8, {}), 0.8)[0]
@@ -84,15 +70,15 @@ def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_lo
         assert (full - forward(plain, *args)).abs().max() > 1e-4  # the LoRA really is in both loads
 
 
-def test_training_gradients_under_a_partial_load_equal_a_full_load(pack_nodes, native_model):
-    dit = pack_nodes("native_training").NativeDiT(native_model)
+def test_training_gradients_under_a_partial_load_equal_a_full_load(host, native_model):
+    dit = host.module("nodes.native_training").NativeDiT(native_model)
     add_lora(dit, 4, 8, seed=0)
     randomise_lora_b(dit, 0.3)
     args = edit_inputs(dit.patcher)
     grads = []
     for fraction in (None, 0.3):
         with loaded(dit.patcher, fraction), torch.inference_mode(False), torch.enable_grad():
-            pack_nodes("host").make_trainable(dit.patcher.model.diffusion_model)
+            host.module("nodes.host").make_trainable(dit.patcher.model.diffusion_model)
             assert (offloaded_modules(dit.patcher) > 0) == (fraction is not None)
             (dit(*args).float() ** 2).mean().backward()
         grads.append({k: p.grad.clone() for k, p in dit.adapter_parameters().items()})

@@ -1,14 +1,13 @@
 """The GRPO loop on a native ComfyUI MODEL (nodes/native_training.py) equals the loop on the diffusers DiT."""
 
 import dataclasses
-import importlib
 
 import pytest
 import torch
 
 from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem
 from unipic_core.loading import load_kontext
-from unipic_core.lora import adapter_tensors, add_lora
+from unipic_core.lora import adapter_tensors, add_lora, set_adapter_tensors
 from unipic_core.rewards import colour_reward
 from unipic_core.training_models import models_on_device
 
@@ -18,15 +17,7 @@ from conftest import load_lora_in_diffusers, randomise_lora_b
 @pytest.fixture
 def native_training(host):
     """The pack's nodes/native_training module as the host imported it."""
-    return importlib.import_module(f"{host.pack.__name__}.nodes.native_training")
-
-
-@pytest.fixture
-def native_model(host, tiny_kontext_dir):
-    """The tiny DiT as ComfyUI's Load Diffusion Model loads it (fp32)."""
-    import comfy.sd
-
-    return comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return host.module("nodes.native_training")
 
 
 @pytest.fixture
@@ -36,8 +27,6 @@ def both(native_training, native_model, fresh_dit):
     add_lora(native, 4, 12, seed=0)
     add_lora(fresh_dit, 4, 12, seed=0)
     randomise_lora_b(fresh_dit, 0.2)
-    from unipic_core.lora import set_adapter_tensors
-
     set_adapter_tensors(native, adapter_tensors(fresh_dit))
     return native.on_device(), fresh_dit
 

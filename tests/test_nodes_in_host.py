@@ -1,6 +1,5 @@
 """The pack's nodes inside the real ComfyUI host, in this process (DESIGN.md section 7)."""
 
-import importlib
 import logging
 
 import pytest
@@ -206,8 +205,8 @@ def test_hub_download_progress_reaches_comfyuis_progress_bar(host, progress_hook
         bar.close()
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    loading = importlib.import_module(f"{host.pack.__name__}.unipic_core.loading")
-    loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.pack.nodes.host.download_progress())
+    loading = host.module("unipic_core.loading")
+    loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.module("nodes.host").download_progress())
     assert [(value, total) for value, total, _ in progress_hook] == [(1, 3), (2, 3), (3, 3)]
 
 

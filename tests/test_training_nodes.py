@@ -1,10 +1,9 @@
 """GRPO training, reward and LoRA nodes inside the real ComfyUI host (in-process)."""
 
-import importlib
-
 import pytest
 import torch
 
+from conftest import native_tiny_dit
 from test_nodes_in_host import TINY
 
 
@@ -70,7 +69,7 @@ def test_apply_lora_patches_weights_at_the_trained_scale(host, kontext, trained)
     model = kontext[0]
     lora = trained[0]
     module = "transformer_blocks.1.attn.to_k"  # rows 128..255 of the MMDiT's fused qkv weight
-    target = importlib.import_module(f"{host.pack.__name__}.nodes.native_training").lora_targets(model)[module]
+    target = host.module("nodes.native_training").lora_targets(model)[module]
     down, up = lora.pair(module)
 
     def weight(patcher):
@@ -236,11 +235,8 @@ def test_bad_lora_name_is_refused_before_step_one(host, kontext, lora_name):
 
 
 def test_trainer_refuses_an_fp8_fast_model_naming_the_fix(host, kontext, tiny_kontext_dir):
-    import comfy.sd
-
     _, text, vae = kontext
-    fast = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
-                                         model_options={"dtype": torch.float8_e4m3fn, "fp8_optimizations": True})
+    fast = native_tiny_dit(tiny_kontext_dir, dtype=torch.float8_e4m3fn, fp8_optimizations=True)
     prompts = host.node("UniPic2PromptList").make("a red fox")[0]
     reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
     with pytest.raises(ValueError, match="fp8_e4m3fn_fast.*load it with fp8_e4m3fn"):
@@ -250,11 +246,8 @@ def test_trainer_refuses_an_fp8_fast_model_naming_the_fix(host, kontext, tiny_ko
 
 def test_trainer_trains_an_fp8_model(host, kontext, tiny_kontext_dir):
     """fp8_e4m3fn storage: weights are cast to the compute dtype before the LoRA delta is added."""
-    import comfy.sd
-
     _, text, vae = kontext
-    fp8 = comfy.sd.load_diffusion_model(str(tiny_kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors"),
-                                        model_options={"dtype": torch.float8_e4m3fn})
+    fp8 = native_tiny_dit(tiny_kontext_dir, dtype=torch.float8_e4m3fn)
     prompts = host.node("UniPic2PromptList").make("a red fox")[0]
     reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
     with torch.inference_mode():
