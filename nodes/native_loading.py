@@ -14,7 +14,7 @@ import comfy.sd
 import torch
 from comfy.diffusers_convert import convert_vae_state_dict
 
-from ..unipic_core.loading import CheckpointError, read_json, read_transformer_weights, read_weights
+from ..unipic_core.loading import CheckpointError, check_keys, read_json, read_transformer_weights, read_weights
 from . import host
 from .native_kontext import with_kontext_reference
 
@@ -96,11 +96,6 @@ def load_native_vae(folder: Path, dtype: torch.dtype | None = None) -> comfy.sd.
     weights = convert_vae_state_dict(read_weights(component))  # diffusers keys -> ComfyUI's
     weights.update(identity_quant_convs(config["latent_channels"]))
     vae = comfy.sd.VAE(sd=weights, config=comfy_config, dtype=dtype)
-    expected = set(vae.first_stage_model.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{component}: weights do not match vae/config.json -- missing: "
-                              f"{', '.join(missing[:10]) or 'none'}; unexpected: {', '.join(unexpected[:10]) or 'none'}"
-                              ". Is this folder an unmodified UniPic2 checkpoint?")
+    check_keys(component, set(vae.first_stage_model.state_dict()), set(weights))
     vae.latent_channels = config["latent_channels"]  # the config path leaves ComfyUI's default of 4
     return vae

@@ -139,12 +139,17 @@ def read_transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
     weights = read_weights(component)
     with torch.device("meta"):  # only the key names are needed: nothing is allocated
         expected = set(KontextSD3Transformer.from_config(config).state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    check_keys(component, expected, set(weights))
+    return weights
+
+
+def check_keys(component: Path, expected: set[str], present: set[str]) -> None:
+    """Refuse a component whose weight names are not those its config.json builds, naming up to ten each way."""
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{component}: weights do not match transformer/config.json -- missing: "
+        raise CheckpointError(f"{component}: weights do not match {component.name}/config.json -- missing: "
                               f"{', '.join(missing[:10]) or 'none'}; unexpected: {', '.join(unexpected[:10]) or 'none'}"
                               ". Is this folder an unmodified UniPic2 checkpoint?")
-    return weights
 
 
 def load_scheduler_config(folder: Path) -> dict:
