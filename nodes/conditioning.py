@@ -28,6 +28,14 @@ def with_reference(conditioning: list, raw_latent: torch.Tensor) -> list:
             for tokens, extras in conditioning]
 
 
+def carries_reference(*conditionings) -> bool:
+    """True when an entry of these CONDITIONINGs carries a reference latent (malformed ones: False, as their own
+    check_conditioning names them)."""
+    return any(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
+               and entry[1].get("reference_latents")
+               for conditioning in conditionings if isinstance(conditioning, list) for entry in conditioning)
+
+
 def check_conditioning(conditioning: list, node: str, name: str, widths: tuple[int, int], batch: int) -> None:
     """Every entry of a CONDITIONING checked against the DiT's (joint, pooled) widths and the latent batch, and for
     NaN; the error names the input, the entry and the fix."""

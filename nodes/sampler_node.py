@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..unipic_core import images
 from ..unipic_core.sampling import SAMPLERS
 from . import host
-from .conditioning import check_conditioning
+from .conditioning import carries_reference, check_conditioning
 from .native_kontext import has_kontext_reference, with_kontext_reference
 from .native_sampling import FlowSDESampler, official_sigmas, sample_flow_sde
 
@@ -89,10 +89,7 @@ class UniPic2Sampler:
         }}
 
     def sample(self, model, positive, negative, latent, seed, steps, guidance, sampler, noise_level, shift, denoise):
-        has_reference = any(isinstance(entry, (list, tuple)) and len(entry) == 2 and
-                            entry[1].get("reference_latents") for conditioning in (positive, negative)
-                            if isinstance(conditioning, list) for entry in conditioning)
-        model = sampling_model(model, shift, has_reference)
+        model = sampling_model(model, shift, carries_reference(positive, negative))
         dit = model.get_model_object("diffusion_model")
         raw = latent["samples"]
         images.check_latent(raw, f"{NODE}: 'latent'", LATENT_CAUSE)
