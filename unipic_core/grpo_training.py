@@ -283,7 +283,7 @@ class GRPOTrainer:
                             "lora_name") from e
 
     def _restore(self, state: TrainingState) -> None:
-        check_fits(state, self.optimizer, adapter_tensors(self.dit), self.checkpoint)
+        check_fits(state, self.optimizer, self.dit.adapter_parameters(), self.checkpoint)
         set_adapter_tensors(self.dit, state.adapter)
         try:
             self.optimizer.load_state_dict(state.optimizer)
