@@ -148,6 +148,7 @@ class NativeHost:
             raise SystemExit("the pack failed to import into ComfyUI (see the log above)")
         pack = next(m for m in list(sys.modules.values())
                     if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
+        self.pack = pack
         self.with_kontext_reference = pack.nodes.native_kontext.with_kontext_reference
         self.attention = comfy.ldm.modules.attention.optimized_attention.__name__
 

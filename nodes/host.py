@@ -46,23 +46,6 @@ def pick_dtype(choice: str) -> torch.dtype:
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
 
 
-class Component(torch.nn.Module):
-    """What a ModelPatcher manages: one diffusers/transformers model under `.module`.
-
-    New hosts assign `.device` (and bookkeeping attributes) on the object they manage; diffusers and transformers
-    models expose `device` as a read-only property, so they cannot be handed to ModelPatcher directly.
-    """
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module = module
-
-
-def wrap(module: torch.nn.Module) -> ModelPatcher:
-    """A ModelPatcher around one component; its size (for ComfyUI's planning) is the module's true size."""
-    return ModelPatcher(Component(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-
-
 def checkpoint_name(model: ModelPatcher) -> str:
     """The checkpoint folder name a UniPic2 loader recorded on a native MODEL (clones keep it); "" for a MODEL
     from another loader (Load Diffusion Model, a GGUF loader...)."""
@@ -107,6 +90,19 @@ def input_path(text: str, node: str, name: str) -> Path:
 def lora_folder() -> str:
     """Where the trainer writes LoRAs: models/loras/unipic2 (listed by every LoRA loader)."""
     return os.path.join(folder_paths.get_folder_paths("loras")[0], UNIPIC2_FOLDER)
+
+
+def text_encoder_files() -> dict[str, Path]:
+    """The .safetensors files in models/text_encoders (and the folders registered for it), by their listed name."""
+    return {name: Path(folder_paths.get_full_path("text_encoders", name))
+            for name in folder_paths.get_filename_list("text_encoders") if name.endswith(".safetensors")}
+
+
+def qwen25_tokenizer_folder() -> Path:
+    """The Qwen2.5 tokenizer ComfyUI ships for its Qwen-Image text encoder (vocab.json, merges.txt)."""
+    import comfy.sd
+
+    return Path(comfy.sd.__file__).parent / "text_encoders" / "qwen25_tokenizer"
 
 
 def lora_files() -> list[str]:

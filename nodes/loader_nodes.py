@@ -9,6 +9,7 @@ from ..unipic_core import folders
 from ..unipic_core.repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
 from . import host
 from .bundles import UniPic2MLLM, UniPic2Text
+from .partial_loading import wrap
 
 INSIDE = "(inside the checkpoint)"
 # Load Diffusion Model's weight_dtype choices, plus plain precisions for the whole checkpoint.
@@ -28,6 +29,7 @@ DTYPE_INPUT = (list(DIT_OPTIONS), {"default": "default", "tooltip": (
     "fp16); fp8_e4m3fn_fast also computes in fp8 on GPUs that support it (faster, slightly less exact). fp8 does "
     "not apply to the text encoders / MLLM and VAE: they load as with default. bf16 / fp16 / fp32: that precision "
     "for the DiT and the text encoders / MLLM; the VAE uses fp32 with fp32, ComfyUI's choice otherwise.")})
+MLLM_WEIGHTS = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn}  # the MLLM's weight storage
 _CACHE: dict[tuple, tuple] = {}  # (kind, folders, dtype) -> node outputs; the most recent load only
 
 
@@ -66,8 +68,15 @@ def metaquery_folders() -> dict[str, Path]:
     return local_folders(("unipic2", "diffusers"), lambda p, kind: folders.is_metaquery_folder(p))
 
 
-def qwen_folders() -> dict[str, Path]:
-    return local_folders(("unipic2", "LLM"), lambda p, kind: folders.is_qwen25vl_folder(p))
+def qwen_choices() -> dict[str, Path]:
+    """Qwen2.5-VL folders in models/unipic2 and models/LLM, and single files in models/text_encoders (Qwen-Image's
+    text encoder is this MLLM: no second copy needed)."""
+    from ..unipic_core.qwen25vl import is_qwen25vl_file
+
+    found = local_folders(("unipic2", "LLM"), lambda p, kind: folders.is_qwen25vl_folder(p))
+    found.update({f"text_encoders/{name}": path for name, path in host.text_encoder_files().items()
+                  if is_qwen25vl_file(path)})
+    return found
 
 
 def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: str) -> Path:
@@ -118,9 +127,11 @@ class LoadUniPic2Kontext:
     def _load(folder: Path, choice: str):
         from ..unipic_core.loading import load_kontext_text_encoders
 
-        encoders = load_kontext_text_encoders(folder, encoder_dtype(choice))
+        dtype = encoder_dtype(choice)
+        encoders = load_kontext_text_encoders(folder, dtype)
+        encoders.device = host.device()
         model, vae = native_dit_and_vae(folder, choice)
-        return model, UniPic2Text(encoders, [host.wrap(m) for m in encoders.modules()]), vae
+        return model, UniPic2Text(encoders, [wrap(m, dtype) for m in encoders.modules()]), vae
 
 
 class LoadUniPic2MetaQuery:
@@ -137,12 +148,19 @@ class LoadUniPic2MetaQuery:
         return {"required": {
             "checkpoint": (sorted(metaquery_folders()) + list(METAQUERY_REPOS), {"tooltip": "A MetaQuery folder "
                            "(transformer/, vae/, scheduler/, conditioner/) in models/unipic2, or an official repo id."}),
-            "mllm": ([INSIDE] + sorted(qwen_folders()) + [QWEN_REPO], {"tooltip": "The Qwen2.5-VL-7B-Instruct folder: "
-                     "the one inside the checkpoint, one in models/unipic2 or models/LLM, or the repo id."}),
+            "mllm": ([INSIDE] + sorted(qwen_choices()) + [QWEN_REPO], {"tooltip": "Qwen2.5-VL-7B-Instruct: the folder "
+                     "inside the checkpoint, one in models/unipic2 or models/LLM, the repo id, or the single file in "
+                     "models/text_encoders that Qwen-Image uses (qwen_2.5_vl_7b.safetensors; it may lack the output "
+                     "layer that Understand and the Judge reward need)."}),
             "dtype": DTYPE_INPUT,
+            "mllm_weights": (list(MLLM_WEIGHTS), {"default": "default", "tooltip": (
+                "default: the MLLM in the text-encoder precision that 'dtype' gives (bf16 for the 7B: ~16.6 GB). "
+                "fp8_e4m3fn: its Linear weights stored in fp8 with a scale per layer (~9.4 GB for the 7B), turned "
+                "back into that precision layer by layer as it runs: slightly less exact. Either way ComfyUI loads "
+                "only what fits in VRAM and streams the rest. An fp8_scaled file is fp8 already.")}),
         }}
 
-    def load(self, checkpoint, mllm, dtype):
+    def load(self, checkpoint, mllm, dtype, mllm_weights):
         folder = resolve(checkpoint, metaquery_folders(), METAQUERY_REPOS, "checkpoint")
         if mllm == INSIDE:
             qwen = folders.find_qwen_inside(folder)
@@ -150,14 +168,19 @@ class LoadUniPic2MetaQuery:
                 raise ValueError(f"UniPic2 Load MetaQuery: {folder} holds no Qwen2.5-VL folder; choose the MLLM "
                                  f"(a folder in models/LLM or models/unipic2, or {QWEN_REPO})")
         else:
-            qwen = resolve(mllm, qwen_folders(), (QWEN_REPO,), "MLLM")
-        key = ("metaquery", str(folder.resolve()), str(qwen.resolve()), dtype)
-        return cached(key, lambda: self._load(folder, qwen, dtype))
+            qwen = resolve(mllm, qwen_choices(), (QWEN_REPO,), "MLLM")
+        key = ("metaquery", str(folder.resolve()), str(qwen.resolve()), dtype, mllm_weights)
+        return cached(key, lambda: self._load(folder, qwen, dtype, MLLM_WEIGHTS[mllm_weights]))
 
     @staticmethod
-    def _load(folder: Path, qwen: Path, choice: str):
+    def _load(folder: Path, qwen: Path, choice: str, mllm_storage: torch.dtype | None):
+        from ..unipic_core.fp8_weights import quantize_linears
         from ..unipic_core.loading import load_metaquery_encoder
 
-        encoder = load_metaquery_encoder(folder, qwen, encoder_dtype(choice))
+        dtype = encoder_dtype(choice)
+        encoder = load_metaquery_encoder(folder, qwen, dtype, host.qwen25_tokenizer_folder())
+        encoder.device = host.device()
+        if mllm_storage is not None:  # the output layer stays exact: it decides Understand's words and Judge's P(yes)
+            quantize_linears(encoder.mllm, mllm_storage, keep=(encoder.mllm.lm_head,))
         model, vae = native_dit_and_vae(folder, choice)
-        return model, UniPic2MLLM(encoder, host.wrap(encoder.mllm), host.wrap(encoder.conditioner)), vae
+        return model, UniPic2MLLM(encoder, wrap(encoder.mllm, dtype), wrap(encoder.conditioner, dtype)), vae

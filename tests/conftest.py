@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints generated once per test session in the official folder layout."""
 
 import asyncio
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -158,6 +159,27 @@ def fresh_dit(tiny_kontext_dir):
     from unipic_core.loading import load_pretrained
 
     return DiffusersDiT(load_pretrained(KontextSD3Transformer, tiny_kontext_dir / "transformer", torch.float32))
+
+
+@contextlib.contextmanager
+def loaded_with_budget(patcher, budget_fraction: float | None):
+    """`patcher` loaded as ComfyUI's memory manager does: fully (None), or with only this fraction of its weights
+    resident, the rest left offloaded and cast per forward; unloaded (weights unpatched) afterwards.
+
+    On a CPU-only host ComfyUI never plans a partial load by itself (the CPU has no VRAM to run short of), so tests
+    force one the way the memory manager does on a small GPU: patch_model with a lowvram_model_memory below the
+    model's size."""
+    budget = 0 if budget_fraction is None else int(patcher.model_size() * budget_fraction)
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
+    try:
+        yield patcher
+    finally:
+        patcher.unpatch_model(torch.device("cpu"))
+
+
+def offloaded_modules(patcher) -> int:
+    """Modules the load left to per-forward casting (ComfyUI marks them as it lowvram-loads them)."""
+    return sum(1 for m in patcher.model.modules() if hasattr(m, "prev_comfy_cast_weights"))
 
 
 def randomise_lora_b(dit, std: float = 0.1) -> None:

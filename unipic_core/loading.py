@@ -71,14 +71,14 @@ def check_safetensors(component: Path) -> None:
         check_safetensors_file(path)
 
 
-def _strict(result, component: Path):
+def strict(result, component: Path):
     """Unpack a from_pretrained(..., output_loading_info=True) result, failing on any key mismatch."""
     model, info = result
     problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, info[kind]))[:10])}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
     if problems:
         raise CheckpointError(f"{component}: weights do not match the model config -- {'; '.join(problems)}. "
-                              f"Is this folder an unmodified UniPic2 checkpoint?")
+                              f"Is it an unmodified checkpoint?")
     return model
 
 
@@ -93,7 +93,7 @@ def load_pretrained(cls, component: Path, dtype: torch.dtype):
         raise
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{component}: could not load {cls.__name__} ({err})") from err
-    return _strict(result, component).eval().requires_grad_(False)
+    return strict(result, component).eval().requires_grad_(False)
 
 
 def read_json(path: Path) -> dict:
@@ -231,16 +231,28 @@ def check_qwen_folder(folder: Path) -> None:
                               f"or vocab.json + merges.txt); copy them from {QWEN_REPO}")
 
 
-def load_metaquery_mllm(qwen_folder: Path, conditioner_folder: Path, dtype: torch.dtype) -> MetaQueryMLLM:
-    """Qwen2.5-VL, its processor and the conditioner, checked to fit each other."""
-    check_qwen_folder(qwen_folder)
+def load_qwen25vl(qwen: Path, dtype: torch.dtype, tokenizer_folder: Path | None):
+    """Qwen2.5-VL and its processor from a folder, or from a single file (then with a Qwen2.5 tokenizer folder)."""
+    if qwen.is_file():
+        from .qwen25vl import load_qwen25vl_file  # it builds on this module's checks
+
+        if tokenizer_folder is None:
+            raise CheckpointError(f"{qwen} is a single file: give the Qwen2.5 tokenizer folder to read it with")
+        return load_qwen25vl_file(qwen, tokenizer_folder, dtype)
+    check_qwen_folder(qwen)
+    return load_pretrained(Qwen2_5_VLForConditionalGeneration, qwen, dtype), AutoProcessor.from_pretrained(str(qwen))
+
+
+def load_metaquery_mllm(qwen: Path, conditioner_folder: Path, dtype: torch.dtype,
+                        tokenizer_folder: Path | None = None) -> MetaQueryMLLM:
+    """Qwen2.5-VL (a folder or a single file), its processor and the conditioner, checked to fit each other."""
     conditioner = load_pretrained(MetaQueryConditioner, conditioner_folder, dtype)
-    mllm = load_pretrained(Qwen2_5_VLForConditionalGeneration, qwen_folder, dtype)
+    mllm, processor = load_qwen25vl(qwen, dtype, tokenizer_folder)
     mllm_width, expected = mllm.config.text_config.hidden_size, conditioner.config.llm_hidden_size
     if mllm_width != expected:
-        raise CheckpointError(f"the MLLM in {qwen_folder} has hidden size {mllm_width} but the conditioner in "
+        raise CheckpointError(f"the MLLM in {qwen} has hidden size {mllm_width} but the conditioner in "
                               f"{conditioner_folder} expects {expected} (llm_hidden_size); use {QWEN_REPO}")
-    return MetaQueryMLLM(mllm, AutoProcessor.from_pretrained(str(qwen_folder)), conditioner)
+    return MetaQueryMLLM(mllm, processor, conditioner)
 
 
 def load_metaquery(folder: str | Path, qwen_folder: str | Path | None = None,
@@ -254,16 +266,17 @@ def load_metaquery(folder: str | Path, qwen_folder: str | Path | None = None,
 
 
 def load_metaquery_encoder(folder: str | Path, qwen_folder: str | Path | None = None,
-                           dtype: torch.dtype = torch.float32) -> MetaQueryMLLM:
+                           dtype: torch.dtype = torch.float32, tokenizer_folder: Path | None = None) -> MetaQueryMLLM:
     """The MLLM and conditioner of a MetaQuery folder, checked against its DiT's config (the DiT itself is not
-    loaded); the MLLM from `qwen_folder`, or from inside the folder when None."""
+    loaded); the MLLM from `qwen_folder` (a folder, or a single file read with `tokenizer_folder`), or from inside
+    the folder when None."""
     folder = Path(folder)
     check_folder(folder, METAQUERY_FILES, METAQUERY_LAYOUT, METAQUERY_REPOS[0])
     qwen_folder = Path(qwen_folder) if qwen_folder else find_qwen_inside(folder)
     if qwen_folder is None:
         raise CheckpointError(f"{folder} holds no Qwen2.5-VL folder; choose one ({QWEN_REPO}) in the loader")
     log.info("UniPic2: loading MetaQuery checkpoint %s with MLLM %s (%s)", folder, qwen_folder, dtype)
-    mllm = load_metaquery_mllm(qwen_folder, folder / "conditioner", dtype)
+    mllm = load_metaquery_mllm(qwen_folder, folder / "conditioner", dtype, tokenizer_folder)
     dit = read_json(folder / "transformer" / "config.json")
     made = mllm.conditioner.config
     wanted = (dit.get("joint_attention_dim"), dit.get("pooled_projection_dim"))

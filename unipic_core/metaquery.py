@@ -37,6 +37,9 @@ class MetaQueryMLLM:
     mllm: torch.nn.Module  # Qwen2_5_VLForConditionalGeneration
     processor: object  # Qwen2_5_VLProcessor
     conditioner: torch.nn.Module  # conditioner.MetaQueryConditioner
+    # Where inputs go, set by whoever places the modules: with ComfyUI's partial loading some weights stay on the
+    # offload device, so the modules' own .device does not say where they compute.
+    device: torch.device = torch.device("cpu")
 
 
 def mllm_pixels(width: int, height: int) -> int:
@@ -110,8 +113,7 @@ def query_inputs(encoder: MetaQueryMLLM, prompts: list[str], images: list[torch.
 @torch.no_grad()
 def query_hidden_states(encoder: MetaQueryMLLM, inputs: dict) -> torch.Tensor:
     """The MLLM's last hidden states at the query positions [B, Q, D_llm]."""
-    mllm, conditioner = encoder.mllm, encoder.conditioner
-    device = mllm.device
+    mllm, conditioner, device = encoder.mllm, encoder.conditioner, encoder.device
     ids = inputs["input_ids"].to(device)
     embeds = mllm.get_input_embeddings()(ids)
     num_queries = conditioner.config.num_queries
@@ -134,7 +136,7 @@ def encode_metaquery(encoder: MetaQueryMLLM, prompts: list[str], images: list[to
     """
     conditioner = encoder.conditioner
     hidden = query_hidden_states(encoder, query_inputs(encoder, prompts, list(images)))
-    tokens, pooled = conditioner(hidden.to(conditioner.device, conditioner.dtype))
+    tokens, pooled = conditioner(hidden.to(dtype=conditioner.dtype))
     return PromptEmbeds(tokens.float().cpu(), pooled.float().cpu())
 
 
@@ -152,7 +154,7 @@ def chat_inputs(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: st
     vision = dict(images=pils, size={"shortest_edge": 56 * 56, "longest_edge": UNDERSTAND_MAX_PIXELS}) if pils else {}
     inputs = processor(text=[text], return_tensors="pt", **vision)
     mllm.model.rope_deltas = None  # the MLLM computes its own M-RoPE positions here; start from a clean cache
-    return {k: v.to(mllm.device) for k, v in inputs.items()}
+    return {k: v.to(encoder.device) for k, v in inputs.items()}
 
 
 @torch.no_grad()
@@ -161,7 +163,7 @@ def answer_question(encoder: MetaQueryMLLM, images: list[torch.Tensor], question
     """Qwen2.5-VL's answer about the images (the official understanding script: default chat template)."""
     mllm = encoder.mllm
     inputs = chat_inputs(encoder, images, question)
-    devices = [mllm.device] if mllm.device.type == "cuda" else []
+    devices = [encoder.device] if encoder.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)

@@ -1,14 +1,18 @@
 """Write small random-weight checkpoints in the official UniPic2 folder layout.
 
     python -m unipic_core.tiny OUT_DIR [--size tiny|mid] [--kind kontext|metaquery]
+    python -m unipic_core.tiny OUT.safetensors --kind qwen25vl-file --tokenizer QWEN25_TOKENIZER_DIR
 
 The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
 component, tokenizers saved by their own classes), so tests, the demo and CI exercise the real paths offline.
-"tiny" runs a 512 px edit in seconds on a CPU; "mid" is for CPU benchmarks.
+"tiny" runs a 512 px edit in seconds on a CPU; "mid" is for CPU benchmarks. The qwen25vl-file kind writes a tiny
+Qwen2.5-VL as the single file ComfyUI keeps in models/text_encoders (with the real Qwen2.5 tokenizer's vocabulary,
+e.g. ComfyUI's comfy/text_encoders/qwen25_tokenizer, which the file's loader reads).
 """
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,13 +23,13 @@ from transformers import T5TokenizerFast
 from .conditioner import MetaQueryConditioner
 from .kontext_transformer import KontextSD3Transformer
 from .repos import CONDITIONER_CLASS, KONTEXT_TRANSFORMER_CLASS
-from .tiny_qwen import write_qwen25vl_folder
+from .tiny_qwen import write_qwen25vl_file, write_qwen25vl_folder
 
 # SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk. The DiT keeps head dim 64 and
 # layers == heads (hidden = 64 x depth), as ComfyUI's MMDiT hard-wires, so Load Diffusion Model loads it natively.
 SIZES = {
     "tiny": dict(layers=2, heads=2, head_dim=64, clip_l=8, clip_g=12, t5=32, t5_layers=1, vae=(32, 32, 32, 32),
-                 llm=32, connector=16, connector_layers=2),
+                 llm=128, connector=16, connector_layers=2),
     "mid": dict(layers=4, heads=4, head_dim=64, clip_l=64, clip_g=96, t5=256, t5_layers=2, vae=(32, 64, 64, 64),
                 llm=256, connector=128, connector_layers=4),
 }
@@ -165,10 +169,18 @@ def write_metaquery_folder(out: str | Path, size: str = "tiny", seed: int = 0, q
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="folder to write (created)")
+    parser.add_argument("out", help="folder to write (created), or the .safetensors file for qwen25vl-file")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--kind", choices=["kontext", "metaquery"], default="kontext")
+    parser.add_argument("--kind", choices=["kontext", "metaquery", "qwen25vl-file"], default="kontext")
+    parser.add_argument("--tokenizer", help="qwen25vl-file: a Qwen2.5 tokenizer folder")
     args = parser.parse_args()
+    if args.kind == "qwen25vl-file":
+        if not args.tokenizer:
+            parser.error("--kind qwen25vl-file needs --tokenizer (e.g. ComfyUI's comfy/text_encoders/qwen25_tokenizer)")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_qwen25vl_folder(Path(tmp) / "qwen", SIZES[args.size]["llm"], tokenizer_folder=args.tokenizer)
+            print(write_qwen25vl_file(args.out, folder))
+        return
     writer = write_kontext_folder if args.kind == "kontext" else write_metaquery_folder
     print(writer(args.out, args.size))
 

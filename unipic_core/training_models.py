@@ -75,10 +75,12 @@ def models_on_device(components: KontextComponents | MetaQueryComponents, folder
     if isinstance(components, KontextComponents):
         for module in components.text_encoders.modules():
             module.to(device)
+        components.text_encoders.device = device
         condition = text_condition(lambda: components.text_encoders, negative_prompt)
     else:
         components.mllm.mllm.to(device)
         components.mllm.conditioner.to(device)
+        components.mllm.device = device
         condition = metaquery_condition(lambda: components.mllm, negative_prompt)
     dit = DiffusersDiT(components.transformer)
     return training_models(lambda: dit, lambda: components.vae, condition,
