@@ -1,14 +1,18 @@
 """Benchmark (not a test): one GRPO training step, split into its phases, against generating the same images.
 
     python benchmark_grpo.py [--sizes tiny mid] [--group-size 4] [--sampling-steps 4] [--resolution 256]
-                             [--full-size] [--device cpu|cuda]
+                             [--algorithms flow-grpo flow-grpo-fast] [--sde-window 2] [--full-size]
+                             [--device cpu|cuda] [--learning]
 
 For each config it runs a few training steps and prints, per phase (prepare, sampling, decoding, reward, update),
 the time and peak memory of the fastest step, then the whole step against a reference run in the same process:
 plain flow-sde generation of the same K * G images (sampling + decoding, no log-probs, no LoRA). The ratio is
 what training costs over generating its samples. --full-size uses SD3.5-Medium's DiT and VAE with random weights
 (speed does not depend on the weights), bf16 DiT on a GPU, random prompt embeddings in place of the text
-encoders; the paper's setting is --resolution 512 --group-size 16 --sampling-steps 10.
+encoders; the paper's setting is --resolution 512 --group-size 16 --sampling-steps 10. Each algorithm is run in
+turn. --learning instead runs the learning test's setup (tiny DiT, 25 steps, brightness of a fixed pixel map of the
+latent, seeds 0-2) per algorithm and prints the training time each needs to raise the reward by 0.15, its ratio
+to the first algorithm's, and the rise after 25 steps.
 """
 
 import argparse
@@ -20,10 +24,11 @@ import torch
 
 from benchmark_sampling import PeakMemory, measure
 from unipic_core.dit import DiffusersDiT
+from unipic_core.grpo import ALGORITHMS
 from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem, TrainingModels
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.loading import load_kontext
-from unipic_core.rewards import jpeg_reward
+from unipic_core.rewards import colour_reward, jpeg_reward
 from unipic_core.sampling import PromptEmbeds, sample
 from unipic_core.schedule import flow_sigmas
 from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, SD35M_TRANSFORMER, random_vae, write_kontext_folder
@@ -102,6 +107,36 @@ def bench(name: str, models: TrainingModels, settings: GRPOSettings, repeats: in
           f"{ref_mem:.1f} MiB | ratio time {step_time / ref_time:.2f} memory {step_mem / max(ref_mem, 1e-6):.2f}")
 
 
+def learning(algorithms: list[str], sde_window: int, device: torch.device, target: float = 0.15) -> None:
+    """The learning test's run per algorithm: the training time until the mean brightness first stands `target`
+    above the first step's, and the rise (mean of the last 3 steps - of the first 3) after 25 steps."""
+    reached = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_kontext_folder(f"{tmp}/tiny", "tiny")
+        for algorithm in algorithms:
+            rises, times = [], []
+            for seed in range(3):
+                models = models_on_device(load_kontext(folder), folder, device)
+                models.decode = lambda latents: torch.sigmoid(latents[:, :3].float()).movedim(1, -1)
+                settings = GRPOSettings(steps=25, group_size=8, sampling_steps=4, resolution=64, lora_rank=8,
+                                        lora_alpha=16, learning_rate=3e-2, beta=0.0, updates_per_step=1,
+                                        noise_level=0.8, seed=seed, algorithm=algorithm, sde_window=sde_window)
+                trainer = GRPOTrainer(models, colour_reward((1, 1, 1)), PROMPTS, settings)
+                try:
+                    history = trainer.run().history
+                finally:
+                    trainer.close()
+                means = [h["rewards"]["brightness"][0] for h in history]
+                elapsed = [h["elapsed"] for h in history]
+                rises.append(sum(means[-3:]) / 3 - sum(means[:3]) / 3)
+                first = next((i for i, m in enumerate(means) if m - means[0] >= target), None)
+                times.append(float("nan") if first is None else sum(elapsed[:first + 1]))
+            reached[algorithm] = sum(times) / len(times)
+            print(f"{algorithm:>15}: +{target} reached after {', '.join(f'{t:.1f}' for t in times)} s "
+                  f"| time / {algorithms[0]} {reached[algorithm] / reached[algorithms[0]]:.2f} "
+                  f"| rise over 25 steps {', '.join(f'{r:.3f}' for r in rises)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="*", default=["tiny", "mid"])
@@ -112,17 +147,26 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-size", action="store_true", help="SD3.5-M DiT + SD3 VAE, random weights")
+    parser.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
+    parser.add_argument("--sde-window", type=int, default=2, help="flow-grpo-fast's window")
+    parser.add_argument("--learning", action="store_true", help="compare reward rise and time per algorithm")
     args = parser.parse_args()
     device = torch.device(args.device)
-    settings = GRPOSettings(group_size=args.group_size, sampling_steps=args.sampling_steps,
-                            resolution=args.resolution, micro_batch=args.micro_batch)
     print(f"device {device}, torch {torch.__version__}; LoRA r=32 alpha=64, beta=0.04, CFG 3.5, fp32 SDE maths")
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            folder = write_kontext_folder(f"{tmp}/{size}", size)
-            bench(size, models_on_device(load_kontext(folder), folder, device), settings, args.repeats)
-    if args.full_size:
-        bench("SD3.5-M (random weights)", full_size_models(device), settings, args.repeats)
+    if args.learning:
+        learning(args.algorithms, args.sde_window, device)
+        return
+    for algorithm in args.algorithms:
+        settings = GRPOSettings(group_size=args.group_size, sampling_steps=args.sampling_steps,
+                                resolution=args.resolution, micro_batch=args.micro_batch, algorithm=algorithm,
+                                sde_window=args.sde_window)
+        with tempfile.TemporaryDirectory() as tmp:
+            for size in args.sizes:
+                folder = write_kontext_folder(f"{tmp}/{size}", size)
+                bench(f"{algorithm} {size}", models_on_device(load_kontext(folder), folder, device), settings,
+                      args.repeats)
+        if args.full_size:
+            bench(f"{algorithm} SD3.5-M (random weights)", full_size_models(device), settings, args.repeats)
 
 
 if __name__ == "__main__":

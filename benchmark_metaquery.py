@@ -56,10 +56,10 @@ class Managed:
     """An encoder's MLLM and conditioner under ComfyUI's memory manager, loaded with a budget for each leg."""
 
     def __init__(self, host, encoder, device):
-        wrap = host.pack.nodes.partial_loading.wrap
-        dtype = encoder.conditioner.dtype
+        wrap = host.pack.nodes.host.wrap
+        encoder.device = device
         self.encoder, self.device = encoder, device
-        self.patchers = [wrap(encoder.mllm, dtype), wrap(encoder.conditioner, dtype)]
+        self.patchers = [wrap(encoder.mllm), wrap(encoder.conditioner)]
 
     def encode(self, prompts, images, budget):
         for patcher in self.patchers:

@@ -14,6 +14,9 @@ import comfy.utils
 import folder_paths
 import torch
 from comfy.model_patcher import ModelPatcher
+from comfy.patcher_extension import CallbacksMP
+
+from .partial_loading import make_castable, move_buffers, report_device
 
 log = logging.getLogger("unipic2")
 
@@ -44,6 +47,28 @@ def pick_dtype(choice: str) -> torch.dtype:
     if mm.should_use_bf16(device):
         return torch.bfloat16
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+class Component(torch.nn.Module):
+    """What a ModelPatcher manages: one diffusers/transformers model under `.module`.
+
+    ComfyUI assigns `.device` (and bookkeeping attributes) on the object it manages; diffusers and transformers
+    models expose `device` as a read-only property, so they cannot be handed to ModelPatcher directly.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def wrap(module: torch.nn.Module) -> ModelPatcher:
+    """A ModelPatcher around one of the pack's own modules, which ComfyUI can load fully or partially (its layers
+    made castable); its size for ComfyUI's planning is the module's true size."""
+    make_castable(module)
+    report_device(module, mm.get_torch_device())
+    patcher = ModelPatcher(Component(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher.add_callback(CallbacksMP.ON_LOAD, move_buffers)
+    return patcher
 
 
 def checkpoint_name(model: ModelPatcher) -> str:

@@ -9,7 +9,6 @@ from ..unipic_core import folders
 from ..unipic_core.repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
 from . import host
 from .bundles import UniPic2MLLM, UniPic2Text
-from .partial_loading import wrap
 
 INSIDE = "(inside the checkpoint)"
 # Load Diffusion Model's weight_dtype choices, plus plain precisions for the whole checkpoint.
@@ -26,8 +25,9 @@ DTYPE_INPUT = (list(DIT_OPTIONS), {"default": "default", "tooltip": (
     "Weight precision, as Load Diffusion Model's weight_dtype. default: ComfyUI picks for the DiT and VAE (bf16 or "
     "fp16 on GPUs, fp32 on the CPU), the text encoders / MLLM use bf16 where supported, fp16 on other GPUs, fp32 on "
     "the CPU. fp8_e4m3fn / fp8_e5m2: the DiT's weights stored in fp8 (half the memory of bf16; computed in bf16/"
-    "fp16); fp8_e4m3fn_fast also computes in fp8 on GPUs that support it (faster, slightly less exact). fp8 does "
-    "not apply to the text encoders / MLLM and VAE: they load as with default. bf16 / fp16 / fp32: that precision "
+    "fp16); fp8_e4m3fn_fast also computes in fp8 on GPUs that support it (faster, slightly less exact). fp8 here "
+    "is for the DiT: the text encoders / MLLM and VAE load as with default (MetaQuery's mllm_weights stores the "
+    "MLLM in fp8). bf16 / fp16 / fp32: that precision "
     "for the DiT and the text encoders / MLLM; the VAE uses fp32 with fp32, ComfyUI's choice otherwise.")})
 MLLM_WEIGHTS = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn}  # the MLLM's weight storage
 _CACHE: dict[tuple, tuple] = {}  # (kind, folders, dtype) -> node outputs; the most recent load only
@@ -127,18 +127,17 @@ class LoadUniPic2Kontext:
     def _load(folder: Path, choice: str):
         from ..unipic_core.loading import load_kontext_text_encoders
 
-        dtype = encoder_dtype(choice)
-        encoders = load_kontext_text_encoders(folder, dtype)
+        encoders = load_kontext_text_encoders(folder, encoder_dtype(choice))
         encoders.device = host.device()
         model, vae = native_dit_and_vae(folder, choice)
-        return model, UniPic2Text(encoders, [wrap(m, dtype) for m in encoders.modules()]), vae
+        return model, UniPic2Text(encoders, [host.wrap(m) for m in encoders.modules()]), vae
 
 
 class LoadUniPic2MetaQuery:
     CATEGORY = "UniPic2/loaders"
     DESCRIPTION = ("Loads UniPic2-MetaQuery: Qwen2.5-VL-7B + connector conditioning the Kontext DiT, for generation, "
-                   "editing and image understanding. Needs ~16 GB (bf16) for the MLLM, which ComfyUI offloads "
-                   "before sampling when VRAM is short.")
+                   "editing and image understanding. The 7B MLLM (16.6 GB in bf16, ~9.4 GB with fp8 weights) loads "
+                   "partially when VRAM is short: what does not fit streams from RAM as it runs.")
     RETURN_TYPES = ("MODEL", "UNIPIC2_MLLM", "VAE")
     RETURN_NAMES = ("model", "mllm", "vae")
     FUNCTION = "load"
@@ -153,6 +152,7 @@ class LoadUniPic2MetaQuery:
                      "models/text_encoders that Qwen-Image uses (qwen_2.5_vl_7b.safetensors; it may lack the output "
                      "layer that Understand and the Judge reward need)."}),
             "dtype": DTYPE_INPUT,
+        }, "optional": {
             "mllm_weights": (list(MLLM_WEIGHTS), {"default": "default", "tooltip": (
                 "default: the MLLM in the text-encoder precision that 'dtype' gives (bf16 for the 7B: ~16.6 GB). "
                 "fp8_e4m3fn: its Linear weights stored in fp8 with a scale per layer (~9.4 GB for the 7B), turned "
@@ -160,7 +160,7 @@ class LoadUniPic2MetaQuery:
                 "only what fits in VRAM and streams the rest. An fp8_scaled file is fp8 already.")}),
         }}
 
-    def load(self, checkpoint, mllm, dtype, mllm_weights):
+    def load(self, checkpoint, mllm, dtype, mllm_weights="default"):
         folder = resolve(checkpoint, metaquery_folders(), METAQUERY_REPOS, "checkpoint")
         if mllm == INSIDE:
             qwen = folders.find_qwen_inside(folder)
@@ -177,10 +177,9 @@ class LoadUniPic2MetaQuery:
         from ..unipic_core.fp8_weights import quantize_linears
         from ..unipic_core.loading import load_metaquery_encoder
 
-        dtype = encoder_dtype(choice)
-        encoder = load_metaquery_encoder(folder, qwen, dtype, host.qwen25_tokenizer_folder())
+        encoder = load_metaquery_encoder(folder, qwen, encoder_dtype(choice), host.qwen25_tokenizer_folder())
         encoder.device = host.device()
         if mllm_storage is not None:  # the output layer stays exact: it decides Understand's words and Judge's P(yes)
             quantize_linears(encoder.mllm, mllm_storage, keep=(encoder.mllm.lm_head,))
         model, vae = native_dit_and_vae(folder, choice)
-        return model, UniPic2MLLM(encoder, wrap(encoder.mllm, dtype), wrap(encoder.conditioner, dtype)), vae
+        return model, UniPic2MLLM(encoder, host.wrap(encoder.mllm), host.wrap(encoder.conditioner)), vae

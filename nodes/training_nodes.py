@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from ..unipic_core import training_data
+from ..unipic_core.grpo import ALGORITHMS
 from . import host, messages
 
 log = logging.getLogger("unipic2")
@@ -77,9 +78,9 @@ def _float(default, low, high, step, tooltip):
 
 class UniPic2GRPOTrainer:
     CATEGORY = "UniPic2/training"
-    DESCRIPTION = ("Trains a reward LoRA with Flow-GRPO: each step samples a group of images per prompt with the SDE "
-                   "sampler, scores them, and pushes the LoRA toward the better ones. Writes models/loras/unipic2/"
-                   "<lora_name>.safetensors (and a resumable .training-state) every save_every steps, at the end, on "
+    DESCRIPTION = ("Trains a reward LoRA with online RL (Flow-GRPO, its fast variant, or DiffusionNFT): each step "
+                   "samples a group of images per prompt, scores them, and pushes the LoRA toward the better ones. "
+                   "Writes models/loras/unipic2/<lora_name>.safetensors (and a resumable .training-state) every save_every steps, at the end, on "
                    "Cancel and when an error stops a step. Never overwrites a LoRA it does not resume; resumes only "
                    "the same run (reward, data, seed, settings). Chain two trainers (edit pairs, then prompts) for "
                    "the paper's PDTR.")
@@ -125,6 +126,20 @@ class UniPic2GRPOTrainer:
                                    "(same reward, data, seed and settings; steps, save_every, micro_batch and "
                                    "learning_rate may change). An existing LoRA is never overwritten otherwise."}),
             "negative_prompt": ("STRING", {"default": "", "tooltip": "Negative prompt for CFG."}),
+            "algorithm": (list(ALGORITHMS), {"default": "flow-grpo", "tooltip": (
+                "flow-grpo: the paper's Flow-GRPO: every sampling step stochastic, the first timestep_fraction of "
+                "them trained with CFG (the update is ~2T DiT passes and backward per image, about 3x the sampling "
+                "time). flow-grpo-fast: Flow-GRPO's fast variant: stochastic (CPS) steps only on a window of "
+                "sde_window steps early in the schedule, deterministic elsewhere, and only the window trained: the "
+                "update costs ~sde_window / T of flow-grpo's (its repository uses noise_level 0.8, guidance 1 and "
+                "clip_range 1e-5 with it). diffusion-nft: DiffusionNFT: deterministic samples without CFG from a "
+                "slowly following copy of the LoRA, trained on noised copies of the finished images at "
+                "timestep_fraction of the T timesteps (guidance, noise_level and clip_range are not used; beta is "
+                "the weight of its velocity KL term, 1e-4 in its repository; updates_per_step 1 there).")}),
+            "sde_window": _int(3, 1, 100, "flow-grpo-fast: how many consecutive steps are stochastic and trained "
+                               "(its repository: 3 of 10, starting at random in the first half)."),
+            "nft_beta": _float(1.0, 0.01, 10.0, 0.05, "diffusion-nft: how far its implicit positive and negative "
+                               "policies reach past the old one (its repository: 1.0)."),
         }, "hidden": {"node_id": "UNIQUE_ID"}, "optional": {
             "text_encoders": ("UNIPIC2_TEXT", {"tooltip": "Kontext text encoders (connect this or mllm)."}),
             "mllm": ("UNIPIC2_MLLM", {"tooltip": "MetaQuery MLLM (connect this or text_encoders)."}),
@@ -135,7 +150,7 @@ class UniPic2GRPOTrainer:
     def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
               noise_level, guidance, beta, learning_rate, lora_rank, lora_alpha, clip_range, timestep_fraction,
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
-              text_encoders=None, mllm=None, lora=None, node_id=None):
+              algorithm, sde_window, nft_beta, text_encoders=None, mllm=None, lora=None, node_id=None):
         from ..unipic_core.curves import plot_curves, sample_grid
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
         from ..unipic_core.training_models import metaquery_condition, text_condition
@@ -153,7 +168,7 @@ class UniPic2GRPOTrainer:
                              "connect that LoRA to the trainer's 'lora' input instead, to continue training it")
         lora_file = Path(host.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"
         settings = GRPOSettings(
-            steps=steps, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
+            steps=steps, algorithm=algorithm, sde_window=sde_window, nft_beta=nft_beta, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
             noise_level=noise_level, guidance=guidance, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
             lora_alpha=lora_alpha, clip_range=clip_range, batch_std=advantage_std == "batch",
             timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch,

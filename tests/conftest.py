@@ -182,6 +182,26 @@ def offloaded_modules(patcher) -> int:
     return sum(1 for m in patcher.model.modules() if hasattr(m, "prev_comfy_cast_weights"))
 
 
+METAQUERY_PROMPTS = ["make it snow", "blurry"]
+
+
+def edit_picture() -> torch.Tensor:
+    return torch.rand(96, 128, 3, generator=torch.Generator().manual_seed(0))
+
+
+def metaquery_outputs(encoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query hidden states, and the conditioner's tokens and pooled embedding, of an edit prompt pair."""
+    from unipic_core.metaquery import encode_metaquery, query_hidden_states, query_inputs
+
+    hidden = query_hidden_states(encoder, query_inputs(encoder, METAQUERY_PROMPTS, [edit_picture()]))
+    embeds = encode_metaquery(encoder, METAQUERY_PROMPTS, [edit_picture()])
+    return hidden, embeds.tokens, embeds.pooled
+
+
+def largest_difference(ours, reference) -> float:
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(ours, reference))
+
+
 def randomise_lora_b(dit, std: float = 0.1) -> None:
     """A trained-looking adapter (add_lora starts lora_B at zero), so the LoRA path really changes outputs."""
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Flow-GRPO maths: log-prob, ratio, KL, advantages and the clipped loss (DESIGN.md section 5)."""
+"""Flow-GRPO maths: log-prob, ratio, KL, advantages and the clipped loss (DESIGN.md section 5); Flow-GRPO-Fast's
+CPS step and stochastic window."""
 
 import math
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 from conftest import randomise_lora_b
-from unipic_core.grpo import (group_advantages, grpo_loss, sample_trajectory, step_policy,
+from unipic_core.grpo import (CPS_STEP, group_advantages, grpo_loss, sample_trajectory, sde_window, step_policy,
                               trained_steps)
 from unipic_core.lora import add_lora
-from unipic_core.sampling import GuidedVelocity, PromptEmbeds, flow_sde_mean, flow_sde_step, step_log_prob
+from unipic_core.sampling import (GuidedVelocity, PromptEmbeds, cps_log_prob, cps_mean, flow_sde_mean, flow_sde_step,
+                                  step_log_prob)
 from unipic_core.schedule import flow_sigmas
 
 
@@ -58,7 +60,7 @@ def test_ratio_is_exactly_one_on_the_first_update(rollout):
     for j in range(4):
         log_prob, _ = step_policy(velocity, trajectory, sigmas, j, 0.7)
         assert log_prob.requires_grad
-        assert torch.equal(torch.exp(log_prob - trajectory.log_probs[j]), torch.ones(3))
+        assert torch.equal(torch.exp(log_prob - trajectory.log_prob(j)), torch.ones(3))
 
 
 def test_kl_is_zero_with_the_lora_disabled(rollout):
@@ -68,8 +70,8 @@ def test_kl_is_zero_with_the_lora_disabled(rollout):
         _, without = step_policy(velocity, trajectory, sigmas, 1, 0.7)
         _, ref = step_policy(velocity, trajectory, sigmas, 1, 0.7)
     adv = torch.zeros(3)
-    assert grpo_loss(log_prob, trajectory.log_probs[1], adv, 1e-4, 0.04, without, ref, 0.5).kl.item() == 0.0
-    assert grpo_loss(log_prob, trajectory.log_probs[1], adv, 1e-4, 0.04, with_lora, ref, 0.5).kl.item() > 0.0
+    assert grpo_loss(log_prob, trajectory.log_prob(1), adv, 1e-4, 0.04, without, ref, 0.5).kl.item() == 0.0
+    assert grpo_loss(log_prob, trajectory.log_prob(1), adv, 1e-4, 0.04, with_lora, ref, 0.5).kl.item() > 0.0
 
 
 def test_kl_matches_the_design_formula():
@@ -119,3 +121,48 @@ def test_trained_steps_follow_the_timestep_fraction():
     assert trained_steps(3, 0.1) == [0]
     with pytest.raises(ValueError, match="timestep_fraction"):
         trained_steps(10, 0.0)
+
+
+# --- Flow-GRPO-Fast ------------------------------------------------------------------------------------------
+
+def test_cps_step_follows_its_formula_term_by_term():
+    sigmas = flow_sigmas(10, {"shift": 3.0})
+    x, v = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    i, a = 2, 0.8
+    sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+    mean, std = cps_mean(x, v, sigmas, i, a)
+    assert std == pytest.approx(sigma_next * math.sin(a * math.pi / 2))
+    x0, x1 = x - sigma * v, x + (1 - sigma) * v  # the clean and the noise estimates
+    assert torch.allclose(mean, (1 - sigma_next) * x0 + math.sqrt(sigma_next**2 - std**2) * x1, atol=1e-6)
+    x_next = mean + std * torch.randn_like(mean)
+    assert torch.allclose(cps_log_prob(x_next, mean, std), -((x_next - mean) ** 2).mean(dim=(1, 2, 3)))
+    euler, zero = cps_mean(x, v, sigmas, i, 0.0)
+    assert zero == 0.0 and torch.allclose(euler, x + (sigma_next - sigma) * v, atol=1e-6)
+
+
+def test_the_window_starts_in_the_first_half_and_has_the_asked_length():
+    starts = {sde_window(10, 3, torch.Generator().manual_seed(seed))[0] for seed in range(50)}
+    assert starts == {0, 1, 2}  # the repository's range (0, 5) for a 3-step window of 10
+    assert sde_window(10, 3, torch.Generator().manual_seed(7)) == sde_window(10, 3, torch.Generator().manual_seed(7))
+    assert len(sde_window(10, 3, torch.Generator().manual_seed(1))) == 3
+    assert sde_window(2, 3, torch.Generator()) == [0, 1]  # a window longer than the schedule is the schedule
+
+
+def test_outside_the_window_the_trajectory_is_deterministic(fresh_dit):
+    sigmas = flow_sigmas(6, {"shift": 3.0})
+    g = torch.Generator().manual_seed(0)
+    noise, step_noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(6, 2, 16, 8, 8, generator=g)
+    velocity = _velocity(fresh_dit, 2)
+    window = [1, 2]
+    base = sample_trajectory(velocity, noise, sigmas, 0.8, step_noise, CPS_STEP, window)
+    assert base.steps == window and base.log_probs.shape == (2, 2)
+    other_noise = step_noise.clone()
+    other_noise[[0, 3, 4, 5]] = torch.randn(4, 2, 16, 8, 8)
+    same = sample_trajectory(velocity, noise, sigmas, 0.8, other_noise, CPS_STEP, window)
+    assert torch.equal(same.final, base.final)  # the noise of steps outside the window is never used
+    other_noise[1] += 1.0
+    assert not torch.equal(sample_trajectory(velocity, noise, sigmas, 0.8, other_noise, CPS_STEP, window).final,
+                           base.final)
+    assert torch.equal(base.latents[1], noise + (sigmas[1] - sigmas[0]).item() * velocity(noise, sigmas[0].item()))
+    log_prob, _ = step_policy(velocity, base, sigmas, 2, 0.8, CPS_STEP)
+    assert torch.equal(log_prob, base.log_prob(2))  # re-scoring a window step under the same model: ratio 1

@@ -6,16 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from unipic_core.metaquery import answer_question, encode_metaquery, query_hidden_states, query_inputs
+from unipic_core.metaquery import answer_question
 from unipic_core.qwen25vl import config_from_shapes
+
+from conftest import edit_picture, largest_difference, metaquery_outputs
 
 MQ = "UniPic2-tiny-MetaQuery"
 FOLDER = "Qwen2.5-VL-tiny-real-tokenizer"
-PROMPTS = ["make it snow", "blurry"]
-
-
-def picture():
-    return torch.rand(96, 128, 3, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +40,6 @@ def load(host, mllm):
     return host.node("LoadUniPic2MetaQuery").load(MQ, mllm, "fp32", "default")[1].encoder
 
 
-def outputs(encoder):
-    hidden = query_hidden_states(encoder, query_inputs(encoder, PROMPTS, [picture()]))
-    embeds = encode_metaquery(encoder, PROMPTS, [picture()])
-    return hidden, embeds.tokens, embeds.pooled
-
-
 def test_loader_lists_qwen_files_and_not_other_text_encoders(host, qwen_files):
     choices = host.nodes.NODE_CLASS_MAPPINGS["LoadUniPic2MetaQuery"].INPUT_TYPES()["required"]["mllm"][0]
     assert "text_encoders/qwen_2.5_vl_tiny.safetensors" in choices and FOLDER in choices
@@ -57,21 +48,22 @@ def test_loader_lists_qwen_files_and_not_other_text_encoders(host, qwen_files):
 
 def test_the_single_file_gives_what_the_folder_gives(host, qwen_files):
     from_folder = load(host, FOLDER)
-    expected = outputs(from_folder), answer_question(from_folder, [picture()], "What is it?", 6, do_sample=True)
+    expected = metaquery_outputs(from_folder), answer_question(from_folder, [edit_picture()], "What is it?", 6, do_sample=True)
     from_file = load(host, "text_encoders/qwen_2.5_vl_tiny.safetensors")
     assert len(from_file.processor.tokenizer) == len(from_folder.processor.tokenizer) > 150_000
-    for ours, theirs in zip(outputs(from_file), expected[0]):
-        assert (ours - theirs).abs().max() <= 1e-5
-    assert answer_question(from_file, [picture()], "What is it?", 6, do_sample=True) == expected[1]
+    sampling = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "eos_token_id", "pad_token_id")
+    assert ({k: getattr(from_file.mllm.generation_config, k) for k in sampling}
+            == {k: getattr(from_folder.mllm.generation_config, k) for k in sampling})
+    assert largest_difference(metaquery_outputs(from_file), expected[0]) <= 1e-5
+    assert answer_question(from_file, [edit_picture()], "What is it?", 6, do_sample=True) == expected[1]
 
 
 def test_a_file_without_the_output_layer_encodes_and_understand_names_what_is_missing(host, qwen_files):
-    expected = outputs(load(host, FOLDER))
+    expected = metaquery_outputs(load(host, FOLDER))
     headless = load(host, "text_encoders/qwen_2.5_vl_tiny_no_head.safetensors")
-    for ours, theirs in zip(outputs(headless), expected):
-        assert (ours - theirs).abs().max() <= 1e-5
+    assert largest_difference(metaquery_outputs(headless), expected) <= 1e-5
     with pytest.raises(host.module("unipic_core.loading").CheckpointError, match=r"no output layer \(lm_head\).*models/LLM"):
-        answer_question(headless, [picture()], "What is it?", 6)
+        answer_question(headless, [edit_picture()], "What is it?", 6)
 
 
 def test_the_7b_file_shapes_give_the_published_config(host):
@@ -102,23 +94,21 @@ def test_an_fp8_scaled_file_keeps_fp8_weights_and_applies_their_scales(host, qwe
 
     plain = load_file(str(qwen_files / "text_encoders" / "qwen_2.5_vl_tiny.safetensors"))
     scaled = dict(plain, scaled_fp8=torch.empty(0, dtype=torch.float8_e4m3fn))
-    layer = torch.nn.Linear(1, 1)
     linears = [k for k in plain if k.endswith(("proj.weight", "qkv.weight", "mlp.0.weight", "mlp.2.weight"))
                and "patch_embed" not in k]  # the Linear layers, as in ComfyUI's file (the Conv3d stays bf16)
     for key in linears:
+        layer = torch.nn.Linear(1, 1)
         layer.weight = torch.nn.Parameter(plain[key])
         quantize_linears(layer, torch.float8_e4m3fn)
         prefix = key.removesuffix(".weight")
-        scaled.update({key: layer.weight.data, f"{prefix}.scale_weight": layer.weight_scale,
+        scaled.update({key: layer.weight.data, f"{prefix}.scale_weight": torch.tensor(layer.weight_scale),
                        f"{prefix}.scale_input": torch.ones(())})
         plain[key] = layer.weight.data.float() * layer.weight_scale  # what the fp8 file means
     save_file(scaled, str(qwen_files / "text_encoders" / "qwen_2.5_vl_tiny_fp8_scaled.safetensors"))
     save_file(plain, str(qwen_files / "dequantized.safetensors"))
     loaded = load(host, "text_encoders/qwen_2.5_vl_tiny_fp8_scaled.safetensors")
     q_proj = loaded.mllm.model.language_model.layers[0].self_attn.q_proj
-    assert q_proj.weight.dtype == torch.float8_e4m3fn and q_proj.comfy_cast_weights
-    assert q_proj.weight_scale is not None and q_proj.weight_scale != 1
+    assert q_proj.weight.dtype == torch.float8_e4m3fn and q_proj.weight_scale not in (0, 1)
     reference = load_metaquery_encoder(tiny_metaquery_dir, qwen_files / "dequantized.safetensors", torch.float32,
                                        host.module("nodes.host").qwen25_tokenizer_folder())
-    for ours, theirs in zip(outputs(loaded), outputs(reference)):
-        assert (ours - theirs).abs().max() <= 1e-5
+    assert largest_difference(metaquery_outputs(loaded), metaquery_outputs(reference)) <= 1e-5

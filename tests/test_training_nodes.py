@@ -11,7 +11,7 @@ def trainer_inputs(**overrides):
     values = dict(lora_name="node_test", steps=2, group_size=2, prompts_per_step=1, sampling_steps=2,
                   noise_level=0.7, guidance=3.5, beta=0.04, learning_rate=1e-2, lora_rank=4, lora_alpha=8.0,
                   clip_range=1e-4, timestep_fraction=0.99, advantage_std="group", resolution=64, micro_batch=0, updates_per_step=2,
-                  seed=0, save_every=1, resume=False, negative_prompt="")
+                  seed=0, save_every=1, resume=False, negative_prompt="", algorithm="flow-grpo", sde_window=3, nft_beta=1.0)
     return {**values, **overrides}
 
 
@@ -44,6 +44,21 @@ def test_trainer_node_trains_writes_and_restores_the_model(host, kontext, traine
     assert curves.shape == (1, 512, 768, 3) and curves.std() > 0
     assert samples.shape == (1, 64, 128, 3)  # a grid of the G = 2 latest samples
     assert "2 steps" in summary
+    assert untouched(model)
+
+
+@pytest.mark.parametrize("algorithm", ["flow-grpo-fast", "diffusion-nft"])
+def test_the_trainer_node_runs_each_algorithm_on_the_native_model(host, kontext, algorithm):
+    model, text, vae = kontext
+    prompts = host.node("UniPic2PromptList").make("a red fox")[0]
+    reward = host.node("UniPic2ColourReward").make(1.0, 1.0, 1.0)[0]
+    with torch.inference_mode():
+        lora = host.node("UniPic2GRPOTrainer").train(
+            model, vae, prompts, reward, text_encoders=text,
+            **trainer_inputs(lora_name=f"node_{algorithm}", steps=1, sampling_steps=4, sde_window=2,
+                             algorithm=algorithm))[0]
+    assert lora.info["settings"]["algorithm"] == algorithm
+    assert any(v.abs().max() > 0 for k, v in lora.tensors.items() if "lora_B" in k)  # it learned something
     assert untouched(model)
 
 

@@ -1,7 +1,8 @@
 """fp8 weight storage with a per-tensor scale, ComfyUI's "scaled fp8" representation: a Linear layer keeps fp8
-values q as its weight and a float32 `weight_scale` s, the weight being q * s. The scale spreads each tensor over
-fp8's whole range, so small weights (an LLM's are ~0.02) keep their 3 mantissa bits instead of falling into fp8's
-subnormals. The host's castable layers (nodes/partial_loading.py) dequantize per forward.
+values q as its weight and a float `weight_scale` s, the weight being q * s. The scale spreads each tensor over fp8's
+whole range, so small weights (an LLM's are ~0.02) keep their 3 mantissa bits instead of falling into fp8's
+subnormals. Such a layer runs anywhere (it dequantizes per forward); under ComfyUI its weights may also stream from
+the offload device (nodes/partial_loading.py).
 """
 
 import torch
@@ -13,9 +14,23 @@ def is_fp8(tensor: torch.Tensor) -> bool:
     return tensor.dtype in FP8_TYPES
 
 
-def set_fp8_weight(layer: torch.nn.Module, values: torch.Tensor, scale: torch.Tensor) -> None:
+class Fp8Linear(torch.nn.Linear):
+    """A Linear whose weight is stored as fp8 values times `weight_scale`; it computes in its input's dtype."""
+
+    weight_scale: float = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.weight_scale, self.bias)
+
+
+def store_fp8(layer: torch.nn.Linear, values: torch.Tensor, scale: float) -> None:
+    """Make plain Linear `layer` an Fp8Linear holding fp8 `values` and their `scale`."""
+    if type(layer) is torch.nn.Linear:
+        layer.__class__ = Fp8Linear
+    elif not isinstance(layer, Fp8Linear):
+        raise TypeError(f"{type(layer).__name__} is not a plain Linear layer; it cannot store fp8 weights")
     layer.weight = torch.nn.Parameter(values, requires_grad=False)
-    layer.weight_scale = scale.float()
+    layer.weight_scale = float(scale)
 
 
 def quantize_linears(module: torch.nn.Module, fp8: torch.dtype, keep: tuple[torch.nn.Module, ...] = ()) -> None:
@@ -25,4 +40,4 @@ def quantize_linears(module: torch.nn.Module, fp8: torch.dtype, keep: tuple[torc
         if isinstance(layer, torch.nn.Linear) and layer not in keep and not is_fp8(layer.weight):
             weight = layer.weight.detach().float()
             scale = weight.abs().amax().clamp(min=1e-12) / torch.finfo(fp8).max
-            set_fp8_weight(layer, (weight / scale).to(fp8), scale)
+            store_fp8(layer, (weight / scale).to(fp8), scale.item())

@@ -1,52 +1,100 @@
-"""Flow-GRPO maths (DESIGN.md section 5): SDE trajectories with log-probs, group advantages, the clipped loss.
+"""Flow-GRPO maths (DESIGN.md section 5): SDE trajectories with log-probs, group advantages, the clipped loss;
+Flow-GRPO-Fast's variant (stochastic CPS steps on a window, ODE elsewhere).
 
 Everything here is float32 and free of ComfyUI, so the node and a torchrun script share it.
 """
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .sampling import flow_sde_mean, flow_sde_step, step_log_prob
+from .sampling import cps_log_prob, cps_mean, euler_step, flow_sde_mean, sde_noise_scale, step_log_prob
 
 ADVANTAGE_EPS = 1e-4
+# flow-grpo: the paper's (SDE on every step, the first timestep_fraction of them trained); flow-grpo-fast: Flow-GRPO's
+# fast variant (CPS steps on a window of steps, ODE elsewhere, only the window trained); diffusion-nft: DiffusionNFT
+# (ODE samples of an old policy, trained on forward-process points of the clean samples: nft.py).
+ALGORITHMS = ("flow-grpo", "flow-grpo-fast", "diffusion-nft")
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How a stochastic step is taken and scored: mean_std(x, v, sigmas, i, a) -> (mean, std);
+    log_prob(x_next, mean, std) -> [B]; kl_scale(sigmas, i, a): the s in the KL term's 1 / (2 s^2)."""
+
+    mean_std: Callable
+    log_prob: Callable
+    kl_scale: Callable
+
+
+SDE_STEP = StepRule(flow_sde_mean, step_log_prob, sde_noise_scale)  # Flow-GRPO
+CPS_STEP = StepRule(cps_mean, cps_log_prob,  # Flow-GRPO-Fast: its std doubles as the KL scale
+                    lambda sigmas, i, a: sigmas[i + 1].item() * math.sin(a * math.pi / 2))
 
 
 @dataclass
 class Trajectory:
-    """One batch of SDE samples: latents [T + 1, B, C, H, W] (x at every sigma) and log_probs [T, B]."""
+    """One batch of samples: latents [T + 1, B, C, H, W] (x at every sigma); the stochastic steps' indices and
+    their log_probs [len(steps), B]. The other steps are deterministic (Euler)."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor
+    steps: list[int]
 
     @property
     def final(self) -> torch.Tensor:
         return self.latents[-1]
 
+    def rows(self, rows: list[int]) -> "Trajectory":
+        return Trajectory(self.latents[:, rows], self.log_probs[:, rows], self.steps)
+
+    def log_prob(self, index: int) -> torch.Tensor:
+        return self.log_probs[self.steps.index(index)]
+
 
 @torch.no_grad()
 def sample_trajectory(velocity_of, noise: torch.Tensor, sigmas: torch.Tensor, noise_level: float,
-                      step_noise: torch.Tensor) -> Trajectory:
-    """SDE-sample from pure noise along `sigmas`, every step (the last included) stochastic.
+                      step_noise: torch.Tensor, rule: StepRule = SDE_STEP,
+                      stochastic: list[int] | None = None) -> Trajectory:
+    """Sample from pure noise along `sigmas`: the `stochastic` steps (all, the last included, when None) by `rule`
+    with their log-probs, the others by Euler.
 
-    velocity_of(x, sigma) -> v (a GuidedVelocity); noise [B, C, H, W]; step_noise [T, B, C, H, W].
+    velocity_of(x, sigma) -> v (a GuidedVelocity); noise [B, C, H, W]; step_noise [T, B, C, H, W] (None when no
+    step is stochastic).
     """
+    steps = list(range(len(sigmas) - 1)) if stochastic is None else sorted(stochastic)
     x = noise.float()
     latents, log_probs = [x], []
     for i in range(len(sigmas) - 1):
-        x, mean, std = flow_sde_step(x, velocity_of(x, sigmas[i].item()), sigmas, i, noise_level,
-                                     step_noise[i].to(x.device))
+        velocity = velocity_of(x, sigmas[i].item())
+        if i in steps:
+            mean, std = rule.mean_std(x, velocity, sigmas, i, noise_level)
+            x = mean + std * step_noise[i].to(x.device).float() if std else mean
+            log_probs.append(rule.log_prob(x, mean, std))
+        else:
+            x = euler_step(x, velocity.float(), sigmas[i].item(), sigmas[i + 1].item())
         latents.append(x)
-        log_probs.append(step_log_prob(x, mean, std))
-    return Trajectory(torch.stack(latents), torch.stack(log_probs))
+    log_probs = torch.stack(log_probs) if log_probs else x.new_zeros(0, len(x))
+    return Trajectory(torch.stack(latents), log_probs, steps)
 
 
-def step_policy(velocity_of, trajectory: Trajectory, sigmas: torch.Tensor, index: int,
-                noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-evaluate step `index` of a stored trajectory under the current model: (log_prob [B], mean)."""
+def step_policy(velocity_of, trajectory: Trajectory, sigmas: torch.Tensor, index: int, noise_level: float,
+                rule: StepRule = SDE_STEP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-evaluate stochastic step `index` of a stored trajectory under the current model: (log_prob [B], mean)."""
     x = trajectory.latents[index]
-    mean, std = flow_sde_mean(x, velocity_of(x, sigmas[index].item()), sigmas, index, noise_level)
-    return step_log_prob(trajectory.latents[index + 1], mean, std), mean
+    mean, std = rule.mean_std(x, velocity_of(x, sigmas[index].item()), sigmas, index, noise_level)
+    return rule.log_prob(trajectory.latents[index + 1], mean, std), mean
+
+
+def sde_window(sampling_steps: int, window: int, generator: torch.Generator) -> list[int]:
+    """Flow-GRPO-Fast's stochastic steps: `window` consecutive steps starting at random in the first half of the
+    schedule (its repository: 3 steps starting at 0, 1 or 2 of 10)."""
+    window = min(window, sampling_steps)
+    last_start = max(sampling_steps // 2 - window, 0)
+    start = int(torch.randint(last_start + 1, (1,), generator=generator))
+    return list(range(start, start + window))
 
 
 def trained_steps(sampling_steps: int, timestep_fraction: float) -> list[int]:

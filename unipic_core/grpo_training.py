@@ -20,7 +20,7 @@ import logging
 import math
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -28,13 +28,15 @@ from typing import Callable, ContextManager
 import torch
 import torch.distributed as dist
 
-from .grpo import Trajectory, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
+from .grpo import (ALGORITHMS, CPS_STEP, SDE_STEP, Trajectory, group_advantages, grpo_loss, sample_trajectory,
+                   sde_window, step_policy, trained_steps)
 from .images import longer_edge_size, resize_image
+from .nft import follow, forward_point, nft_loss, old_policy_decay, optimality
 from .dit import TrainableDiT
 from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
                    save_lora, set_adapter_tensors)
 from .rewards import Reward
-from .sampling import GuidedVelocity, PromptEmbeds, sde_noise_scale
+from .sampling import GuidedVelocity, PromptEmbeds
 from .schedule import flow_sigmas
 from .training_state import (TrainingState, check_fits, check_resumable, cpu_copy, load_state, run_fingerprint,
                              save_state, unusable)
@@ -50,6 +52,9 @@ class GRPOSettings:
     """Defaults are the paper's / Flow-GRPO's (DESIGN.md section 5)."""
 
     steps: int = 100
+    algorithm: str = "flow-grpo"
+    sde_window: int = 3  # flow-grpo-fast's stochastic (and trained) steps per sample
+    nft_beta: float = 1.0  # diffusion-nft's b: how far the implicit policies reach past the old one
     group_size: int = 16
     prompts_per_step: int = 1
     sampling_steps: int = 10
@@ -77,13 +82,19 @@ class GRPOSettings:
             problems.append(f"group_size is {self.group_size}; GRPO compares images within a group, use 2 or more")
         if self.steps < 1 or self.prompts_per_step < 1 or self.sampling_steps < 1:
             problems.append("steps, prompts_per_step and sampling_steps must be at least 1")
-        if self.noise_level <= 0:
+        if self.noise_level <= 0 and self.algorithm != "diffusion-nft":
             problems.append(f"noise_level is {self.noise_level}; GRPO needs a stochastic sampler, use e.g. 0.7")
         if self.resolution < 64 or self.resolution % SIZE_MULTIPLE:
             problems.append(f"resolution {self.resolution} must be a multiple of {SIZE_MULTIPLE}, at least 64")
         if self.updates_per_step < 1 or self.updates_per_step > self.group_size * self.prompts_per_step:
             problems.append(f"updates_per_step must be between 1 and the step's images "
                             f"({self.group_size * self.prompts_per_step})")
+        if self.algorithm not in ALGORITHMS:
+            problems.append(f"algorithm is {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.sde_window < 1:
+            problems.append(f"sde_window is {self.sde_window}; flow-grpo-fast needs at least one stochastic step")
+        if self.nft_beta <= 0:
+            problems.append(f"nft_beta is {self.nft_beta}; diffusion-nft needs a positive b (its default: 1.0)")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             problems.append("lora_rank must be at least 1 and lora_alpha positive")
         if problems:
@@ -146,9 +157,10 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def step_generator(seed: int, step: int, index: int = -1) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, image index); index -1 is the step's prompt choice."""
-    digest = hashlib.sha256(f"{seed}/{step}/{index}".encode()).digest()
+def step_generator(seed: int, step: int, index: int = -1, purpose: str = "") -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, image index, purpose); index -1 is the step's prompt
+    choice, -2 flow-grpo-fast's window; purpose "nft" an image's training points."""
+    digest = hashlib.sha256(f"{seed}/{step}/{index}{purpose}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
 
 
@@ -244,12 +256,15 @@ class GRPOTrainer:
         self.params = add_lora(self.dit, settings.lora_rank, settings.lora_alpha, settings.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         self.step, self.history = 0, []
+        self.old_adapter: dict[str, torch.Tensor] | None = None  # diffusion-nft's old policy (raw A and B)
         try:
             if state is not None:
                 self._restore(state)
             elif start_lora is not None:
                 load_into_adapter(self.dit, start_lora, settings.lora_rank, settings.lora_alpha,
                                   base_model=models.base_model)
+            if settings.algorithm == "diffusion-nft" and self.old_adapter is None:  # the old policy starts as the LoRA
+                self.old_adapter = {name: p.detach().clone() for name, p in self.dit.adapter_parameters().items()}
             self._finished = self._snapshot(None if state is None else state.samples)
             self._saved_step = self.step
             if state is not None:
@@ -292,6 +307,11 @@ class GRPOTrainer:
         for group in self.optimizer.param_groups:  # the run's learning rate, not the checkpoint's
             group["lr"] = self.settings.learning_rate
         self.step, self.history = state.step, list(state.history)
+        if self.settings.algorithm == "diffusion-nft":
+            if state.old_adapter is None or set(state.old_adapter) != set(state.adapter):
+                raise unusable(self.checkpoint, "it holds no old policy for diffusion-nft")
+            live = self.dit.adapter_parameters()
+            self.old_adapter = {name: t.to(live[name]) for name, t in state.old_adapter.items()}
         log.info("UniPic2 GRPO: resumed %s at step %d", self.checkpoint, self.step)
 
     def _rewrite_stale_lora(self) -> None:
@@ -317,7 +337,7 @@ class GRPOTrainer:
             samples = (samples.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
         return TrainingState(adapter_tensors(self.dit), cpu_copy(self.optimizer.state_dict()), self.step,
                              list(self.history), asdict(self.settings), self.models.base_model, self.fingerprint,
-                             samples)
+                             samples, cpu_copy(self.old_adapter))
 
     def lora(self) -> LoRAWeights:
         """The last finished step's LoRA, file-ready (scale alpha / r folded into lora_B)."""
@@ -375,11 +395,45 @@ class GRPOTrainer:
                 return embeds
             return PromptEmbeds(embeds.tokens[chunk.group:chunk.group + 1], embeds.pooled[chunk.group:chunk.group + 1])
 
-        return GuidedVelocity(self.dit, row(inputs.positive), row(inputs.negative), self.settings.guidance,
+        guidance = 1.0 if self.settings.algorithm == "diffusion-nft" else self.settings.guidance  # NFT: no CFG
+        return GuidedVelocity(self.dit, row(inputs.positive), row(inputs.negative), guidance,
                               inputs.references[chunk.group], batch or len(chunk.indices), self.models.device)
+
+    def _stochastic_steps(self) -> list[int] | None:
+        """This step's stochastic steps: all (None) for flow-grpo; a window drawn per step (the same on every
+        rank, and again on resume) for flow-grpo-fast; none for diffusion-nft (ODE samples)."""
+        s = self.settings
+        if s.algorithm == "flow-grpo":
+            return None
+        if s.algorithm == "diffusion-nft":
+            return []
+        return sde_window(s.sampling_steps, s.sde_window, step_generator(s.seed, self.step, -2))
+
+    @property
+    def _rule(self):
+        return SDE_STEP if self.settings.algorithm == "flow-grpo" else CPS_STEP
+
+    @contextmanager
+    def _old_policy(self):
+        """diffusion-nft: the adapter holds the old policy's values inside the block (the LoRA's outside)."""
+        if self.old_adapter is None:
+            yield
+            return
+        live = self.dit.adapter_parameters()
+        current = {name: p.detach().clone() for name, p in live.items()}
+        with torch.no_grad():
+            for name, p in live.items():
+                p.copy_(self.old_adapter[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in live.items():
+                    p.copy_(current[name])
 
     def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
         s = self.settings
+        stochastic = self._stochastic_steps()
         for chunk in chunks:
             width, height = inputs.sizes[chunk.group]
             shape = (self.models.latent_channels, height // 8, width // 8)
@@ -390,8 +444,9 @@ class GRPOTrainer:
                 step_noise.append(torch.randn((s.sampling_steps, *shape), generator=g))
             noise = torch.stack(noise).to(self.models.device)
             step_noise = torch.stack(step_noise, dim=1)
-            chunk.trajectory = sample_trajectory(self._velocity(chunk, inputs), noise, inputs.sigmas[chunk.group],
-                                                 s.noise_level, step_noise)
+            with self._old_policy():
+                chunk.trajectory = sample_trajectory(self._velocity(chunk, inputs), noise, inputs.sigmas[chunk.group],
+                                                     s.noise_level, step_noise, self._rule, stochastic)
 
     def _decode(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
@@ -435,36 +490,67 @@ class GRPOTrainer:
                     part.append((chunk, [row]))
         return parts
 
-    def _step_loss(self, velocity: GuidedVelocity, trajectory: Trajectory, sigmas: torch.Tensor,
-                   advantages: torch.Tensor, j: int):
-        """The GRPO loss terms of trained step j of a piece's trajectory under the current LoRA."""
-        s = self.settings
-        log_prob, mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
-        ref_mean = None
-        if s.beta > 0:
-            with torch.no_grad(), self.dit.adapter_disabled():
-                _, ref_mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level)
-        return grpo_loss(log_prob, trajectory.log_probs[j], advantages, s.clip_range, s.beta, mean, ref_mean,
-                         sde_noise_scale(sigmas, j, s.noise_level))
+    def _grpo_terms(self, chunk: Chunk, rows: list[int], inputs: StepInputs, advantages: torch.Tensor,
+                    steps: list[int]):
+        """Flow-GRPO's loss terms of a piece, one per trained step, under the current LoRA."""
+        s, rule, sigmas = self.settings, self._rule, inputs.sigmas[chunk.group]
+        trajectory, velocity = chunk.trajectory.rows(rows), self._velocity(chunk, inputs, len(rows))
+        for j in steps:
+            log_prob, mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level, rule)
+            ref_mean = None
+            if s.beta > 0:
+                with torch.no_grad(), self.dit.adapter_disabled():
+                    _, ref_mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level, rule)
+            yield grpo_loss(log_prob, trajectory.log_prob(j), advantages, s.clip_range, s.beta, mean, ref_mean,
+                            rule.kl_scale(sigmas, j, s.noise_level))
+
+    def _nft_terms(self, chunk: Chunk, rows: list[int], inputs: StepInputs, advantages: torch.Tensor, points: int):
+        """DiffusionNFT's loss terms of a piece, one per training point: each image is noised at `points` of the
+        sampler's timesteps (a random choice per image) with fresh noise."""
+        s, sigmas = self.settings, inputs.sigmas[chunk.group]
+        x0 = chunk.trajectory.final[rows]
+        velocity = self._velocity(chunk, inputs, len(rows))
+        order, noise = [], []
+        for r in rows:
+            g = step_generator(s.seed, self.step, chunk.indices[r], "nft")
+            order.append(torch.randperm(len(sigmas) - 1, generator=g)[:points])
+            noise.append(torch.randn((points, *x0.shape[1:]), generator=g))
+        order, noise = torch.stack(order), torch.stack(noise, dim=1).to(x0.device)
+        r = optimality(advantages)
+        for k in range(points):
+            t = sigmas[order[:, k]].to(x0.device)
+            x_t = forward_point(x0, noise[k], t)
+            with torch.no_grad(), self._old_policy():  # before v_theta: the swap must not touch its graph
+                v_old = velocity(x_t, t)
+            v_ref = None
+            if s.beta > 0:
+                with torch.no_grad(), self.dit.adapter_disabled():
+                    v_ref = velocity(x_t, t)
+            yield nft_loss(velocity(x_t, t), v_old, x_t, x0, t, r, s.nft_beta, s.beta, v_ref)
 
     def _train(self, chunks: list[Chunk], inputs: StepInputs, advantages: torch.Tensor, valid: torch.Tensor) -> dict:
-        """Flow-GRPO's update: the step's images in `updates_per_step` parts (two by default, so the second
-        update sees ratios != 1 and the clip acts), each part's gradient summed over its images and trained
-        timesteps and averaged over all ranks, then grad-norm clipping and one AdamW step."""
+        """The update: the step's images in `updates_per_step` parts (Flow-GRPO: two, so the second update sees
+        ratios != 1 and the clip acts), each part's gradient summed over its images and loss terms (trained steps,
+        or NFT's training points) and averaged over all ranks, then grad-norm clipping and one AdamW step; then
+        diffusion-nft's old policy follows the LoRA."""
         s = self.settings
-        steps = trained_steps(s.sampling_steps, s.timestep_fraction)
+        if s.algorithm == "diffusion-nft":
+            count = len(trained_steps(s.sampling_steps, s.timestep_fraction))
+            terms_of = lambda chunk, rows, adv: self._nft_terms(chunk, rows, inputs, adv, count)  # noqa: E731
+        else:
+            steps = (trained_steps(s.sampling_steps, s.timestep_fraction) if s.algorithm == "flow-grpo"
+                     else chunks[0].trajectory.steps)
+            count = len(steps)
+            terms_of = lambda chunk, rows, adv: self._grpo_terms(chunk, rows, inputs, adv, steps)  # noqa: E731
         part_of = torch.arange(len(valid)) * s.updates_per_step // len(valid)
         sums, terms_count = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clip": 0.0}, 0
         for u, part in enumerate(self._update_parts(chunks, valid, part_of)):
             part_images = int((valid & (part_of == u)).sum().item())  # global, the same on every rank
             for chunk, rows in part:
-                trajectory = Trajectory(chunk.trajectory.latents[:, rows], chunk.trajectory.log_probs[:, rows])
-                velocity = self._velocity(chunk, inputs, len(rows))
                 piece_advantages = advantages[[chunk.indices[r] for r in rows]].to(self.models.device)
-                for j in steps:
-                    terms = self._step_loss(velocity, trajectory, inputs.sigmas[chunk.group], piece_advantages, j)
-                    # Weighted so the summed gradient is the part's mean over images and timesteps of all ranks.
-                    (terms.loss * len(rows) / (part_images * len(steps))).backward()
+                for terms in terms_of(chunk, rows, piece_advantages):
+                    # Weighted so the summed gradient is the part's mean over images and terms of all ranks.
+                    (terms.loss * len(rows) / (part_images * count)).backward()
                     sums["loss"] += terms.loss.item(); sums["policy"] += terms.policy.item()
                     sums["kl"] += terms.kl.item(); sums["clip"] += terms.clip_fraction.item()
                     terms_count += 1
@@ -477,6 +563,9 @@ class GRPOTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.old_adapter is not None:
+            decay = old_policy_decay((self.step + 1) * s.updates_per_step)
+            self.old_adapter = follow(self.old_adapter, self.dit.adapter_parameters(), decay)
         return {k: v / max(terms_count, 1) for k, v in sums.items()}
 
     def train_step(self, phase: Callable[[str], ContextManager] = lambda name: nullcontext()) -> StepReport:

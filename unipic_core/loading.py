@@ -71,14 +71,14 @@ def check_safetensors(component: Path) -> None:
         check_safetensors_file(path)
 
 
-def strict(result, component: Path):
+def _strict(result, component: Path):
     """Unpack a from_pretrained(..., output_loading_info=True) result, failing on any key mismatch."""
     model, info = result
     problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, info[kind]))[:10])}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
     if problems:
         raise CheckpointError(f"{component}: weights do not match the model config -- {'; '.join(problems)}. "
-                              f"Is it an unmodified checkpoint?")
+                              f"Is this folder an unmodified UniPic2 checkpoint?")
     return model
 
 
@@ -93,7 +93,7 @@ def load_pretrained(cls, component: Path, dtype: torch.dtype):
         raise
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{component}: could not load {cls.__name__} ({err})") from err
-    return strict(result, component).eval().requires_grad_(False)
+    return _strict(result, component).eval().requires_grad_(False)
 
 
 def read_json(path: Path) -> dict:
@@ -143,13 +143,15 @@ def read_transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def check_keys(component: Path, expected: set[str], present: set[str]) -> None:
-    """Refuse a component whose weight names are not those its config.json builds, naming up to ten each way."""
+def check_keys(component: Path, expected: set[str], present: set[str], layout: str | None = None) -> None:
+    """Refuse a component whose weight names are not those its layout (its config.json's model) has, naming up to
+    ten each way."""
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{component}: weights do not match {component.name}/config.json -- missing: "
+        layout = layout or f"{component.name}/config.json"
+        raise CheckpointError(f"{component}: weights do not match {layout} -- missing: "
                               f"{', '.join(missing[:10]) or 'none'}; unexpected: {', '.join(unexpected[:10]) or 'none'}"
-                              ". Is this folder an unmodified UniPic2 checkpoint?")
+                              ". Is it an unmodified checkpoint?")
 
 
 def load_scheduler_config(folder: Path) -> dict:

@@ -166,7 +166,9 @@ def answer_question(encoder: MetaQueryMLLM, images: list[torch.Tensor], question
     devices = [encoder.device] if encoder.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        # top_k 0: Qwen2.5-VL-7B's generation config sets top_k 1, which would make sampling greedy
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample \
+            else dict(do_sample=False)
         output = mllm.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     return encoder.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                          Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+from transformers.initialization import no_init_weights
 
-from .fp8_weights import is_fp8, set_fp8_weight
-from .loading import CheckpointError, check_safetensors_file, strict
+from .fp8_weights import is_fp8, store_fp8
+from .loading import CheckpointError, check_keys, check_safetensors_file
 
 # Qwen/Qwen2.5-VL-7B-Instruct's config.json, for what a state dict does not show.
 TEXT_HEAD_DIM, VISION_HEAD_DIM = 128, 80
@@ -24,7 +25,9 @@ TEXT_CONSTANTS = dict(hidden_act="silu", max_position_embeddings=128000, rms_nor
                       use_sliding_window=False, rope_parameters=dict(rope_type="default", rope_theta=1e6,
                                                                       mrope_section=[16, 24, 24]))
 VISION_CONSTANTS = dict(hidden_act="silu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, in_chans=3)
+                        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+# its generation_config.json (token ids come from the tokenizer)
+GENERATION = dict(do_sample=True, repetition_penalty=1.05, temperature=0.1, top_p=0.001, top_k=1)
 # its preprocessor_config.json: 56x56 to 16384 merged 28x28 tokens per image (CLIP mean and std are the default)
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384
 # Its chat template's output for text and image turns (video parts are not rendered). Explicit '\n' literals so
@@ -112,8 +115,7 @@ def config_from_shapes(shapes: dict[str, torch.Size], tokenizer) -> Qwen2_5_VLCo
 
 
 def model_key(file_key: str) -> str:
-    """A published key -> the module path transformers loads it into (both towers under `model`), to find the
-    layers a file stores in fp8."""
+    """A published key -> transformers' module path (both towers under `model`, as from_pretrained maps them)."""
     if file_key.startswith("visual."):
         return "model." + file_key
     if file_key.startswith("model."):
@@ -121,34 +123,54 @@ def model_key(file_key: str) -> str:
     return file_key
 
 
+def model_tensors(state: dict[str, torch.Tensor], model: torch.nn.Module,
+                  dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, float]]]:
+    """The file's tensors under the model's keys in `dtype`, and apart the fp8 Linear weights with their scales
+    (ComfyUI's "fp8_scaled" files: fp8 `.weight`s, each with a `.scale_weight`; their `.scale_input` activation
+    hints and the `scaled_fp8` marker are not needed to dequantize). Other fp8 tensors are dequantized."""
+    scales = {key.removesuffix(".scale_weight"): state.pop(key).item() for key in list(state)
+              if key.endswith(".scale_weight")}
+    tensors, fp8 = {}, {}
+    for key, tensor in state.items():
+        if key.endswith(".scale_input") or key == "scaled_fp8":
+            continue
+        name, layer = model_key(key), model_key(key.removesuffix(".weight"))
+        scale = scales.get(key.removesuffix(".weight"), 1.0)
+        if is_fp8(tensor) and key.endswith(".weight") and type(model.get_submodule(layer)) is torch.nn.Linear:
+            fp8[layer] = tensor, scale
+        elif is_fp8(tensor):
+            tensors[name] = (tensor.float() * scale).to(dtype)
+        else:
+            tensors[name] = tensor.to(dtype)
+    return tensors, fp8
+
+
 def load_qwen25vl_file(path: Path, tokenizer_folder: Path, dtype: torch.dtype):
-    """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor) from one file, every weight checked; transformers
-    maps the published keys onto its modules, as from a folder."""
+    """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor) from one file, every weight checked. The model is
+    built uninitialised and takes the file's tensors as they are, so loading costs about the file's size in RAM;
+    fp8 Linear weights stay fp8 (unipic_core.fp8_weights)."""
     check_safetensors_file(path)
     tokenizer = Qwen2TokenizerFast.from_pretrained(str(tokenizer_folder))
     state = load_file(str(path))
-    # fp8 files (ComfyUI's "fp8_scaled" ones): fp8 weights, each with a `.scale_weight` (the weight is their
-    # product) and possibly a `.scale_input` activation hint, which dequantizing per forward does not use
-    scales = {key.removesuffix(".scale_weight"): state.pop(key) for key in list(state) if key.endswith(".scale_weight")}
-    for key in [key for key in state if key.endswith(".scale_input") or key == "scaled_fp8"]:
-        del state[key]
-    stored_fp8 = {key.removesuffix(".weight"): tensor.dtype for key, tensor in state.items() if is_fp8(tensor)}
-    shapes = {key: tensor.shape for key, tensor in state.items()}
     try:
-        result = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            None, config=config_from_shapes(shapes, tokenizer), state_dict=state, dtype=dtype,
-            output_loading_info=True)
+        config = config_from_shapes({key: tensor.shape for key, tensor in state.items()}, tokenizer)
     except KeyError as err:
         raise CheckpointError(f"{path}: no {err} weight; is it a Qwen2.5-VL file?") from err
-    model, info = result
-    if OUTPUT_LAYER not in shapes:
-        info["missing_keys"].discard(OUTPUT_LAYER)
+    with no_init_weights():  # every weight comes from the file
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    tensors, fp8 = model_tensors(state, model, dtype)
+    expected = {key for key in model.state_dict() if key != OUTPUT_LAYER or OUTPUT_LAYER in tensors}
+    check_keys(path, expected, set(tensors) | {f"{name}.weight" for name in fp8}, "Qwen2.5-VL-7B-Instruct's layout")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for name, (values, scale) in fp8.items():
+        store_fp8(model.get_submodule(name), values, scale)
+    if OUTPUT_LAYER not in tensors:
         model.lm_head = MissingOutputLayer(path)
-    model = strict((model, info), path).eval().requires_grad_(False)
-    for name, fp8 in stored_fp8.items():  # loaded as exact upcasts of the fp8 values: back to fp8, with the scale
-        layer = model.get_submodule(model_key(name))
-        set_fp8_weight(layer, layer.weight.to(fp8), scales.get(name, torch.ones(())))
+    model.generation_config = GenerationConfig(**GENERATION, bos_token_id=config.text_config.bos_token_id,
+                                               pad_token_id=config.text_config.pad_token_id,
+                                               eos_token_id=[config.text_config.eos_token_id,
+                                                             config.text_config.pad_token_id])
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
                                     tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
                                     chat_template=CHAT_TEMPLATE)
-    return model, processor
+    return model.eval().requires_grad_(False), processor

@@ -69,6 +69,29 @@ def flow_sde_step(
     return mean + std * noise.float(), mean, std
 
 
+def cps_mean(
+    x: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int, noise_level: float,
+) -> tuple[torch.Tensor, float]:
+    """Mean and std of Flow-GRPO-Fast's coefficients-preserving step (CPS) from sigmas[index] to sigmas[index + 1].
+
+    With the clean and noise estimates x0 = x - sigma v and x1 = x + (1 - sigma) v, the next point keeps
+    (1 - sigma') x0 and splits the sigma' noise share between x1 and fresh noise: std s = sigma' sin(a pi / 2),
+    mean = (1 - sigma') x0 + sqrt(sigma'^2 - s^2) x1. With noise_level 0 this is the Euler step.
+    """
+    x, velocity = x.float(), velocity.float()
+    sigma, sigma_next = sigmas[index].item(), sigmas[index + 1].item()
+    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    x0, x1 = x - sigma * velocity, x + (1 - sigma) * velocity
+    return (1 - sigma_next) * x0 + math.sqrt(sigma_next**2 - std**2) * x1, std
+
+
+def cps_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """Flow-GRPO-Fast's score of a CPS step: minus the mean squared distance to the mean over C, H, W -> [B], i.e.
+    a Gaussian log-density without its 1 / (2 std^2) and constant, as in its repository (whose clip range is set
+    for this scale)."""
+    return -((x_next.float() - mean) ** 2).mean(dim=tuple(range(1, x_next.ndim)))
+
+
 def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
     """Gaussian log-density of x_next under N(mean, std^2), averaged over C, H, W -> [B] (float32)."""
     log_density = -((x_next.float() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
@@ -96,13 +119,18 @@ class GuidedVelocity:
         ref = None if reference is None else cast(reference.expand(batch, -1, -1, -1)).repeat(copies, 1, 1, 1)
         self.passes = [(cast(side.tokens), cast(side.pooled), ref) for side in sides]
 
-    def _forward(self, x: torch.Tensor, sigma: float, tokens, pooled, ref) -> torch.Tensor:
-        x_in = x.to(tokens.dtype).repeat(len(tokens) // len(x), 1, 1, 1)
-        timestep = torch.full((len(x_in),), sigma * 1000, device=x.device, dtype=torch.float32)
+    def _forward(self, x: torch.Tensor, sigma: float | torch.Tensor, tokens, pooled, ref) -> torch.Tensor:
+        copies = len(tokens) // len(x)
+        x_in = x.to(tokens.dtype).repeat(copies, 1, 1, 1)
+        if isinstance(sigma, torch.Tensor):  # one sigma per sample, times 1000 in double as for a float sigma
+            timestep = (sigma.double() * 1000).float().to(x.device).repeat(copies)
+        else:
+            timestep = torch.full((len(x_in),), sigma * 1000, device=x.device, dtype=torch.float32)
         return self.dit(x_in, timestep, tokens, pooled, ref).float()
 
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """x: [B, C, H, W] model-space latent -> velocity [B, C, H, W] (float32)."""
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] model-space latent, sigma a float or one per sample [B] -> velocity [B, C, H, W]
+        (float32)."""
         outputs = [self._forward(x, sigma, *p) for p in self.passes]
         if self.batched:
             outputs = outputs[0].chunk(2)
@@ -148,7 +176,7 @@ def sample(
         x_prev = x
         if sampler == "euler" or sigma_next == 0.0:
             # flow-sde's last step (to sigma = 0) is Euler so no SDE noise is left in the image; the GRPO
-            # trainer, which needs a log-prob for every step, uses flow_sde_step there too.
+            # trainer, which needs a log-prob for every step, takes the SDE step there too.
             x = euler_step(x, velocity, sigma, sigma_next)
         else:
             step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)

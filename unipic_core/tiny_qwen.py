@@ -14,7 +14,8 @@ import torch
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2TokenizerFast, Qwen2VLImageProcessor
 
-from .qwen25vl import CHAT_TEMPLATE, MAX_PIXELS, MIN_PIXELS, TEXT_HEAD_DIM, VISION_HEAD_DIM, qwen25vl_config
+from .qwen25vl import (CHAT_TEMPLATE, GENERATION, MAX_PIXELS, MIN_PIXELS, TEXT_HEAD_DIM, VISION_HEAD_DIM,
+                       qwen25vl_config)
 
 # In the real tokenizer's order; `<|endoftext|>` is Qwen's bos, pad and unk, `<|im_end|>` ends a chat turn.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -39,7 +40,7 @@ def write_model(out: Path, tokenizer, hidden_size: int) -> None:
                              vision_depth=VISION_DEPTH)
     model = Qwen2_5_VLForConditionalGeneration(config)
     text = config.text_config
-    model.generation_config.update(bos_token_id=text.bos_token_id, pad_token_id=text.pad_token_id,
+    model.generation_config.update(**GENERATION, bos_token_id=text.bos_token_id, pad_token_id=text.pad_token_id,
                                    eos_token_id=[text.eos_token_id, text.pad_token_id])
     model.save_pretrained(str(out))
 

@@ -45,6 +45,7 @@ class TrainingState:
     base_model: str
     run: dict[str, list[str] | str] | None = None  # fingerprint (see run_fingerprint); None in older states
     samples: torch.Tensor | None = None  # the last step's images, uint8 [n, H, W, 3]
+    old_adapter: dict[str, torch.Tensor] | None = None  # diffusion-nft's old policy, raw A and B like `adapter`
 
 
 def data_fingerprint(items) -> str:
@@ -87,7 +88,8 @@ def cpu_copy(value):
 def save_state(state: TrainingState, path: Path) -> None:
     """Write the checkpoint atomically; on failure the previous checkpoint is left as it was."""
     payload = {"adapter": state.adapter, "optimizer": state.optimizer, "step": state.step, "history": state.history,
-               "settings": state.settings, "base_model": state.base_model, "run": state.run, "samples": state.samples}
+               "settings": state.settings, "base_model": state.base_model, "run": state.run, "samples": state.samples,
+               "old_adapter": state.old_adapter}
     atomic_write(path, lambda tmp: torch.save(payload, tmp), "the training checkpoint")
 
 
@@ -105,7 +107,7 @@ def load_state(path: Path) -> TrainingState:
     if problem:
         raise unusable(path, problem)
     return TrainingState(**{key: payload[key] for key in FIELDS}, run=payload.get("run"),
-                         samples=payload.get("samples"))
+                         samples=payload.get("samples"), old_adapter=payload.get("old_adapter"))
 
 
 def payload_problem(payload) -> str | None:
@@ -117,8 +119,11 @@ def payload_problem(payload) -> str | None:
             return f"'{key}' is missing"
         if not isinstance(payload[key], kind) or isinstance(payload[key], bool):
             return f"'{key}' is {type(payload[key]).__name__}, expected {kind.__name__}"
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["adapter"].items()):
-        return "'adapter' holds something other than named tensors"
+    for key in ("adapter", "old_adapter"):
+        tensors = payload.get(key) or {}
+        if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in tensors.items())):
+            return f"'{key}' holds something other than named tensors"
     optimizer = payload["optimizer"]
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         return "'optimizer' is not an optimizer state (no 'state' and 'param_groups')"
