@@ -129,23 +129,25 @@ def test_native_vae_has_every_weight_and_matches_the_diffusers_vae(loaded, tiny_
     assert expected_raw.abs().max() > 0.05  # not two near-zero latents
 
 
-def test_an_official_size_vae_loads_in_native_vae_loader_as_in_the_pack_loader(host, tmp_path):
-    """ComfyUI's VAELoader hard-codes the SD VAE's widths: the official vae/ file loads there, and decodes as the
-    pack's loader's VAE (explicit config from vae/config.json) and diffusers do. The tiny sizes' narrow VAEs
-    (fast enough for every test) go through the pack's loader only."""
+def test_a_tiny_checkpoint_with_the_native_vae_loads_in_comfyuis_own_loaders(host, tmp_path):
+    """`python -m unipic_core.tiny --native-vae`: transformer/ loads in Load Diffusion Model and vae/ (SD3's widths,
+    which VAELoader hard-codes) in VAELoader, and that VAE decodes as the pack's loader's VAE and diffusers do.
+    The tests' default tiny checkpoints keep narrow VAEs (fast enough for every test), read by the pack's loader."""
     import folder_paths
+    from diffusers import AutoencoderKL
 
-    from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, random_vae
+    from unipic_core.tiny import write_kontext_folder
 
-    torch.manual_seed(0)
-    official = random_vae(SD3_VAE_CHANNELS, SD3_VAE_LAYERS)
-    official.save_pretrained(str(tmp_path / "ckpt" / "vae"))
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "sd3_official_layout.safetensors").symlink_to(
-        tmp_path / "ckpt" / "vae" / "diffusion_pytorch_model.safetensors")
-    folder_paths.add_model_folder_path("vae", str(tmp_path / "vae"))
-    native = host.node("VAELoader").load_vae("sd3_official_layout.safetensors")[0]
-    ours = native_loading(host).load_native_vae(tmp_path / "ckpt", torch.float32)
+    folder = write_kontext_folder(tmp_path / "UniPic2-tiny-native", native_vae=True)
+    for kind, sub in (("vae", "vae"), ("diffusion_models", "transformer")):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "tiny_native.safetensors").symlink_to(folder / sub / "diffusion_pytorch_model.safetensors")
+        folder_paths.add_model_folder_path(kind, str(tmp_path / kind))
+    dit = host.node("UNETLoader").load_unet("tiny_native.safetensors", "default")[0]
+    assert type(dit.model).__name__ == "SD3"
+    native = host.node("VAELoader").load_vae("tiny_native.safetensors")[0]
+    ours = native_loading(host).load_native_vae(folder, torch.float32)
+    official = AutoencoderKL.from_pretrained(str(folder / "vae"))
     raw = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ((official.decode(raw).sample + 1) / 2).clamp(0, 1).movedim(1, -1)

@@ -1,6 +1,6 @@
 """Write small random-weight checkpoints in the official UniPic2 folder layout.
 
-    python -m unipic_core.tiny OUT_DIR [--size tiny|mid] [--kind kontext|metaquery]
+    python -m unipic_core.tiny OUT_DIR [--size tiny|mid] [--kind kontext|metaquery] [--native-vae]
     python -m unipic_core.tiny OUT.safetensors --kind qwen25vl-file --tokenizer QWEN25_TOKENIZER_DIR
 
 The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
@@ -41,7 +41,7 @@ SD35M_TRANSFORMER = dict(
 )
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 # vae/config.json's architecture (SD3's VAE): the widths ComfyUI's VAELoader hard-codes. The tiny sizes' narrow
-# VAEs load through the pack's loader only; this one (84 M weights) in VAELoader too.
+# VAEs load through the pack's loader only; this one (84 M weights, --native-vae) in VAELoader too.
 SD3_VAE_CHANNELS, SD3_VAE_LAYERS = (128, 256, 512, 512), 2
 
 
@@ -132,19 +132,24 @@ def write_vae(folder: Path, channels: tuple[int, ...], layers_per_block: int = 1
     random_vae(channels, layers_per_block).save_pretrained(str(folder))
 
 
-def write_dit_and_vae(out: Path, spec: dict) -> None:
-    """What Kontext and MetaQuery folders share: transformer/, vae/, scheduler/."""
+def write_dit_and_vae(out: Path, spec: dict, native_vae: bool = False) -> None:
+    """What Kontext and MetaQuery folders share: transformer/, vae/, scheduler/. native_vae: SD3's VAE widths,
+    which ComfyUI's VAELoader hard-codes (84 M weights, ~20x slower to run than the tiny sizes' VAEs)."""
     write_transformer(out / "transformer", spec)
-    write_vae(out / "vae", spec["vae"])
+    if native_vae:
+        write_vae(out / "vae", SD3_VAE_CHANNELS, SD3_VAE_LAYERS)
+    else:
+        write_vae(out / "vae", spec["vae"])
     FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(str(out / "scheduler"))
 
 
-def write_kontext_folder(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a complete random-weight Kontext folder (official layout) to `out` and return its path."""
+def write_kontext_folder(out: str | Path, size: str = "tiny", seed: int = 0, native_vae: bool = False) -> Path:
+    """Write a complete random-weight Kontext folder (official layout) to `out` and return its path; with
+    native_vae every weight file also loads in ComfyUI's own loaders (Load Diffusion Model, VAELoader)."""
     out = Path(out)
     spec = SIZES[size]
     torch.manual_seed(seed)
-    write_dit_and_vae(out, spec)
+    write_dit_and_vae(out, spec, native_vae)
     write_clip(out / "text_encoder", out / "tokenizer", spec["clip_l"])
     write_clip(out / "text_encoder_2", out / "tokenizer_2", spec["clip_g"])
     write_t5(out / "text_encoder_3", out / "tokenizer_3", spec["t5"], spec["t5_layers"])
@@ -173,6 +178,8 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--kind", choices=["kontext", "metaquery", "qwen25vl-file"], default="kontext")
     parser.add_argument("--tokenizer", help="qwen25vl-file: a Qwen2.5 tokenizer folder")
+    parser.add_argument("--native-vae", action="store_true", help="kontext: SD3's VAE widths, so ComfyUI's "
+                        "VAELoader loads vae/ too (slower)")
     args = parser.parse_args()
     if args.kind == "qwen25vl-file":
         if not args.tokenizer:
@@ -181,8 +188,10 @@ def main() -> None:
             folder = write_qwen25vl_folder(Path(tmp) / "qwen", SIZES[args.size]["llm"], tokenizer_folder=args.tokenizer)
             print(write_qwen25vl_file(args.out, folder))
         return
-    writer = write_kontext_folder if args.kind == "kontext" else write_metaquery_folder
-    print(writer(args.out, args.size))
+    if args.kind == "kontext":
+        print(write_kontext_folder(args.out, args.size, native_vae=args.native_vae))
+    else:
+        print(write_metaquery_folder(args.out, args.size))
 
 
 if __name__ == "__main__":
