@@ -127,22 +127,23 @@ def hub_files(patterns: tuple[str, ...]):
     return lambda repo, destination: download_repo(repo, destination, host.download_progress(), patterns)
 
 
-def load_clip(kind: str, choice: str, repo: str, dtype: str, processor: str | None = None):
-    """(CLIPReward on ComfyUI's device, its ModelPatcher) for a model choice; the processor from its own choice
-    (PickScore's is laion's CLIP-H processor) or from the model's folder."""
+def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: str | None = None):
+    """(CLIPReward on ComfyUI's device, its ModelPatcher) for a model choice, with the processor of the model's
+    folder, or of PickScore's processor input (laion's CLIP-H processor by default)."""
     from ..unipic_core.reward_models import load_clip_reward
 
     folder = resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
-    if processor is not None:
-        processor = resolve(processor, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
+    processor = None
+    if processor_choice is not None:
+        processor = resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
                             hub_files(PROCESSOR_FILES))
 
     def load():
-        clip = load_clip_reward(folder, processor, host.DTYPES[dtype], repo)
+        clip = load_clip_reward(folder, processor, host.DTYPES[dtype], repo, PICKSCORE_PROCESSOR_REPO)
         clip.device = host.device()
         return clip, host.wrap(clip.model)
 
-    key = (str(folder.resolve()), str(processor and processor.resolve()), dtype)
+    key = (str(folder.resolve()), str(processor.resolve()) if processor else "", dtype)
     return cached(key, load, _LOADED.setdefault(kind, {}))
 
 

@@ -143,6 +143,15 @@ def test_scores_follow_the_image_and_repeat_exactly(clip, mlp_path):
         assert len(set(first.tolist())) == len(PROMPTS)
 
 
+def test_half_precision_scores_stay_close_to_fp32(clip_dir, clip, mlp_path):
+    images, mlp = pictures(), load_aesthetic_mlp(mlp_path)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = load_clip_reward(clip_dir, dtype=dtype)
+        assert half.model.dtype == dtype
+        assert torch.allclose(pickscore(half, images, PROMPTS), pickscore(clip, images, PROMPTS), atol=0.1)
+        assert torch.allclose(aesthetic_score(half, mlp, images), aesthetic_score(clip, mlp, images), atol=0.01)
+
+
 # --- bad inputs get clear errors ------------------------------------------------------------------------------
 
 def test_a_folder_that_is_no_clip_is_refused(tmp_path, tiny_kontext_dir):
@@ -159,6 +168,8 @@ def test_missing_processor_files_are_named(clip_dir, tmp_path, missing):
                                               r"tokenizer.json or vocab.json \+ merges.txt\); copy them from openai"):
         load_clip_reward(folder)
     assert load_clip_reward(folder, processor_folder=clip_dir).model is not None  # a processor from elsewhere
+    with pytest.raises(CheckpointError, match="copy them from laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        load_clip_reward(clip_dir, folder, repo=PICKSCORE_REPO, processor_repo=PICKSCORE_PROCESSOR_REPO)
 
 
 def test_missing_weights_are_named(clip_dir, tmp_path):

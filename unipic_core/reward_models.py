@@ -66,14 +66,17 @@ def load_clip_processor(folder: Path, repo: str) -> CLIPProcessor:
 
 
 def load_clip_reward(folder: Path, processor_folder: Path | None = None, dtype: torch.dtype = torch.float32,
-                     repo: str = CLIP_L14_REPO) -> CLIPReward:
+                     repo: str = CLIP_L14_REPO, processor_repo: str | None = None) -> CLIPReward:
     """A transformers CLIPModel folder (config.json + model.safetensors, strict keys) and its processor, from
-    `processor_folder` or the model folder itself; `repo` is named in errors as where to get the files."""
+    `processor_folder` or the model folder itself; errors name `repo` (`processor_repo` for the processor folder's
+    files) as where to get the files."""
     folder = Path(folder)
     if not is_clip_folder(folder):
         raise CheckpointError(f"{folder} is not a transformers CLIP folder (config.json with model_type 'clip', "
                               f"model.safetensors); download {repo} from the Hugging Face hub")
-    processor = load_clip_processor(Path(processor_folder or folder), repo)
+    if processor_folder is None:
+        processor_folder, processor_repo = folder, repo
+    processor = load_clip_processor(Path(processor_folder), processor_repo or repo)
     weight_files(folder, "model")  # names a missing model.safetensors instead of transformers' generic error
     return CLIPReward(load_pretrained(CLIPModel, folder, dtype), processor)
 
