@@ -102,8 +102,8 @@ class UniPic2CombineRewards:
 
 
 REWARD_DTYPE = (["fp32", "bf16", "fp16"], {"default": "fp32", "tooltip": (
-    "The reward model's precision. fp32, as the published references score: a group's images often differ by "
-    "little, and rounding in bf16/fp16 (half the memory) can blur that.")})
+    "The reward model's precision. fp32 (default) scores most exactly: a group's images often differ by little, "
+    "and bf16/fp16 rounding (half the memory) can blur that.")})
 _LOADED: dict[str, dict] = {}  # reward kind -> its most recent model, as the loaders cache checkpoints
 
 
