@@ -7,8 +7,8 @@ from .messages import register_routes
 from .metaquery_nodes import UniPic2MetaQueryEncode, UniPic2Understand
 from .native_kontext import UniPic2KontextReference
 from .native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
-from .reward_nodes import (UniPic2ColourReward, UniPic2CombineRewards, UniPic2EditConsistencyReward,
-                           UniPic2JPEGReward, UniPic2JudgeReward)
+from .reward_nodes import (UniPic2AestheticReward, UniPic2CLIPScoreReward, UniPic2ColourReward, UniPic2CombineRewards,
+                           UniPic2EditConsistencyReward, UniPic2JPEGReward, UniPic2JudgeReward, UniPic2PickScoreReward)
 from .sampler_node import UniPic2Sampler
 from .training_nodes import UniPic2EditPairs, UniPic2GRPOTrainer, UniPic2PromptList
 
@@ -30,6 +30,9 @@ NODE_CLASS_MAPPINGS = {
     "UniPic2ColourReward": UniPic2ColourReward,
     "UniPic2EditConsistencyReward": UniPic2EditConsistencyReward,
     "UniPic2JudgeReward": UniPic2JudgeReward,
+    "UniPic2PickScoreReward": UniPic2PickScoreReward,
+    "UniPic2CLIPScoreReward": UniPic2CLIPScoreReward,
+    "UniPic2AestheticReward": UniPic2AestheticReward,
     "UniPic2CombineRewards": UniPic2CombineRewards,
     "UniPic2GRPOTrainer": UniPic2GRPOTrainer,
     "UniPic2SaveLoRA": UniPic2SaveLoRA,
@@ -53,6 +56,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniPic2ColourReward": "UniPic2 Colour / Brightness Reward",
     "UniPic2EditConsistencyReward": "UniPic2 Edit Consistency Reward",
     "UniPic2JudgeReward": "UniPic2 Judge Reward (Qwen2.5-VL)",
+    "UniPic2PickScoreReward": "UniPic2 PickScore Reward",
+    "UniPic2CLIPScoreReward": "UniPic2 CLIP Score Reward",
+    "UniPic2AestheticReward": "UniPic2 Aesthetic Reward (LAION)",
     "UniPic2CombineRewards": "UniPic2 Combine Rewards",
     "UniPic2GRPOTrainer": "UniPic2 GRPO Trainer",
     "UniPic2SaveLoRA": "UniPic2 Save LoRA",

@@ -79,26 +79,31 @@ def qwen_choices() -> dict[str, Path]:
     return found
 
 
-def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: str) -> Path:
-    """A local choice, or an official repo id: its models/unipic2/<name> copy, downloaded when absent."""
+def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: str, fetch=None) -> Path:
+    """A local choice, or an official repo id: its models/unipic2/<name> copy, downloaded when absent (by
+    fetch(choice, destination) -> path; default: the whole hub repo)."""
     if choice in local:
         return local[choice]
     if choice in repos:
         name = choice.split("/")[-1]
         if name in local:
             return local[name]
-        from ..unipic_core.loading import download_repo
+        if fetch is None:
+            from ..unipic_core.loading import download_repo
 
-        return download_repo(choice, Path(host.unipic2_download_folder()) / name, host.download_progress())
-    raise ValueError(f"UniPic2 Load: {what} '{choice}' not found; put the folder in "
+            fetch = lambda repo, destination: download_repo(repo, destination, host.download_progress())
+        return fetch(choice, Path(host.unipic2_download_folder()) / name)
+    raise ValueError(f"UniPic2 Load: {what} '{choice}' not found; put it in "
                      f"{host.unipic2_download_folder()} or pick one of {', '.join(repos)}")
 
 
-def cached(key: tuple, load):
-    if key not in _CACHE:
-        _CACHE.clear()  # free the previous checkpoint before loading the next
-        _CACHE[key] = load()
-    return _CACHE[key]
+def cached(key: tuple, load, cache: dict | None = None):
+    """load(), kept until a different key is asked of the same cache (by default the checkpoint loaders')."""
+    cache = _CACHE if cache is None else cache
+    if key not in cache:
+        cache.clear()  # free the previous checkpoint before loading the next
+        cache[key] = load()
+    return cache[key]
 
 
 class LoadUniPic2Kontext:

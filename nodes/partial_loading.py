@@ -68,9 +68,17 @@ def report_device(module: torch.nn.Module, device: torch.device) -> None:
 
 def move_buffers(patcher: ModelPatcher, device_to, *_) -> None:
     """ComfyUI moves weights, and buffers only with a full load; a module's buffers (CLIP's position_ids) must be
-    on the compute device however much of it is resident. An ON_LOAD callback."""
-    if device_to is not None:
-        for module in patcher.model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.device != torch.device(device_to):
-                    module._buffers[name] = buffer.to(device_to)
+    on the compute device however much of it is resident. So must the weights a container holds itself beside its
+    layers (CLIP's class embedding), which a partial load never places. An ON_LOAD callback; unloading moves all
+    of them back with the model."""
+    if device_to is None:
+        return
+    device = torch.device(device_to)
+    for module in patcher.model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+        if any(True for _ in module.children()):
+            for name, param in module._parameters.items():
+                if param is not None and param.device != device:
+                    module._parameters[name] = torch.nn.Parameter(param.to(device), requires_grad=param.requires_grad)

@@ -1,7 +1,12 @@
-"""Reward nodes: each outputs a UNIPIC2_REWARD for the GRPO Trainer; Combine Rewards weights several."""
+"""Reward nodes: each outputs a UNIPIC2_REWARD for the GRPO Trainer; Combine Rewards weights several. The learned
+rewards (PickScore, CLIP score, aesthetic) load their models from models/unipic2 or the hub, each under its own
+ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT."""
 
-from ..unipic_core import rewards
+from ..unipic_core import folders, rewards
+from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, PICKSCORE_PROCESSOR_REPO,
+                                 PICKSCORE_REPO, PROCESSOR_FILES)
 from . import host
+from .loader_nodes import cached, local_folders, resolve
 
 CATEGORY = "UniPic2/training/rewards"
 REWARD = ("UNIPIC2_REWARD", {"tooltip": "A reward node's output."})
@@ -94,3 +99,145 @@ class UniPic2CombineRewards:
     def combine(self, reward_1, weight_1, reward_2=None, weight_2=1.0, reward_3=None, weight_3=1.0):
         pairs = [(r, w) for r, w in ((reward_1, weight_1), (reward_2, weight_2), (reward_3, weight_3)) if r is not None]
         return (rewards.combine(pairs),)
+
+
+REWARD_DTYPE = (["fp32", "bf16", "fp16"], {"default": "fp32", "tooltip": (
+    "The reward model's precision. fp32 (default) scores most exactly: a group's images often differ by little, "
+    "and bf16/fp16 rounding (half the memory) can blur that.")})
+_LOADED: dict[str, dict] = {}  # reward kind -> its most recent model, as the loaders cache checkpoints
+
+
+def clip_folders():
+    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: folders.is_clip_folder(path))
+
+
+def processor_folders():
+    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: folders.is_clip_processor_folder(path))
+
+
+def aesthetic_files():
+    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: path.suffix in (".pth", ".safetensors")
+                         and path.is_file())
+
+
+def hub_files(patterns: tuple[str, ...]):
+    """Download only these files of a hub repo: its weights in one format, not all of them."""
+    from ..unipic_core.loading import download_repo
+
+    return lambda repo, destination: download_repo(repo, destination, host.download_progress(), patterns)
+
+
+def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: str | None = None):
+    """(CLIPReward on ComfyUI's device, its ModelPatcher) for a model choice, with the processor of the model's
+    folder, or of PickScore's processor input (laion's CLIP-H processor by default)."""
+    from ..unipic_core.reward_models import load_clip_reward
+
+    folder = resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
+    processor = None
+    if processor_choice is not None:
+        processor = resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
+                            hub_files(PROCESSOR_FILES))
+
+    def load():
+        clip = load_clip_reward(folder, processor, host.DTYPES[dtype], repo, PICKSCORE_PROCESSOR_REPO)
+        clip.device = host.device()
+        return clip, host.wrap(clip.model)
+
+    key = (str(folder.resolve()), str(processor.resolve()) if processor else "", dtype)
+    return cached(key, load, _LOADED.setdefault(kind, {}))
+
+
+def model_reward(name: str, detail: str, patchers: list, score) -> rewards.Reward:
+    """One reward term scoring with score(images, prompts) once ComfyUI has put the model(s) on the device."""
+
+    def scored(images, prompts, sources):
+        host.load_on_device(*patchers)
+        return score(images, prompts)
+
+    return rewards.Reward([rewards.RewardTerm(name, 1.0, scored, detail=detail)])
+
+
+class UniPic2PickScoreReward:
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("PickScore (Pick-a-Pic's human-preference model, a fine-tuned CLIP-H): logit scale x cosine of "
+                   "the prompt's and the image's embeddings, about 18..24. For text-to-image RL; 1 B weights (3.9 GB "
+                   "in fp32).")
+    RETURN_TYPES = ("UNIPIC2_REWARD",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ([PICKSCORE_REPO] + sorted(clip_folders()), {"tooltip": "yuvalkirstain/PickScore_v1 (downloaded "
+                      "into models/unipic2 on first use) or a CLIP folder there (config.json, model.safetensors)."}),
+            "processor": ([PICKSCORE_PROCESSOR_REPO] + sorted(processor_folders()), {"tooltip": "PickScore reads "
+                          "images and prompts with laion's CLIP-H processor (its processor files only are "
+                          "downloaded), or a folder with CLIP processor files."}),
+            "dtype": REWARD_DTYPE,
+        }}
+
+    def make(self, model, processor, dtype):
+        from ..unipic_core.reward_models import pickscore
+
+        clip, patcher = load_clip("pickscore", model, PICKSCORE_REPO, dtype, processor)
+        return (model_reward("pickscore", f"{model} with {processor}, {dtype}", [patcher],
+                             lambda images, prompts: pickscore(clip, images, prompts)),)
+
+
+class UniPic2CLIPScoreReward:
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("CLIPScore (Hessel et al.): 2.5 x max(cosine, 0) of the image's and \"A photo depicts <prompt>\"'s "
+                   "CLIP embeddings, 0..2.5 (typically 0.5..1). How well the image matches its prompt.")
+    RETURN_TYPES = ("UNIPIC2_REWARD",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ([CLIP_L14_REPO] + sorted(clip_folders()), {"tooltip": "A CLIP folder in models/unipic2 with its "
+                      "processor files, or openai/clip-vit-large-patch14 (downloaded there on first use)."}),
+            "dtype": REWARD_DTYPE,
+        }}
+
+    def make(self, model, dtype):
+        from ..unipic_core.reward_models import clip_score
+
+        clip, patcher = load_clip("clipscore", model, CLIP_L14_REPO, dtype)
+        return (model_reward("clipscore", f"{model}, {dtype}", [patcher],
+                             lambda images, prompts: clip_score(clip, images, prompts)),)
+
+
+class UniPic2AestheticReward:
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("LAION's improved aesthetic predictor: an MLP on the CLIP ViT-L/14 image embedding rating how "
+                   "much people like an image, about 1..10. Ignores the prompt.")
+    RETURN_TYPES = ("UNIPIC2_REWARD",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ([CLIP_L14_REPO] + sorted(clip_folders()), {"tooltip": "The CLIP the MLP was trained on: "
+                     "openai/clip-vit-large-patch14 (downloaded into models/unipic2 on first use) or its folder."}),
+            "mlp": ([AESTHETIC_CHOICE] + sorted(aesthetic_files()), {"tooltip": "sac+logos+ava1-l14-linearMSE.pth "
+                    "from the predictor's GitHub repository (downloaded into models/unipic2 on first use), or a "
+                    ".pth / .safetensors file there with the same keys."}),
+            "dtype": REWARD_DTYPE,
+        }}
+
+    def make(self, clip, mlp, dtype):
+        from ..unipic_core.loading import download_file
+        from ..unipic_core.reward_models import aesthetic_score, check_aesthetic_pair, load_aesthetic_mlp
+
+        clip_model, clip_patcher = load_clip("aesthetic", clip, CLIP_L14_REPO, dtype)
+        path = resolve(mlp, aesthetic_files(), (AESTHETIC_CHOICE,), "aesthetic MLP",
+                       lambda choice, destination: download_file(AESTHETIC_URL, destination, host.download_progress()))
+
+        def load():
+            head = load_aesthetic_mlp(path)
+            check_aesthetic_pair(clip_model, head, clip, mlp)
+            return head, host.wrap(head)
+
+        head, head_patcher = cached((str(path.resolve()), clip, dtype), load, _LOADED.setdefault("aesthetic-mlp", {}))
+        return (model_reward("aesthetic", f"{mlp} on {clip}, {dtype}", [clip_patcher, head_patcher],
+                             lambda images, prompts: aesthetic_score(clip_model, head, images)),)

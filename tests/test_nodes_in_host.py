@@ -191,7 +191,7 @@ def test_two_references_are_refused_with_a_fix(host, loaded, conditioning):
 
 
 def test_missing_checkpoint_choice_says_where_to_put_it(host):
-    with pytest.raises(ValueError, match="checkpoint 'nope' not found; put the folder in"):
+    with pytest.raises(ValueError, match="checkpoint 'nope' not found; put it in"):
         host.node("LoadUniPic2Kontext").load("nope", "fp32")
 
 

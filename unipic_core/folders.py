@@ -34,3 +34,14 @@ def find_qwen_inside(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
     return next((sub for sub in sorted(folder.iterdir()) if sub.is_dir() and is_qwen25vl_folder(sub)), None)
+
+
+def is_clip_folder(folder: Path) -> bool:
+    """A transformers CLIPModel folder (PickScore, OpenAI's CLIP), by its config.json."""
+    return _config(folder / "config.json").get("model_type") == "clip"
+
+
+def is_clip_processor_folder(folder: Path) -> bool:
+    """A folder with a CLIP image processor config (e.g. the processor files of laion's CLIP-H, which PickScore uses)."""
+    config = _config(folder / "preprocessor_config.json")
+    return "CLIP" in str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")

@@ -8,6 +8,7 @@ produce plausible-looking garbage.
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,8 +197,10 @@ def load_kontext_text_encoders(folder: str | Path, dtype: torch.dtype = torch.fl
     return load_text_encoders(folder, dtype, joint_dim)
 
 
-def download_repo(repo_id: str, destination: Path, tqdm_class=None) -> Path:
-    """Download a hub repo into `destination`; a clear error when offline.
+def download_repo(repo_id: str, destination: Path, tqdm_class=None, allow_patterns: tuple[str, ...] | None = None
+                  ) -> Path:
+    """Download a hub repo (only the files matching `allow_patterns`, when given) into `destination`; a clear
+    error when offline.
 
     Progress goes to the console through tqdm; tqdm_class (a tqdm subclass) can mirror it elsewhere, e.g. to
     ComfyUI's progress bar.
@@ -206,12 +209,38 @@ def download_repo(repo_id: str, destination: Path, tqdm_class=None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     log.info("UniPic2: downloading %s into %s", repo_id, destination)
+    only = {} if allow_patterns is None else {"allow_patterns": list(allow_patterns)}
     try:
-        snapshot_download(repo_id, local_dir=str(destination), tqdm_class=tqdm_class)
+        snapshot_download(repo_id, local_dir=str(destination), tqdm_class=tqdm_class, **only)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise CheckpointError(
             f"could not download {repo_id} ({type(err).__name__}: {err}). Without internet access, download it "
             f"elsewhere (huggingface-cli download {repo_id}) and copy the folder to {destination}") from err
+    return destination
+
+
+def download_file(url: str, destination: Path, tqdm_class=None) -> Path:
+    """Download one file from `url` to `destination` (published only once complete), with progress; a clear error
+    when offline."""
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    log.info("UniPic2: downloading %s into %s", url, destination)
+    partial = destination.with_name(destination.name + ".part")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with (tqdm_class or tqdm)(total=total, unit="B", unit_scale=True, desc=destination.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(partial, destination)
+    except OSError as err:  # urllib's URLError and HTTPError are OSErrors
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(f"could not download {url} ({type(err).__name__}: {err}). Without internet access, "
+                              f"download it elsewhere and copy it to {destination}") from err
     return destination
 
 

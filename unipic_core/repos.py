@@ -1,7 +1,20 @@
-"""Official UniPic 2.0 checkpoints on the Hugging Face hub."""
+"""Official checkpoints on the Hugging Face hub (and the aesthetic predictor on GitHub): UniPic 2.0's and the
+learned rewards'."""
 
 KONTEXT_REPOS = ("Skywork/UniPic2-SD3.5M-Kontext-2B", "Skywork/UniPic2-SD3.5M-Kontext-GRPO-2B")
 KONTEXT_TRANSFORMER_CLASS = "SD3Transformer2DKontextModel"  # `_class_name` in their transformer/config.json
 CONDITIONER_CLASS = "StableDiffusion3Conditioner"  # `_class_name` in their conditioner/config.json
 METAQUERY_REPOS = ("Skywork/UniPic2-Metaquery-9B", "Skywork/UniPic2-Metaquery-GRPO-9B")
 QWEN_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the processor PickScore's model card loads
+CLIP_L14_REPO = "openai/clip-vit-large-patch14"
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_CHOICE = f"christophschuhmann/improved-aesthetic-predictor/{AESTHETIC_FILE}"
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+# What a CLIP reward folder needs from the hub: the repos also hold .bin, TensorFlow and Flax copies of the weights.
+CLIP_FILES = ("config.json", "model.safetensors", *PROCESSOR_FILES)

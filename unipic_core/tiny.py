@@ -2,12 +2,15 @@
 
     python -m unipic_core.tiny OUT_DIR [--size tiny|mid] [--kind kontext|metaquery] [--native-vae]
     python -m unipic_core.tiny OUT.safetensors --kind qwen25vl-file --tokenizer QWEN25_TOKENIZER_DIR
+    python -m unipic_core.tiny OUT_DIR --kind clip-reward          (PickScore / CLIP ViT-L/14 layout)
+    python -m unipic_core.tiny OUT.pth --kind aesthetic-mlp        (the improved aesthetic predictor's file)
 
 The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
 component, tokenizers saved by their own classes), so tests, the demo and CI exercise the real paths offline.
 "tiny" runs a 512 px edit in seconds on a CPU; "mid" is for CPU benchmarks. The qwen25vl-file kind writes a tiny
 Qwen2.5-VL as the single file ComfyUI keeps in models/text_encoders (with the real Qwen2.5 tokenizer's vocabulary,
-e.g. ComfyUI's comfy/text_encoders/qwen25_tokenizer, which the file's loader reads).
+e.g. ComfyUI's comfy/text_encoders/qwen25_tokenizer, which the file's loader reads). The reward kinds are
+tiny_rewards.py's; their widths match each other (16-wide embeddings), whatever --size says.
 """
 
 import argparse
@@ -57,13 +60,19 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def write_clip(folder: Path, tokenizer_folder: Path, width: int) -> None:
+def write_clip_tokenizer(folder: Path) -> dict[str, int]:
+    """A byte-level CLIPTokenizer saved in `folder`; returns its vocabulary."""
     vocab = _byte_level_vocab()
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(str(tokenizer_folder))
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(str(folder))
     # The official CLIP tokenizer folders ship vocab.json + merges.txt (no tokenizer.json): load that path.
-    (tokenizer_folder / "tokenizer.json").unlink()
-    (tokenizer_folder / "vocab.json").write_text(json.dumps(vocab))
-    (tokenizer_folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer.json").unlink()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+def write_clip(folder: Path, tokenizer_folder: Path, width: int) -> None:
+    vocab = write_clip_tokenizer(tokenizer_folder)
     config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, projection_dim=width, hidden_act="gelu",
@@ -174,9 +183,10 @@ def write_metaquery_folder(out: str | Path, size: str = "tiny", seed: int = 0, q
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="folder to write (created), or the .safetensors file for qwen25vl-file")
+    parser.add_argument("out", help="folder to write (created), or the file for qwen25vl-file / aesthetic-mlp")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--kind", choices=["kontext", "metaquery", "qwen25vl-file"], default="kontext")
+    parser.add_argument("--kind", choices=["kontext", "metaquery", "qwen25vl-file", "clip-reward", "aesthetic-mlp"],
+                        default="kontext")
     parser.add_argument("--tokenizer", help="qwen25vl-file: a Qwen2.5 tokenizer folder")
     parser.add_argument("--native-vae", action="store_true", help="kontext: SD3's VAE widths, so ComfyUI's "
                         "VAELoader loads vae/ too (slower)")
@@ -188,7 +198,11 @@ def main() -> None:
             folder = write_qwen25vl_folder(Path(tmp) / "qwen", SIZES[args.size]["llm"], tokenizer_folder=args.tokenizer)
             print(write_qwen25vl_file(args.out, folder))
         return
-    if args.kind == "kontext":
+    if args.kind in ("clip-reward", "aesthetic-mlp"):
+        from .tiny_rewards import write_aesthetic_mlp, write_clip_reward_folder  # they build on this module
+
+        print((write_clip_reward_folder if args.kind == "clip-reward" else write_aesthetic_mlp)(args.out))
+    elif args.kind == "kontext":
         print(write_kontext_folder(args.out, args.size, native_vae=args.native_vae))
     else:
         print(write_metaquery_folder(args.out, args.size))

@@ -1,0 +1,59 @@
+"""Tiny random-weight reward models in their published layouts, for tests and CI.
+
+- A CLIP reward folder as yuvalkirstain/PickScore_v1 and openai/clip-vit-large-patch14 publish it: config.json and
+  model.safetensors of a transformers CLIPModel, with preprocessor_config.json and the tokenizer files beside them.
+  The architecture keeps the published 224 px input and 14 px patches; widths and depths shrink.
+- The improved aesthetic predictor's MLP file: a torch state dict with its key names (layers.0/2/4/6/7), its
+  hidden widths (1024, 128, 64, 16) and a narrower input (the CLIP's projection width).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from .reward_models import AestheticMLP
+from .tiny import write_clip_tokenizer
+
+IMAGE_SIZE, PATCH_SIZE = 224, 14
+# preprocessor_config.json of openai/clip-vit-large-patch14 (the older format with plain sizes).
+PREPROCESSOR_CONFIG = {
+    "crop_size": IMAGE_SIZE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": IMAGE_SIZE,
+}
+
+
+def write_clip_processor(folder: Path) -> dict[str, int]:
+    """preprocessor_config.json and a byte-level tokenizer in `folder`; returns the vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    return write_clip_tokenizer(folder)
+
+
+def write_clip_reward_folder(out: str | Path, projection_dim: int = 16, width: int = 32, seed: int = 0) -> Path:
+    """A random-weight CLIPModel folder with its processor files; returns its path."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    vocab = write_clip_processor(out)
+    end = vocab["<|endoftext|>"]
+    layers = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+                  hidden_act="quick_gelu")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=end, pad_token_id=end, **layers),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **layers),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).save_pretrained(str(out))
+    return out
+
+
+def write_aesthetic_mlp(path: str | Path, embed_dim: int = 16, seed: int = 0) -> Path:
+    """A random-weight aesthetic MLP saved as the published .pth (torch.save of its state dict)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(AestheticMLP(embed_dim).state_dict(), str(path))
+    return path
