@@ -2,7 +2,7 @@
 
     python benchmark_grpo.py [--sizes tiny mid] [--group-size 4] [--sampling-steps 4] [--resolution 256]
                              [--algorithms flow-grpo flow-grpo-fast] [--sde-window 2] [--full-size]
-                             [--device cpu|cuda] [--learning]
+                             [--device cpu|cuda] [--learning] [--no-gradient-checkpointing]
 
 For each config it runs a few training steps and prints, per phase (prepare, sampling, decoding, reward, update),
 the time and peak memory of the fastest step, then the whole step against a reference run in the same process:
@@ -150,6 +150,8 @@ def main():
     parser.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
     parser.add_argument("--sde-window", type=int, default=2, help="flow-grpo-fast's window")
     parser.add_argument("--learning", action="store_true", help="compare reward rise and time per algorithm")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="keep the DiT's activations in "
+                        "the update (the trainer checkpoints by default)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}; LoRA r=32 alpha=64, beta=0.04, CFG 3.5, fp32 SDE maths")
@@ -159,7 +161,8 @@ def main():
     for algorithm in args.algorithms:
         settings = GRPOSettings(group_size=args.group_size, sampling_steps=args.sampling_steps,
                                 resolution=args.resolution, micro_batch=args.micro_batch, algorithm=algorithm,
-                                sde_window=args.sde_window)
+                                sde_window=args.sde_window,
+                                gradient_checkpointing=not args.no_gradient_checkpointing)
         with tempfile.TemporaryDirectory() as tmp:
             for size in args.sizes:
                 folder = write_kontext_folder(f"{tmp}/{size}", size)

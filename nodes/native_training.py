@@ -136,6 +136,18 @@ class NativeDiT(TrainableDiT):
             for delta in self.deltas:
                 delta.enabled = True
 
+    @contextmanager
+    def checkpointing(self):
+        """ComfyUI's MMDiT checkpoints each joint block itself when its use_checkpoint is set (the model object is
+        shared by the MODEL's clones, so it is set only for the update and restored)."""
+        diffusion_model = self.patcher.model.diffusion_model
+        before = diffusion_model.use_checkpoint
+        diffusion_model.use_checkpoint = True
+        try:
+            yield
+        finally:
+            diffusion_model.use_checkpoint = before
+
     def remove_lora(self) -> None:
         # The wrappers belong to this clone only; off and emptied, they add nothing and hold no adapter memory
         # should ComfyUI keep the clone loaded.

@@ -123,8 +123,9 @@ class UniPic2GRPOTrainer:
             "seed": _int(0, 0, 2**31 - 1, "Seeds LoRA init, prompt order and all noise."),
             "save_every": _int(10, 0, 100000, "Checkpoint every N steps (0: only at the end / on Cancel)."),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from lora_name's checkpoint if there is one "
-                                   "(same reward, data, seed and settings; steps, save_every, micro_batch and "
-                                   "learning_rate may change). An existing LoRA is never overwritten otherwise."}),
+                                   "(same reward, data, seed and settings; steps, save_every, micro_batch, "
+                                   "gradient_checkpointing and learning_rate may change). An existing LoRA is never "
+                                   "overwritten otherwise."}),
             "negative_prompt": ("STRING", {"default": "", "tooltip": "Negative prompt for CFG."}),
             "algorithm": (list(ALGORITHMS), {"default": "flow-grpo", "tooltip": (
                 "flow-grpo: the paper's Flow-GRPO: every sampling step stochastic, the first timestep_fraction of "
@@ -140,6 +141,9 @@ class UniPic2GRPOTrainer:
                                "(its repository: 3 of 10, starting at random in the first half)."),
             "nft_beta": _float(1.0, 0.01, 10.0, 0.05, "diffusion-nft: how far its implicit positive and negative "
                                "policies reach past the old one (its repository: 1.0)."),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "In the update, keep only each DiT "
+                                       "block's inputs and recompute the rest for the gradients: much less memory "
+                                       "for about a third more update time. Off only when memory is plentiful."}),
         }, "hidden": {"node_id": "UNIQUE_ID"}, "optional": {
             "text_encoders": ("UNIPIC2_TEXT", {"tooltip": "Kontext text encoders (connect this or mllm)."}),
             "mllm": ("UNIPIC2_MLLM", {"tooltip": "MetaQuery MLLM (connect this or text_encoders)."}),
@@ -150,7 +154,7 @@ class UniPic2GRPOTrainer:
     def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
               noise_level, guidance, beta, learning_rate, lora_rank, lora_alpha, clip_range, timestep_fraction,
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
-              algorithm, sde_window, nft_beta, text_encoders=None, mllm=None, lora=None, node_id=None):
+              algorithm, sde_window, nft_beta, gradient_checkpointing, text_encoders=None, mllm=None, lora=None, node_id=None):
         from ..unipic_core.curves import plot_curves, sample_grid
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
         from ..unipic_core.training_models import metaquery_condition, text_condition
@@ -168,7 +172,8 @@ class UniPic2GRPOTrainer:
                              "connect that LoRA to the trainer's 'lora' input instead, to continue training it")
         lora_file = Path(host.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"
         settings = GRPOSettings(
-            steps=steps, algorithm=algorithm, sde_window=sde_window, nft_beta=nft_beta, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
+            steps=steps, algorithm=algorithm, sde_window=sde_window, nft_beta=nft_beta,
+            gradient_checkpointing=gradient_checkpointing, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
             noise_level=noise_level, guidance=guidance, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
             lora_alpha=lora_alpha, clip_range=clip_range, batch_std=advantage_std == "batch",
             timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch,

@@ -4,6 +4,9 @@ The partial load is forced (conftest.loaded_with_budget). Modules past the budge
 and are cast per forward (comfy_cast_weights), with LoRA patches applied on the fly (LowVramPatch).
 """
 
+import contextlib
+
+import pytest
 import torch
 
 from unipic_core.lora import add_lora
@@ -65,3 +68,39 @@ def test_training_gradients_under_a_partial_load_equal_a_full_load(host, native_
             p.grad = None
     assert all((grads[0][k] - grads[1][k]).abs().max() <= 1e-6 for k in grads[0])
     assert any(g.abs().max() > 0 for g in grads[0].values())
+
+
+@pytest.mark.parametrize("kind", ["native", "diffusers"])
+def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_gradients(host, native_model, fresh_dit,
+                                                                                   kind):
+    """The trainer's update runs under dit.checkpointing() by default: each block runs again in the backward pass
+    (that is what saves the activation memory) and the adapter's gradients are unchanged."""
+    if kind == "native":
+        dit = host.module("nodes.native_training").NativeDiT(native_model)
+        add_lora(dit, 4, 8, seed=0)
+        dit.on_device()
+        block = dit.patcher.model.diffusion_model.joint_blocks[0].x_block.attn.qkv
+        x, timestep, context, pooled, reference = edit_inputs(dit.patcher)
+    else:
+        dit = fresh_dit
+        add_lora(dit, 4, 8, seed=0)
+        block = dit.transformer.transformer_blocks[0].attn.to_q
+        config = dit.transformer.config
+        g = torch.Generator().manual_seed(5)
+        x, reference = torch.randn(2, 16, 8, 12, generator=g), torch.randn(2, 16, 8, 12, generator=g)
+        context = torch.randn(2, 7, config.joint_attention_dim, generator=g)
+        pooled, timestep = torch.randn(2, config.pooled_projection_dim, generator=g), torch.tensor([800.0, 300.0])
+    randomise_lora_b(dit, 0.3)
+    calls = []
+    block.register_forward_hook(lambda *args: calls.append(1))
+    grads = []
+    for checkpointing in (False, True):
+        calls.clear()
+        with torch.inference_mode(False), torch.enable_grad(), (dit.checkpointing() if checkpointing
+                                                                else contextlib.nullcontext()):
+            (dit(x, timestep, context, pooled, reference).float() ** 2).mean().backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads.append({k: p.grad.clone() for k, p in dit.adapter_parameters().items()})
+        for p in dit.adapter_parameters().values():
+            p.grad = None
+    assert all((grads[0][k] - grads[1][k]).abs().max() <= 1e-6 for k in grads[0])

@@ -42,6 +42,11 @@ class TrainableDiT(ABC):
         """Within it, forwards compute the DiT without the adapter (GRPO's KL reference)."""
 
     @abstractmethod
+    def checkpointing(self) -> ContextManager:
+        """Within it, forwards that track gradients keep only each block's inputs and recompute the rest in the
+        backward pass: much less activation memory for about a third more compute (gradient checkpointing)."""
+
+    @abstractmethod
     def remove_lora(self) -> None:
         """Take the adapter out again, leaving the DiT as it was loaded."""
 
@@ -82,6 +87,14 @@ class DiffusersDiT(TrainableDiT):
             yield
         finally:
             self.transformer.enable_adapters()
+
+    @contextmanager
+    def checkpointing(self):
+        self.transformer.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            self.transformer.disable_gradient_checkpointing()
 
     def remove_lora(self) -> None:
         self.transformer.unload_lora()

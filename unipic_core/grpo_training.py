@@ -70,6 +70,7 @@ class GRPOSettings:
     timestep_fraction: float = 0.99
     resolution: int = 512
     micro_batch: int = 0  # images per DiT forward; 0 = a whole group
+    gradient_checkpointing: bool = True  # in the update: much less activation memory, ~1/3 more compute
     grad_clip: float = 1.0
     updates_per_step: int = 2  # optimizer steps per batch of samples (Flow-GRPO: two per epoch)
     seed: int = 0
@@ -596,7 +597,8 @@ class GRPOTrainer:
         advantages = advantages.reshape(-1)
         with phase("update"):
             self.dit = self.models.dit()  # the reward may have moved it off the device
-            losses = self._train(chunks, inputs, advantages, valid)
+            with self.dit.checkpointing() if s.gradient_checkpointing else nullcontext():
+                losses = self._train(chunks, inputs, advantages, valid)
         self.step += 1
         rewards = {}
         for name, value in scores.items():

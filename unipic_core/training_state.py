@@ -24,7 +24,7 @@ from .lora import LoRAError, LoRAWeights
 
 log = logging.getLogger("unipic2")
 
-FREE = ("steps", "save_every", "micro_batch")
+FREE = ("steps", "save_every", "micro_batch", "gradient_checkpointing")
 LOGGED = ("learning_rate",)
 FIX = ("delete it and its LoRA (.safetensors, or move that away) to start that lora_name afresh, or choose "
        "another lora_name")
