@@ -135,12 +135,14 @@ class UniPic2GRPOTrainer:
                 "update costs ~sde_window / T of flow-grpo's (its repository uses noise_level 0.8, guidance 1 and "
                 "clip_range 1e-5 with it). diffusion-nft: DiffusionNFT: deterministic samples without CFG from a "
                 "slowly following copy of the LoRA, trained on noised copies of the finished images at "
-                "timestep_fraction of the T timesteps (guidance, noise_level and clip_range are not used; beta is "
-                "the weight of its velocity KL term, 1e-4 in its repository; updates_per_step 1 there).")}),
+                "timestep_fraction of the T timesteps (guidance, noise_level, clip_range and beta are not used; "
+                "nft_kl weights its velocity KL term; its repository takes updates_per_step 1).")}),
             "sde_window": _int(3, 1, 100, "flow-grpo-fast: how many consecutive steps are stochastic and trained "
                                "(its repository: 3 of 10, starting at random in the first half)."),
             "nft_beta": _float(1.0, 0.01, 10.0, 0.05, "diffusion-nft: how far its implicit positive and negative "
                                "policies reach past the old one (its repository: 1.0)."),
+            "nft_kl": _float(1e-4, 0.0, 10.0, 1e-5, "diffusion-nft: weight of its KL term, the squared gap between "
+                             "the LoRA's and the base model's velocities (its repository: 1e-4)."),
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "In the update, keep only each DiT "
                                        "block's inputs and recompute the rest for the gradients: much less memory "
                                        "for about a third more update time. Off only when memory is plentiful."}),
@@ -154,7 +156,7 @@ class UniPic2GRPOTrainer:
     def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
               noise_level, guidance, beta, learning_rate, lora_rank, lora_alpha, clip_range, timestep_fraction,
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
-              algorithm, sde_window, nft_beta, gradient_checkpointing, text_encoders=None, mllm=None, lora=None, node_id=None):
+              algorithm, sde_window, nft_beta, nft_kl, gradient_checkpointing, text_encoders=None, mllm=None, lora=None, node_id=None):
         from ..unipic_core.curves import plot_curves, sample_grid
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
         from ..unipic_core.training_models import metaquery_condition, text_condition
@@ -172,7 +174,7 @@ class UniPic2GRPOTrainer:
                              "connect that LoRA to the trainer's 'lora' input instead, to continue training it")
         lora_file = Path(host.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"
         settings = GRPOSettings(
-            steps=steps, algorithm=algorithm, sde_window=sde_window, nft_beta=nft_beta,
+            steps=steps, algorithm=algorithm, sde_window=sde_window, nft_beta=nft_beta, nft_kl=nft_kl,
             gradient_checkpointing=gradient_checkpointing, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
             noise_level=noise_level, guidance=guidance, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
             lora_alpha=lora_alpha, clip_range=clip_range, batch_std=advantage_std == "batch",

@@ -9,7 +9,8 @@ from unipic_core.nft import (adaptive_x0_loss, follow, forward_point, nft_loss, 
 
 def test_optimality_maps_clipped_advantages_onto_zero_to_one():
     advantages = torch.tensor([-5.0, -1.0, 0.0, 2.5, 5.0, 7.0])
-    assert torch.allclose(optimality(advantages), torch.tensor([0.0, 0.4, 0.5, 0.75, 1.0, 1.0]))
+    assert torch.allclose(optimality(advantages, 5.0), torch.tensor([0.0, 0.4, 0.5, 0.75, 1.0, 1.0]))
+    assert torch.allclose(optimality(advantages, 2.5), torch.tensor([0.0, 0.3, 0.5, 1.0, 1.0, 1.0]))
 
 
 def test_forward_point_interpolates_clean_sample_and_noise_per_sample():
@@ -36,17 +37,17 @@ def test_loss_weights_the_positive_and_negative_policies_by_r():
     x0, eps, v_theta, v_old = (torch.randn(3, 4, 3, 3, generator=g) for _ in range(4))
     t, r, beta = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([1.0, 0.0, 0.3]), 0.5
     x_t = forward_point(x0, eps, t)
-    terms = nft_loss(v_theta, v_old, x_t, x0, t, r, beta)
+    terms = nft_loss(v_theta, v_old, x_t, x0, t, r, beta, 5.0)
     tt = t.view(-1, 1, 1, 1)
     positive = adaptive_x0_loss(x_t - tt * (beta * v_theta + (1 - beta) * v_old), x0)
     negative = adaptive_x0_loss(x_t - tt * ((1 + beta) * v_old - beta * v_theta), x0)
-    expected = 5.0 * ((r * positive + (1 - r) * negative) / beta).mean()
+    expected = 5.0 * ((r * positive + (1 - r) * negative) / beta).mean()  # scaled by the advantage clip
     assert torch.allclose(terms.policy, expected) and torch.allclose(terms.loss, expected)
     assert terms.kl.item() == 0.0
     # r = 1 takes only the positive policy's loss, r = 0 only the negative one's
-    only = nft_loss(v_theta[:1], v_old[:1], x_t[:1], x0[:1], t[:1], r[:1], beta)
+    only = nft_loss(v_theta[:1], v_old[:1], x_t[:1], x0[:1], t[:1], r[:1], beta, 5.0)
     assert torch.allclose(only.policy, 5.0 * positive[0] / beta)
-    only = nft_loss(v_theta[1:2], v_old[1:2], x_t[1:2], x0[1:2], t[1:2], r[1:2], beta)
+    only = nft_loss(v_theta[1:2], v_old[1:2], x_t[1:2], x0[1:2], t[1:2], r[1:2], beta, 5.0)
     assert torch.allclose(only.policy, 5.0 * negative[1] / beta)
 
 
@@ -56,14 +57,14 @@ def test_the_positive_policy_pulls_v_theta_toward_the_true_velocity_on_a_good_sa
     x_t = forward_point(x0, eps, t)
     true_v = eps - x0  # the velocity that maps x_t back to x0 exactly
     v_theta = (true_v + 0.3).requires_grad_(True)
-    nft_loss(v_theta, true_v, x_t, x0, t, torch.ones(1), 1.0).loss.backward()
+    nft_loss(v_theta, true_v, x_t, x0, t, torch.ones(1), 1.0, 5.0).loss.backward()
     assert (v_theta.grad * 0.3).sum() > 0  # descending the gradient moves v_theta back toward true_v
 
 
 def test_kl_term_is_the_mean_squared_velocity_gap_to_the_reference():
     v_theta, v_old, v_ref = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     x0, t = torch.randn(2, 4, 3, 3), torch.tensor([0.5, 0.5])
-    with_kl = nft_loss(v_theta, v_old, x0, x0, t, torch.ones(2), 1.0, 1e-4, v_ref)
+    with_kl = nft_loss(v_theta, v_old, x0, x0, t, torch.ones(2), 1.0, 5.0, 1e-4, v_ref)
     expected = ((v_theta - v_ref) ** 2).mean(dim=(1, 2, 3)).mean()
     assert torch.allclose(with_kl.kl, expected)
     assert torch.allclose(with_kl.loss, with_kl.policy + 1e-4 * expected)

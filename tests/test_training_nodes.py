@@ -11,7 +11,8 @@ def trainer_inputs(**overrides):
     values = dict(lora_name="node_test", steps=2, group_size=2, prompts_per_step=1, sampling_steps=2,
                   noise_level=0.7, guidance=3.5, beta=0.04, learning_rate=1e-2, lora_rank=4, lora_alpha=8.0,
                   clip_range=1e-4, timestep_fraction=0.99, advantage_std="group", resolution=64, micro_batch=0, updates_per_step=2,
-                  seed=0, save_every=1, resume=False, negative_prompt="", algorithm="flow-grpo", sde_window=3, nft_beta=1.0, gradient_checkpointing=True)
+                  seed=0, save_every=1, resume=False, negative_prompt="", algorithm="flow-grpo", sde_window=3,
+                  nft_beta=1.0, nft_kl=1e-4, gradient_checkpointing=True)
     return {**values, **overrides}
 
 

@@ -55,6 +55,7 @@ class GRPOSettings:
     algorithm: str = "flow-grpo"
     sde_window: int = 3  # flow-grpo-fast's stochastic (and trained) steps per sample
     nft_beta: float = 1.0  # diffusion-nft's b: how far the implicit policies reach past the old one
+    nft_kl: float = 1e-4  # diffusion-nft's weight of its velocity KL term (its repository's; beta is Flow-GRPO's)
     group_size: int = 16
     prompts_per_step: int = 1
     sampling_steps: int = 10
@@ -94,8 +95,12 @@ class GRPOSettings:
             problems.append(f"algorithm is {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.sde_window < 1:
             problems.append(f"sde_window is {self.sde_window}; flow-grpo-fast needs at least one stochastic step")
-        if self.nft_beta <= 0:
-            problems.append(f"nft_beta is {self.nft_beta}; diffusion-nft needs a positive b (its default: 1.0)")
+        if self.algorithm == "flow-grpo-fast" and not 1 <= self.sde_window <= max(self.sampling_steps // 2, 1):
+            problems.append(f"sde_window is {self.sde_window}; flow-grpo-fast's window lies in the first half of the "
+                            f"{self.sampling_steps} steps, so use 1 to {max(self.sampling_steps // 2, 1)}")
+        if self.nft_beta <= 0 or self.nft_kl < 0:
+            problems.append(f"nft_beta is {self.nft_beta} and nft_kl {self.nft_kl}; diffusion-nft needs a positive b "
+                            "and a KL weight of 0 or more (its defaults: 1.0 and 1e-4)")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             problems.append("lora_rank must be at least 1 and lora_alpha positive")
         if problems:
@@ -255,7 +260,8 @@ class GRPOTrainer:
         self.rank, self.world = _rank_world()
         self.dit = models.dit()
         self.params = add_lora(self.dit, settings.lora_rank, settings.lora_alpha, settings.seed)
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=1e-4)  # Flow-GRPO's and DiffusionNFT's
         self.step, self.history = 0, []
         self.old_adapter: dict[str, torch.Tensor] | None = None  # diffusion-nft's old policy (raw A and B)
         try:
@@ -517,17 +523,17 @@ class GRPOTrainer:
             order.append(torch.randperm(len(sigmas) - 1, generator=g)[:points])
             noise.append(torch.randn((points, *x0.shape[1:]), generator=g))
         order, noise = torch.stack(order), torch.stack(noise, dim=1).to(x0.device)
-        r = optimality(advantages)
+        r = optimality(advantages, s.advantage_clip)
         for k in range(points):
             t = sigmas[order[:, k]].to(x0.device)
             x_t = forward_point(x0, noise[k], t)
             with torch.no_grad(), self._old_policy():  # before v_theta: the swap must not touch its graph
                 v_old = velocity(x_t, t)
             v_ref = None
-            if s.beta > 0:
+            if s.nft_kl > 0:
                 with torch.no_grad(), self.dit.adapter_disabled():
                     v_ref = velocity(x_t, t)
-            yield nft_loss(velocity(x_t, t), v_old, x_t, x0, t, r, s.nft_beta, s.beta, v_ref)
+            yield nft_loss(velocity(x_t, t), v_old, x_t, x0, t, r, s.nft_beta, s.advantage_clip, s.nft_kl, v_ref)
 
     def _train(self, chunks: list[Chunk], inputs: StepInputs, advantages: torch.Tensor, valid: torch.Tensor) -> dict:
         """The update: the step's images in `updates_per_step` parts (Flow-GRPO: two, so the second update sees

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_SCALE = 5.0  # the repository's constant factor on the policy term
 MIN_WEIGHT = 1e-5
-ADVANTAGE_SPAN = 10.0  # r = A / 10 + 1 / 2: advantages clipped to +-5 map onto [0, 1]
 
 
 @dataclass
@@ -25,9 +23,10 @@ class NFTTerms:
     clip_fraction: torch.Tensor
 
 
-def optimality(advantages: torch.Tensor) -> torch.Tensor:
-    """r in [0, 1] per sample: how much of the positive policy's loss it takes (1 - r goes to the negative)."""
-    return (advantages / ADVANTAGE_SPAN + 0.5).clamp(0, 1)
+def optimality(advantages: torch.Tensor, advantage_clip: float) -> torch.Tensor:
+    """r in [0, 1] per sample: how much of the positive policy's loss it takes (1 - r goes to the negative).
+    Advantages clipped to +-advantage_clip map onto [0, 1]: r = A / (2 clip) + 1 / 2."""
+    return (advantages / (2 * advantage_clip) + 0.5).clamp(0, 1)
 
 
 def forward_point(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -44,8 +43,10 @@ def adaptive_x0_loss(x0_estimate: torch.Tensor, x0: torch.Tensor) -> torch.Tenso
 
 
 def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
-             r: torch.Tensor, beta: float, kl_weight: float = 0.0, v_ref: torch.Tensor | None = None) -> NFTTerms:
-    """LOSS_SCALE * mean[(r L+ + (1 - r) L-) / beta] + kl_weight * mean[mean over C, H, W of (v_theta - v_ref)^2].
+             r: torch.Tensor, beta: float, advantage_clip: float, kl_weight: float = 0.0,
+             v_ref: torch.Tensor | None = None) -> NFTTerms:
+    """clip * mean[(r L+ + (1 - r) L-) / beta] + kl_weight * mean[mean over C, H, W of (v_theta - v_ref)^2], clip
+    being the advantage clip (5: the repository scales the policy term by it).
 
     L+- is adaptive_x0_loss of x_t - t v+- with v+ = beta v_theta + (1 - beta) v_old, v- = (1 + beta) v_old -
     beta v_theta; v_old and v_ref carry no gradient.
@@ -54,7 +55,7 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: 
     t_ = t.view(-1, *([1] * (x0.ndim - 1)))
     positive = adaptive_x0_loss(x_t - t_ * (beta * v_theta + (1 - beta) * v_old), x0)
     negative = adaptive_x0_loss(x_t - t_ * ((1 + beta) * v_old - beta * v_theta), x0)
-    policy = LOSS_SCALE * ((r * positive + (1 - r) * negative) / beta).mean()
+    policy = advantage_clip * ((r * positive + (1 - r) * negative) / beta).mean()
     kl = torch.zeros((), device=v_theta.device)
     if kl_weight > 0:
         kl = ((v_theta - v_ref.detach().float()) ** 2).mean(dim=tuple(range(1, x0.ndim))).mean()

@@ -161,7 +161,9 @@ def check_resumable(state: TrainingState, settings, base_model: str, fingerprint
                 raise LoRAError(f"resume: {path} was trained with {what} {state.run[key]}, but this run has "
                                 f"{fingerprint[key]}; {fix}, or choose another lora_name to train a new LoRA")
     current = vars(settings)
-    for key, old in state.settings.items():
+    # a setting the state predates ran at the value it had then: the default
+    recorded = {**vars(type(settings)()), **state.settings}
+    for key, old in recorded.items():
         if key in FREE or key not in current or current[key] == old:
             continue
         if key in LOGGED:
