@@ -4,13 +4,12 @@ Flow-GRPO-Fast's variant (stochastic CPS steps on a window, ODE elsewhere).
 Everything here is float32 and free of ComfyUI, so the node and a torchrun script share it.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .sampling import cps_log_prob, cps_mean, euler_step, flow_sde_mean, sde_noise_scale, step_log_prob
+from .sampling import cps_log_prob, cps_mean, cps_noise_scale, euler_step, flow_sde_mean, sde_noise_scale, step_log_prob
 
 ADVANTAGE_EPS = 1e-4
 # flow-grpo: the paper's (SDE on every step, the first timestep_fraction of them trained); flow-grpo-fast: Flow-GRPO's
@@ -30,8 +29,7 @@ class StepRule:
 
 
 SDE_STEP = StepRule(flow_sde_mean, step_log_prob, sde_noise_scale)  # Flow-GRPO
-CPS_STEP = StepRule(cps_mean, cps_log_prob,  # Flow-GRPO-Fast: its std doubles as the KL scale
-                    lambda sigmas, i, a: sigmas[i + 1].item() * math.sin(a * math.pi / 2))
+CPS_STEP = StepRule(cps_mean, cps_log_prob, cps_noise_scale)  # Flow-GRPO-Fast: its std doubles as the KL scale
 
 
 @dataclass

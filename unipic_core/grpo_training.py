@@ -441,17 +441,18 @@ class GRPOTrainer:
     def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
         s = self.settings
         stochastic = self._stochastic_steps()
-        for chunk in chunks:
-            width, height = inputs.sizes[chunk.group]
-            shape = (self.models.latent_channels, height // 8, width // 8)
-            noise, step_noise = [], []
-            for index in chunk.indices:  # per-image generators: the same image whatever the rank split
-                g = step_generator(s.seed, self.step, index)
-                noise.append(torch.randn(shape, generator=g))
-                step_noise.append(torch.randn((s.sampling_steps, *shape), generator=g))
-            noise = torch.stack(noise).to(self.models.device)
-            step_noise = torch.stack(step_noise, dim=1)
-            with self._old_policy():
+        with self._old_policy():  # diffusion-nft samples with the old policy
+            for chunk in chunks:
+                width, height = inputs.sizes[chunk.group]
+                shape = (self.models.latent_channels, height // 8, width // 8)
+                noise, step_noise = [], []
+                for index in chunk.indices:  # per-image generators: the same image whatever the rank split
+                    g = step_generator(s.seed, self.step, index)
+                    noise.append(torch.randn(shape, generator=g))
+                    if stochastic != []:  # no step noise for ODE samples (diffusion-nft)
+                        step_noise.append(torch.randn((s.sampling_steps, *shape), generator=g))
+                noise = torch.stack(noise).to(self.models.device)
+                step_noise = torch.stack(step_noise, dim=1) if step_noise else None
                 chunk.trajectory = sample_trajectory(self._velocity(chunk, inputs), noise, inputs.sigmas[chunk.group],
                                                      s.noise_level, step_noise, self._rule, stochastic)
 

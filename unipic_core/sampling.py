@@ -69,6 +69,11 @@ def flow_sde_step(
     return mean + std * noise.float(), mean, std
 
 
+def cps_noise_scale(sigmas: torch.Tensor, index: int, noise_level: float) -> float:
+    """The CPS step's std s = sigma' sin(a pi / 2) (Flow-GRPO-Fast's KL scale too)."""
+    return sigmas[index + 1].item() * math.sin(noise_level * math.pi / 2)
+
+
 def cps_mean(
     x: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int, noise_level: float,
 ) -> tuple[torch.Tensor, float]:
@@ -80,7 +85,7 @@ def cps_mean(
     """
     x, velocity = x.float(), velocity.float()
     sigma, sigma_next = sigmas[index].item(), sigmas[index + 1].item()
-    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    std = cps_noise_scale(sigmas, index, noise_level)
     x0, x1 = x - sigma * velocity, x + (1 - sigma) * velocity
     return (1 - sigma_next) * x0 + math.sqrt(sigma_next**2 - std**2) * x1, std
 
