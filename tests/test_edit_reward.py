@@ -288,6 +288,24 @@ def test_answers_and_scores_equal_the_published_pipeline_on_the_same_weights(edi
     assert ours.answers[0][0] != ours.answers[0][1]  # the passes sample with their own seeds
 
 
+def test_a_partially_loaded_patched_mllm_answers_as_a_full_load(editscore_host, mllm):
+    from conftest import loaded_with_budget, offloaded_modules
+    from unipic_core.editscore import editscore
+
+    editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)
+    patcher = editscore_patcher(editscore_host)
+    editscore_host.module("nodes.host").load_on_device(patcher)
+    sources, edited = pictures(1, 2), pictures(1, 3)
+    full = editscore(mllm.encoder, sources, edited, INSTRUCTIONS[:1], max_new_tokens=24)
+    patcher.detach()
+    with loaded_with_budget(patcher, 0.3):  # LoRA patches applied per forward on the offloaded layers
+        assert offloaded_modules(patcher) > 0
+        partial = editscore(mllm.encoder, sources, edited, INSTRUCTIONS[:1], max_new_tokens=24)
+    assert partial.answers == full.answers and torch.equal(partial.rewards, full.rewards)
+    editscore_host.module("nodes.host").load_on_device(mllm.mllm_patcher)
+    assert editscore(mllm.encoder, sources, edited, INSTRUCTIONS[:1], max_new_tokens=24).answers != full.answers
+
+
 def test_the_node_scores_edit_pairs_end_to_end(editscore_host, mllm):
     reward = editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)[0]
     assert reward.names == ["editscore"] and reward.terms[0].needs_sources
@@ -301,13 +319,16 @@ def test_the_node_scores_edit_pairs_end_to_end(editscore_host, mllm):
         reward.score(edited, INSTRUCTIONS, None)
 
 
-def test_an_mllm_without_output_layer_is_refused(editscore_host, mllm, monkeypatch):
-    from unipic_core.qwen25vl import MissingOutputLayer
-
-    monkeypatch.setattr(mllm.encoder.mllm, "lm_head", MissingOutputLayer(Path("qwen_2.5_vl_7b.safetensors")))
-    with pytest.raises(ValueError, match="'mllm' was loaded from qwen_2.5_vl_7b.safetensors, which has no output "
-                                         "layer .* choose the Qwen2.5-VL-7B-Instruct folder"):
-        editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)
+def test_an_mllm_without_output_layer_is_refused(editscore_host, mllm):
+    MissingOutputLayer = editscore_host.module("unipic_core.qwen25vl").MissingOutputLayer  # the host's copy
+    qwen, head = mllm.encoder.mllm, mllm.encoder.mllm.lm_head
+    qwen.lm_head = MissingOutputLayer(Path("qwen_2.5_vl_7b.safetensors"))  # as the text-encoder file loads
+    try:
+        with pytest.raises(ValueError, match="'mllm' was loaded from qwen_2.5_vl_7b.safetensors, which has no "
+                                             "output layer .* choose the Qwen2.5-VL-7B-Instruct folder"):
+            editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)
+    finally:
+        qwen.lm_head = head
 
 
 def test_the_hub_choice_downloads_only_the_adapter_files(editscore_host, mllm, adapter_dir, monkeypatch):

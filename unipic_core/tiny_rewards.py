@@ -82,5 +82,5 @@ def write_editscore_adapter(out: str | Path, qwen_folder: str | Path, rank: int 
             if "lora_B" in name:  # peft starts B at zero: an adapter that changes nothing
                 param.normal_(std=0.05)
     peft_model.peft_config["default"].base_model_name_or_path = QWEN_REPO
-    peft_model.save_pretrained(str(out))
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)  # no hub lookup of the base model's config
     return out
