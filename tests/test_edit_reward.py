@@ -346,3 +346,13 @@ def test_the_hub_choice_downloads_only_the_adapter_files(editscore_host, mllm, a
     download = Path(editscore_host.module("nodes.host").unipic2_download_folder()) / "EditScore-7B"
     assert (download / "adapter_model.safetensors").is_file()
     shutil.rmtree(download)
+
+
+def test_an_mllm_with_fp8_weights_is_refused(adapter_dir, qwen_dir):
+    from unipic_core.fp8_weights import quantize_linears
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_dir), dtype=torch.float32)
+    quantize_linears(model, torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match="stored in fp8 here, and a LoRA cannot patch fp8 weights; load the "
+                                              "MLLM with mllm_weights 'default'"):
+        read_qwen25vl_lora(adapter_dir, model, EDITSCORE_REPO)
