@@ -12,8 +12,8 @@ The recipe is the published RL reward's (their reward server calling `EditScore.
   the model's generation config applies, as in their transformers backbone), the seed being seed + pass index;
 - each answer is parsed into a list of scores (their JSON repair stages, then a last-resort number extraction); a
   pass scores SC = min(SC scores) and PQ = min(PQ scores), each divided by range/10; an answer without scores counts
-  as range/2, and a score outside 0..10 becomes range/2 (12.5 for range 25: their code does this, so one reward can
-  reach 1.12); overall = sqrt(SC * PQ);
+  as range/2, and a score outside 0..10 becomes range/2 (12.5 for range 25: their code does this, so a reward can
+  reach 1.25); overall = sqrt(SC * PQ);
 - the overall scores of the passes are averaged ("average_last"), and the reward is overall / 10, about 0..1.
 Their benchmark path (`EditScore.evaluate`) differs: PQ sees the edited image only, and unparsable answers are asked
 again, then guessed at random; we follow the RL path, whose parser needs no extra package and never guesses.
