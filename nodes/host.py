@@ -149,6 +149,22 @@ def patch_lora(model: ModelPatcher, tensors: dict[str, torch.Tensor], strength: 
     return clone, len(clone.add_patches(patches, strength))
 
 
+def patch_component_lora(patcher: ModelPatcher, lora: dict, strength: float = 1.0) -> ModelPatcher:
+    """A clone of one of the pack's own (Component-wrapped) models with a LoRA as weight patches: {module name in the
+    wrapped module: LoraWeights (down, up, alpha)}, through comfy.lora.load_lora as any LoRA loader. The clone shares
+    the weights; ComfyUI patches them when it loads the clone and restores them when another clone takes its turn."""
+    import comfy.lora
+
+    tensors, to_load = {}, {}
+    for name, weights in lora.items():
+        tensors.update({f"{name}.lora_A.weight": weights.down, f"{name}.lora_B.weight": weights.up,
+                        f"{name}.alpha": torch.tensor(weights.alpha)})
+        to_load[name] = f"module.{name}.weight"  # the Component's state-dict key
+    clone = patcher.clone()
+    clone.add_patches(comfy.lora.load_lora(tensors, to_load), strength)
+    return clone
+
+
 @contextlib.contextmanager
 def training_mode():
     """ComfyUI runs nodes under inference_mode; training needs autograd back."""

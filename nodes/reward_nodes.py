@@ -1,10 +1,11 @@
 """Reward nodes: each outputs a UNIPIC2_REWARD for the GRPO Trainer; Combine Rewards weights several. The learned
 rewards (PickScore, CLIP score, aesthetic) load their models from models/unipic2 or the hub, each under its own
-ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT."""
+ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT; EditScore is a LoRA on the MetaQuery's MLLM,
+a patched clone of its ModelPatcher (one copy of the 7B weights)."""
 
 from ..unipic_core import folders, rewards
-from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, PICKSCORE_PROCESSOR_REPO,
-                                 PICKSCORE_REPO, PROCESSOR_FILES)
+from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
+                                 EDITSCORE_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO, PROCESSOR_FILES)
 from . import host
 from .loader_nodes import cached, local_folders, resolve
 
@@ -241,3 +242,61 @@ class UniPic2AestheticReward:
         head, head_patcher = cached((str(path.resolve()), clip, dtype), load, _LOADED.setdefault("aesthetic-mlp", {}))
         return (model_reward("aesthetic", f"{mlp} on {clip}, {dtype}", [clip_patcher, head_patcher],
                              lambda images, prompts: aesthetic_score(clip_model, head, images)),)
+
+
+def adapter_folders():
+    from ..unipic_core.qwen25vl_lora import is_adapter_folder
+
+    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: is_adapter_folder(path))
+
+
+class UniPic2EditScoreReward:
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("EditScore (VectorSpaceLab): the MetaQuery's Qwen2.5-VL-7B with the EditScore-7B LoRA rates each "
+                   "edit against its source and instruction, as in EditScore's RL reward: sqrt(instruction-following "
+                   "x perceptual quality) / 10, about 0..1. For edit training (edit pairs). Costly: per edited image "
+                   "and pass, two sampled answers of up to 512 tokens (typically ~100) from the 7B. The LoRA patches "
+                   "the loaded MLLM's weights while it scores (no second copy); ComfyUI swaps it with the DiT.")
+    RETURN_TYPES = ("UNIPIC2_REWARD",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mllm": ("UNIPIC2_MLLM", {"tooltip": "From Load UniPic2 MetaQuery: Qwen2.5-VL-7B-Instruct, which "
+                     "EditScore-7B was trained on (its output layer is needed)."}),
+            "adapter": ([EDITSCORE_REPO] + sorted(adapter_folders()), {"tooltip": "EditScore/EditScore-7B (its "
+                        "adapter files are downloaded into models/unipic2 on first use), or a peft LoRA folder there "
+                        "(adapter_config.json, adapter_model.safetensors)."}),
+            "passes": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": "EditScore's self-ensembling (num_pass): "
+                       "the mean of this many sampled judgements. Each pass costs two 7B answers per image; their "
+                       "RL runs use 1, their stronger setting 4."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1, "tooltip": "Pass n samples with seed + n "
+                     "(EditScore's default 42), so a score repeats exactly."}),
+        }}
+
+    def make(self, mllm, adapter, passes, seed):
+        from ..unipic_core.editscore import editscore
+        from ..unipic_core.qwen25vl import MissingOutputLayer
+        from ..unipic_core.qwen25vl_lora import read_qwen25vl_lora
+
+        encoder = mllm.encoder
+        if isinstance(encoder.mllm.lm_head, MissingOutputLayer):
+            raise ValueError(f"UniPic2 EditScore Reward: 'mllm' was loaded from {encoder.mllm.lm_head.path.name}, "
+                             "which has no output layer (lm_head), and EditScore answers in words. In Load UniPic2 "
+                             "MetaQuery choose the Qwen2.5-VL-7B-Instruct folder (or repo id) as its mllm")
+        folder = resolve(adapter, adapter_folders(), (EDITSCORE_REPO,), "adapter", hub_files(EDITSCORE_FILES))
+
+        def load():
+            return host.patch_component_lora(mllm.mllm_patcher, read_qwen25vl_lora(folder, encoder.mllm,
+                                                                                    EDITSCORE_REPO))
+
+        # keyed by the MLLM module too: a reloaded MetaQuery needs its own clone; the cache holds the module alive
+        patcher = cached((str(folder.resolve()), id(encoder.mllm)), load, _LOADED.setdefault("editscore", {}))
+
+        def scored(images, prompts, sources):
+            host.load_on_device(patcher)
+            return editscore(encoder, sources, images, prompts, passes, seed).rewards
+
+        return (rewards.Reward([rewards.RewardTerm("editscore", 1.0, scored, needs_sources=True,
+                                                   detail=f"{adapter}, {passes} pass(es), seed {seed}")]),)

@@ -18,3 +18,6 @@ PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_conf
                    "vocab.json", "merges.txt")
 # What a CLIP reward folder needs from the hub: the repos also hold .bin, TensorFlow and Flax copies of the weights.
 CLIP_FILES = ("config.json", "model.safetensors", *PROCESSOR_FILES)
+# EditScore's reward model: a peft LoRA for QWEN_REPO (their scripts: --lora_path EditScore/EditScore-7B)
+EDITSCORE_REPO = "EditScore/EditScore-7B"
+EDITSCORE_FILES = ("adapter_config.json", "adapter_model.safetensors")

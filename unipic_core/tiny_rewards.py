@@ -5,6 +5,9 @@
   The architecture keeps the published 224 px input and 14 px patches; widths and depths shrink.
 - The improved aesthetic predictor's MLP file: a torch state dict with its key names (layers.0/2/4/6/7), its
   hidden widths (1024, 128, 64, 16) and a narrower input (the CLIP's projection width).
+- An EditScore adapter folder as PeftModel.save_pretrained writes it (adapter_config.json, adapter_model.safetensors,
+  README.md), for a tiny Qwen2.5-VL of tiny_qwen.py: LoRA on the attention and MLP projections of the language model
+  (and, peft matching by name, the vision blocks' MLPs), with random non-zero lora_B so it changes the answers.
 """
 
 import json
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+from .repos import QWEN_REPO
 from .reward_models import AestheticMLP
 from .tiny import write_clip_tokenizer
 
@@ -57,3 +61,26 @@ def write_aesthetic_mlp(path: str | Path, embed_dim: int = 16, seed: int = 0) ->
     torch.manual_seed(seed)
     torch.save(AestheticMLP(embed_dim).state_dict(), str(path))
     return path
+
+
+EDITSCORE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_editscore_adapter(out: str | Path, qwen_folder: str | Path, rank: int = 4, alpha: float = 8.0,
+                            seed: int = 0) -> Path:
+    """A random LoRA for the Qwen2.5-VL in `qwen_folder`, saved by peft in its adapter layout; returns its path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_folder), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=EDITSCORE_TARGETS,
+                                                  task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: an adapter that changes nothing
+                param.normal_(std=0.05)
+    peft_model.peft_config["default"].base_model_name_or_path = QWEN_REPO
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)  # no hub lookup of the base model's config
+    return out
