@@ -9,7 +9,7 @@ from .native_kontext import UniPic2KontextReference
 from .native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
 from .reward_nodes import (UniPic2AestheticReward, UniPic2CLIPScoreReward, UniPic2ColourReward, UniPic2CombineRewards,
                            UniPic2EditConsistencyReward, UniPic2EditScoreReward, UniPic2JPEGReward, UniPic2JudgeReward,
-                           UniPic2PickScoreReward)
+                           UniPic2ObjectReward, UniPic2PickScoreReward)
 from .sampler_node import UniPic2Sampler
 from .training_nodes import UniPic2EditPairs, UniPic2GRPOTrainer, UniPic2PromptList
 
@@ -35,6 +35,7 @@ NODE_CLASS_MAPPINGS = {
     "UniPic2CLIPScoreReward": UniPic2CLIPScoreReward,
     "UniPic2AestheticReward": UniPic2AestheticReward,
     "UniPic2EditScoreReward": UniPic2EditScoreReward,
+    "UniPic2ObjectReward": UniPic2ObjectReward,
     "UniPic2CombineRewards": UniPic2CombineRewards,
     "UniPic2GRPOTrainer": UniPic2GRPOTrainer,
     "UniPic2SaveLoRA": UniPic2SaveLoRA,
@@ -62,6 +63,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UniPic2CLIPScoreReward": "UniPic2 CLIP Score Reward",
     "UniPic2AestheticReward": "UniPic2 Aesthetic Reward (LAION)",
     "UniPic2EditScoreReward": "UniPic2 EditScore Reward",
+    "UniPic2ObjectReward": "UniPic2 Object Reward (GenEval)",
     "UniPic2CombineRewards": "UniPic2 Combine Rewards",
     "UniPic2GRPOTrainer": "UniPic2 GRPO Trainer",
     "UniPic2SaveLoRA": "UniPic2 Save LoRA",

@@ -1,11 +1,12 @@
 """Reward nodes: each outputs a UNIPIC2_REWARD for the GRPO Trainer; Combine Rewards weights several. The learned
-rewards (PickScore, CLIP score, aesthetic) load their models from models/unipic2 or the hub, each under its own
-ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT; EditScore is a LoRA on the MetaQuery's MLLM,
+rewards (PickScore, CLIP score, aesthetic, the GenEval-style object reward) load their models from models/unipic2 or
+the hub, each under its own ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT; EditScore is a LoRA on the MetaQuery's MLLM,
 a patched clone of its ModelPatcher (one copy of the 7B weights)."""
 
 from ..unipic_core import folders, rewards
 from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
-                                 EDITSCORE_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO, PROCESSOR_FILES)
+                                 EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO,
+                                 PROCESSOR_FILES)
 from . import host
 from .loader_nodes import cached, local_folders, resolve
 
@@ -300,3 +301,56 @@ class UniPic2EditScoreReward:
 
         return (rewards.Reward([rewards.RewardTerm("editscore", 1.0, scored, needs_sources=True,
                                                    detail=f"{adapter}, {passes} pass(es), seed {seed}")]),)
+
+
+def owlv2_folders():
+    from ..unipic_core.object_reward import is_owlv2_folder
+
+    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: is_owlv2_folder(path))
+
+
+class UniPic2ObjectReward:
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("GenEval-style object reward: OWLv2, a zero-shot detector, checks the objects each prompt asks for "
+                   "-- presence, exact count, colour, left/right/above/below -- and the reward is the share of "
+                   "requirements met, 0..1 (Flow-GRPO's GenEval reward). Needs GenEval-style lines in UniPic2 Prompt "
+                   "List. One detector pass per image at 960 px (OWLv2-B/16, 155 M weights, 0.6 GB in fp32).")
+    RETURN_TYPES = ("UNIPIC2_REWARD",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..unipic_core.object_reward import COUNTING_THRESHOLD, SCORE_THRESHOLD
+
+        threshold = lambda default, text: ("FLOAT", {"default": default, "min": 0.01, "max": 0.99, "step": 0.01,
+                                                     "tooltip": text})
+        return {"required": {
+            "detector": ([OWLV2_REPO] + sorted(owlv2_folders()), {"tooltip": "google/owlv2-base-patch16-ensemble "
+                         "(downloaded into models/unipic2 on first use, 0.6 GB) or an OWLv2 folder there (config.json, "
+                         "model.safetensors and its processor files)."}),
+            "score_threshold": threshold(SCORE_THRESHOLD, "A detection counts as an object above this confidence. "
+                                         "Higher: fewer false objects, more missed ones."),
+            "counting_threshold": threshold(COUNTING_THRESHOLD, "The same for 'counting' lines, stricter so that a "
+                                            "half-seen extra object does not break an exact count (GenEval does "
+                                            "the same)."),
+            "dtype": REWARD_DTYPE,
+        }}
+
+    def make(self, detector, score_threshold, counting_threshold, dtype):
+        from ..unipic_core.object_reward import load_owlv2, object_scores
+
+        folder = resolve(detector, owlv2_folders(), (OWLV2_REPO,), "detector", hub_files(OWLV2_FILES))
+
+        def load():
+            owl = load_owlv2(folder, host.DTYPES[dtype])
+            owl.device = host.device()
+            return owl, host.wrap(owl.model)
+
+        owl, patcher = cached((str(folder.resolve()), dtype), load, _LOADED.setdefault("object", {}))
+
+        def scored(images, prompts, sources, metadata):
+            host.load_on_device(patcher)
+            return object_scores(owl, images, metadata, score_threshold, counting_threshold)
+
+        detail = f"{detector}, thresholds {score_threshold:g}/{counting_threshold:g}, {dtype}"
+        return (rewards.Reward([rewards.RewardTerm("objects", 1.0, scored, needs_metadata=True, detail=detail)]),)

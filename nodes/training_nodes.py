@@ -26,7 +26,9 @@ def json_safe(value):
 
 class UniPic2PromptList:
     CATEGORY = "UniPic2/training"
-    DESCRIPTION = "Text-to-image training prompts: one per line (lines starting with # are skipped), and/or a file."
+    DESCRIPTION = ("Text-to-image training prompts: one per line (lines starting with # are skipped), and/or a file. "
+                   "A line may be a GenEval-style JSON object ({\"tag\": ..., \"include\": [...], \"prompt\": ...}): "
+                   "its prompt is trained, its requirements are what UniPic2 Object Reward checks.")
     RETURN_TYPES = ("UNIPIC2_PROMPTS",)
     RETURN_NAMES = ("prompts",)
     FUNCTION = "make"
@@ -34,7 +36,8 @@ class UniPic2PromptList:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"prompts": ("STRING", {"multiline": True, "default": "a red apple on a table",
-                                                    "tooltip": "One prompt per line."})},
+                                                    "tooltip": "One prompt per line, or a GenEval-style JSON line "
+                                                    "(see the README) for the object reward."})},
                 "optional": {"file": ("STRING", {"default": "", "tooltip": "Optional UTF-8 text file in ComfyUI's "
                                                  "input folder (path relative to it), one prompt per line, added "
                                                  "after the box's prompts."})}}

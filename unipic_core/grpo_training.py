@@ -35,6 +35,7 @@ from .nft import follow, forward_point, nft_loss, old_policy_decay, optimality
 from .dit import TrainableDiT
 from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
                    save_lora, set_adapter_tensors)
+from .object_reward import ObjectMetadata
 from .rewards import Reward
 from .sampling import GuidedVelocity, PromptEmbeds
 from .schedule import flow_sigmas
@@ -109,10 +110,12 @@ class GRPOSettings:
 
 @dataclass
 class TrainingItem:
-    """One prompt, or one edit pair (source image [H, W, 3] in 0..1 + instruction)."""
+    """One prompt, or one edit pair (source image [H, W, 3] in 0..1 + instruction); a prompt from a GenEval-style
+    line carries its requirements (object_reward.ObjectMetadata) for the rewards that check them."""
 
     prompt: str
     source: torch.Tensor | None = None
+    metadata: ObjectMetadata | None = None
 
 
 @dataclass
@@ -466,7 +469,8 @@ class GRPOTrainer:
         for chunk in chunks:
             count, source = len(chunk.indices), inputs.sources[chunk.group]
             sources = None if source is None else source.expand(count, -1, -1, -1)
-            scores = self.reward.score(chunk.images, [inputs.items[chunk.group].prompt] * count, sources)
+            item = inputs.items[chunk.group]
+            scores = self.reward.score(chunk.images, [item.prompt] * count, sources, [item.metadata] * count)
             scores["total"] = self.reward.total(scores)
             for name, value in scores.items():
                 local.setdefault(name, []).append(value)

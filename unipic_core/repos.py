@@ -10,6 +10,7 @@ QWEN_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
 PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the processor PickScore's model card loads
 CLIP_L14_REPO = "openai/clip-vit-large-patch14"
+OWLV2_REPO = "google/owlv2-base-patch16-ensemble"  # the object reward's detector
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_CHOICE = f"christophschuhmann/improved-aesthetic-predictor/{AESTHETIC_FILE}"
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
@@ -21,3 +22,5 @@ CLIP_FILES = ("config.json", "model.safetensors", *PROCESSOR_FILES)
 # EditScore's reward model: a peft LoRA for QWEN_REPO (their scripts: --lora_path EditScore/EditScore-7B)
 EDITSCORE_REPO = "EditScore/EditScore-7B"
 EDITSCORE_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# OWLv2's: its weights as safetensors (not the .bin copy) and its processor files.
+OWLV2_FILES = ("config.json", "model.safetensors", "added_tokens.json", *PROCESSOR_FILES)

@@ -51,12 +51,13 @@ class AestheticMLP(nn.Module):
         return self.layers(embeddings)[:, 0]
 
 
-def check_processor_folder(folder: Path, repo: str) -> None:
+def check_processor_folder(folder: Path, repo: str, model: str = "CLIP") -> None:
+    """A processor's files for a model that reads text with CLIP's tokenizer (CLIP itself, OWLv2)."""
     has_tokenizer = (folder / "tokenizer.json").exists() or (
         (folder / "vocab.json").exists() and (folder / "merges.txt").exists())
     if not (folder / "preprocessor_config.json").exists() or not has_tokenizer:
-        raise CheckpointError(f"{folder} has no CLIP processor files (preprocessor_config.json, and tokenizer.json or "
-                              f"vocab.json + merges.txt); copy them from {repo} on the Hugging Face hub")
+        raise CheckpointError(f"{folder} has no {model} processor files (preprocessor_config.json, and tokenizer.json "
+                              f"or vocab.json + merges.txt); copy them from {repo} on the Hugging Face hub")
 
 
 def load_clip_processor(folder: Path, repo: str) -> CLIPProcessor:

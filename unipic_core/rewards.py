@@ -1,7 +1,9 @@
 """Offline rewards for GRPO: each scores a batch of images, one number per image, higher is better.
 
 A scoring function takes (images [N, H, W, 3] in 0..1, prompts: N strings, sources [N, H, W, 3] or None) and
-returns a float32 tensor [N]. `sources` are the edit-pair source images (None for text-to-image).
+returns a float32 tensor [N]. `sources` are the edit-pair source images (None for text-to-image). A term that
+needs_metadata also gets each prompt's structured requirements (the GenEval-style lines of UniPic2 Prompt List) as a
+fourth argument: N ObjectMetadata.
 """
 
 import hashlib
@@ -14,7 +16,11 @@ import torch
 from .images import resize_image, to_pil
 
 ScoreFn = Callable[[torch.Tensor, list[str], torch.Tensor | None], torch.Tensor]
+MetadataScoreFn = Callable[[torch.Tensor, list[str], torch.Tensor | None, list], torch.Tensor]  # needs_metadata terms
 
+# A GenEval-style prompt line, as error messages show it
+METADATA_EXAMPLE = ('{"tag": "counting", "include": [{"class": "apple", "count": 3}], '
+                    '"prompt": "a photo of three apples"}')
 JPEG_QUALITY = 95  # Flow-GRPO's compressibility reward: file size in kB at this quality
 
 
@@ -22,8 +28,9 @@ JPEG_QUALITY = 95  # Flow-GRPO's compressibility reward: file size in kB at this
 class RewardTerm:
     name: str
     weight: float
-    score: ScoreFn
+    score: ScoreFn | MetadataScoreFn
     needs_sources: bool = False
+    needs_metadata: bool = False
     detail: str = ""  # what the score depends on beyond its name (a colour target, a mask), for resume checks
 
 
@@ -42,14 +49,27 @@ class Reward:
         """Each term as 'name x weight [detail]': what a resumed training run must find unchanged."""
         return [f"{t.name} x {t.weight:.10g}" + (f" [{t.detail}]" if t.detail else "") for t in self.terms]
 
-    def score(self, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """{term name: scores [N]}; a term that needs sources fails clearly without them."""
+    def score(self, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None,
+              metadata: list | None = None) -> dict[str, torch.Tensor]:
+        """{term name: scores [N]}; a term that needs sources or metadata fails clearly without them.
+
+        metadata: per image, its prompt's ObjectMetadata or None (a plain prompt); only needs_metadata terms see it.
+        """
         out = {}
         for term in self.terms:
             if term.needs_sources and sources is None:
                 raise ValueError(f"the '{term.name}' reward compares with the source image; train on edit pairs "
                                  "(UniPic2 Edit Pairs) or remove it")
-            scores = torch.as_tensor(term.score(images, prompts, sources), dtype=torch.float32).reshape(-1)
+            if not term.needs_metadata:
+                scores = term.score(images, prompts, sources)
+            else:
+                plain = [p for p, m in zip(prompts, metadata or [None] * len(prompts)) if m is None]
+                if plain:
+                    raise ValueError(f"the '{term.name}' reward checks the objects a prompt asks for, but '{plain[0]}' "
+                                     "is a plain prompt; write GenEval-style lines in UniPic2 Prompt List, e.g. "
+                                     + METADATA_EXAMPLE + ", or remove the reward")
+                scores = term.score(images, prompts, sources, metadata)
+            scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
             if scores.numel() != len(images):
                 raise ValueError(f"reward '{term.name}' returned {scores.numel()} scores for {len(images)} images")
             out[term.name] = scores
@@ -68,7 +88,8 @@ def combine(weighted: list[tuple[Reward, float]]) -> Reward:
             while name in seen:
                 name, n = f"{term.name}_{n}", n + 1
             seen.add(name)
-            terms.append(RewardTerm(name, term.weight * weight, term.score, term.needs_sources, term.detail))
+            terms.append(RewardTerm(name, term.weight * weight, term.score, term.needs_sources, term.needs_metadata,
+                                     term.detail))
     return Reward(terms)
 
 

@@ -5,14 +5,15 @@
     python -m unipic_core.tiny OUT_DIR --kind clip-reward          (PickScore / CLIP ViT-L/14 layout)
     python -m unipic_core.tiny OUT.pth --kind aesthetic-mlp        (the improved aesthetic predictor's file)
     python -m unipic_core.tiny OUT_DIR --kind editscore-adapter    (EditScore's peft LoRA, for the MetaQuery's MLLM)
+    python -m unipic_core.tiny OUT_DIR --kind owlv2                (the object reward's detector, OWLv2's layout)
 
 The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
 component, tokenizers saved by their own classes), so tests, the demo and CI exercise the real paths offline.
 "tiny" runs a 512 px edit in seconds on a CPU; "mid" is for CPU benchmarks. The qwen25vl-file kind writes a tiny
 Qwen2.5-VL as the single file ComfyUI keeps in models/text_encoders (with the real Qwen2.5 tokenizer's vocabulary,
 e.g. ComfyUI's comfy/text_encoders/qwen25_tokenizer, which the file's loader reads). The reward kinds are
-tiny_rewards.py's; their widths match each other (16-wide embeddings), whatever --size says. The EditScore
-adapter fits the Qwen2.5-VL inside a metaquery folder of the same --size.
+tiny_rewards.py's, whatever --size says; the CLIP reward's and the aesthetic MLP's widths match (16-wide
+embeddings). The EditScore adapter fits the Qwen2.5-VL inside a metaquery folder of the same --size.
 """
 
 import argparse
@@ -188,7 +189,7 @@ def main() -> None:
     parser.add_argument("out", help="folder to write (created), or the file for qwen25vl-file / aesthetic-mlp")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--kind", choices=["kontext", "metaquery", "qwen25vl-file", "clip-reward", "aesthetic-mlp",
-                                                   "editscore-adapter"],
+                                           "editscore-adapter", "owlv2"],
                         default="kontext")
     parser.add_argument("--tokenizer", help="qwen25vl-file: a Qwen2.5 tokenizer folder")
     parser.add_argument("--native-vae", action="store_true", help="kontext: SD3's VAE widths, so ComfyUI's "
@@ -208,10 +209,12 @@ def main() -> None:
             qwen = write_qwen25vl_folder(Path(tmp) / "qwen", SIZES[args.size]["llm"])
             print(write_editscore_adapter(args.out, qwen))
         return
-    if args.kind in ("clip-reward", "aesthetic-mlp"):
-        from .tiny_rewards import write_aesthetic_mlp, write_clip_reward_folder  # they build on this module
+    if args.kind in ("clip-reward", "aesthetic-mlp", "owlv2"):
+        from .tiny_rewards import write_aesthetic_mlp, write_clip_reward_folder, write_owlv2_folder  # built on this
 
-        print((write_clip_reward_folder if args.kind == "clip-reward" else write_aesthetic_mlp)(args.out))
+        write = {"clip-reward": write_clip_reward_folder, "aesthetic-mlp": write_aesthetic_mlp,
+                 "owlv2": write_owlv2_folder}[args.kind]
+        print(write(args.out))
     elif args.kind == "kontext":
         print(write_kontext_folder(args.out, args.size, native_vae=args.native_vae))
     else:

@@ -3,6 +3,11 @@
 - A CLIP reward folder as yuvalkirstain/PickScore_v1 and openai/clip-vit-large-patch14 publish it: config.json and
   model.safetensors of a transformers CLIPModel, with preprocessor_config.json and the tokenizer files beside them.
   The architecture keeps the published 224 px input and 14 px patches; widths and depths shrink.
+- An OWLv2 detector folder as google/owlv2-base-patch16-ensemble publishes it: config.json and model.safetensors of a
+  transformers Owlv2ForObjectDetection, preprocessor_config.json (its 960 px square input) and the CLIP tokenizer
+  files (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json; "!" pads, 16 tokens per query). The
+  960 px input and 16 px patches are kept; widths and depths shrink, and the text context grows to 64 tokens because
+  the tiny tokenizer spends one token per character.
 - The improved aesthetic predictor's MLP file: a torch state dict with its key names (layers.0/2/4/6/7), its
   hidden widths (1024, 128, 64, 16) and a narrower input (the CLIP's projection width).
 - An EditScore adapter folder as PeftModel.save_pretrained writes it (adapter_config.json, adapter_model.safetensors,
@@ -14,11 +19,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection
 
 from .repos import QWEN_REPO
 from .reward_models import AestheticMLP
-from .tiny import write_clip_tokenizer
+from .tiny import _byte_level_vocab, write_clip_tokenizer
 
 IMAGE_SIZE, PATCH_SIZE = 224, 14
 # preprocessor_config.json of openai/clip-vit-large-patch14 (the older format with plain sizes).
@@ -83,4 +88,47 @@ def write_editscore_adapter(out: str | Path, qwen_folder: str | Path, rank: int 
                 param.normal_(std=0.05)
     peft_model.peft_config["default"].base_model_name_or_path = QWEN_REPO
     peft_model.save_pretrained(str(out), save_embedding_layers=False)  # no hub lookup of the base model's config
+    return out
+
+
+OWLV2_IMAGE_SIZE, OWLV2_PATCH_SIZE, OWLV2_TINY_CONTEXT = 960, 16, 64
+# preprocessor_config.json of google/owlv2-base-patch16-ensemble
+OWLV2_PREPROCESSOR_CONFIG = {
+    "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "Owlv2ImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "processor_class": "Owlv2Processor", "resample": 2,
+    "rescale_factor": 0.00392156862745098, "size": {"height": OWLV2_IMAGE_SIZE, "width": OWLV2_IMAGE_SIZE},
+}
+OWLV2_SPECIAL_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
+                        "unk_token": "<|endoftext|>"}
+
+
+def write_owlv2_folder(out: str | Path, width: int = 32, seed: int = 0) -> Path:
+    """A random-weight Owlv2ForObjectDetection folder with its processor files; returns its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vocab = _byte_level_vocab()  # "!" is id 0, as in OWLv2's vocabulary, where it pads queries
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=OWLV2_TINY_CONTEXT, **OWLV2_SPECIAL_TOKENS
+                  ).save_pretrained(str(out))
+    (out / "tokenizer.json").unlink()  # the published folder ships vocab.json + merges.txt only
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(OWLV2_SPECIAL_TOKENS, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(OWLV2_PREPROCESSOR_CONFIG, indent=2))
+    layers = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
+    config = Owlv2Config(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=OWLV2_TINY_CONTEXT, pad_token_id=vocab["!"],
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], **layers),
+        vision_config=dict(image_size=OWLV2_IMAGE_SIZE, patch_size=OWLV2_PATCH_SIZE, **layers),
+        projection_dim=width,  # the class head compares box embeddings (vision width) with projected queries
+    )
+    model = Owlv2ForObjectDetection(config)
+    # Random heads put every box on the image border and every score at 0 or 1; damped, boxes stay near their
+    # patches and scores spread around 0.5, so thresholds, suppression and the rules see varied detections.
+    with torch.no_grad():
+        for layer in (model.box_head.dense2, model.class_head.logit_shift, model.class_head.logit_scale):
+            layer.weight.mul_(0.01)
+            layer.bias.zero_()
+    model.save_pretrained(str(out))
     return out

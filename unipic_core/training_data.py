@@ -8,36 +8,56 @@ from PIL import Image
 
 from .grpo_training import TrainingItem
 from .images import check_image
+from .object_reward import parse_metadata
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def numbered_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of each non-empty line; lines starting with # are comments."""
+    lines = ((n, line.strip()) for n, line in enumerate(text.splitlines(), start=1))
+    return [(n, line) for n, line in lines if line and not line.startswith("#")]
+
+
 def prompt_lines(text: str) -> list[str]:
     """One prompt per non-empty line; lines starting with # are comments."""
-    lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    return [line for _, line in numbered_lines(text)]
 
 
-def read_text_lines(path: str | Path, what: str) -> list[str]:
-    """prompt_lines of a UTF-8 text file; a missing or undecodable file is an error naming it."""
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file; a missing or undecodable file is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what} '{path}' does not exist or is not a file; give a text file, one line per entry")
     try:
-        return prompt_lines(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}); "
                          "save it as UTF-8") from e
 
 
+def read_text_lines(path: str | Path, what: str) -> list[str]:
+    return prompt_lines(read_text(path, what))
+
+
+def training_item(line: str, where: str) -> TrainingItem:
+    """A plain prompt, or a GenEval-style JSON line (starting with '{'): its prompt, with its requirements."""
+    if not line.startswith("{"):
+        return TrainingItem(line)
+    metadata = parse_metadata(line, where)
+    return TrainingItem(metadata.prompt, metadata=metadata)
+
+
 def read_prompts(text: str, file: str | Path | None = None) -> list[TrainingItem]:
-    """Prompts from the text box and/or a UTF-8 text file; an empty result is an error naming both inputs."""
-    lines = prompt_lines(text)
+    """Prompts from the text box and/or a UTF-8 text file, plain or GenEval-style lines mixed; an empty result is an
+    error naming both inputs, a malformed GenEval line an error naming its line."""
+    items = [training_item(line, f"'prompts' line {n}") for n, line in numbered_lines(text)]
     if file:
-        lines += read_text_lines(file, "prompt file")
-    if not lines:
+        items += [training_item(line, f"prompt file '{file}' line {n}")
+                  for n, line in numbered_lines(read_text(file, "prompt file"))]
+    if not items:
         raise ValueError("the prompt list is empty: write one prompt per line in 'prompts' or give a 'file'")
-    return [TrainingItem(line) for line in lines]
+    return items
 
 
 def read_image(path: Path) -> torch.Tensor:

@@ -49,10 +49,13 @@ class TrainingState:
 
 
 def data_fingerprint(items) -> str:
-    """'<n> prompts|edit pairs, sha256 <digest>' over the prompts in order and the edit sources' pixels."""
+    """'<n> prompts|edit pairs, sha256 <digest>' over the prompts in order (with their GenEval-style requirements)
+    and the edit sources' pixels."""
     digest = hashlib.sha256()
     for item in items:
         digest.update(item.prompt.encode() + b"\0")
+        if item.metadata is not None:  # plain prompts hash as before, so their runs still resume
+            digest.update(item.metadata.to_json().encode() + b"\0")
         if item.source is not None:  # as 8-bit pixels: an upstream node's float noise is not another image
             source = (item.source.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
             digest.update(f"{tuple(source.shape)}".encode() + source.numpy().tobytes())
