@@ -5,7 +5,9 @@ the edited image is.
 
 Real weights are used when the host has them (models/unipic2/UniPic2-SD3.5M-Kontext-2B, or
 UniPic2-Metaquery-9B with its Qwen2.5-VL inside for the MetaQuery workflows); otherwise a tiny random-weight
-checkpoint (official layout) is generated in the work folder, so the run checks the plumbing, not the pictures.
+checkpoint (official layout) is generated in the work folder, so the run checks the plumbing, not the pictures. The
+training workflows' reward models (PickScore, OWLv2, the EditScore adapter) are treated the same way: the official
+one when models/unipic2 holds it, a tiny stand-in otherwise.
 """
 
 import argparse
@@ -14,36 +16,45 @@ import shutil
 from pathlib import Path
 
 from comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
+from unipic_core import tiny
+from unipic_core.repos import (EDITSCORE_REPO, KONTEXT_REPOS, METAQUERY_REPOS, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO,
+                               PICKSCORE_REPO)
+from unipic_core.tiny_rewards import write_clip_reward_folder, write_owlv2_folder
 
 SAMPLE_IMAGE = PACK_DIR / "workflows" / "unipic2_sample.png"
-INSIDE = "(inside the checkpoint)"
-# loader node -> (official repo id, tiny folder name, tiny writer's name in unipic_core.tiny)
-LOADERS = {
-    "LoadUniPic2Kontext": ("Skywork/UniPic2-SD3.5M-Kontext-2B", "UniPic2-tiny-Kontext", "write_kontext_folder"),
-    "LoadUniPic2MetaQuery": ("Skywork/UniPic2-Metaquery-9B", "UniPic2-tiny-MetaQuery", "write_metaquery_folder"),
+# (node, input) -> (the official choice, the tiny folder standing in for it, what writes that folder)
+MODEL_INPUTS = {
+    ("LoadUniPic2Kontext", "checkpoint"): (KONTEXT_REPOS[0], "UniPic2-tiny-Kontext", tiny.write_kontext_folder),
+    ("LoadUniPic2MetaQuery", "checkpoint"): (METAQUERY_REPOS[0], "UniPic2-tiny-MetaQuery", tiny.write_metaquery_folder),
+    ("UniPic2PickScoreReward", "model"): (PICKSCORE_REPO, "PickScore-tiny", write_clip_reward_folder),
+    # the tiny CLIP folder holds its processor files, as PickScore's processor repo does
+    ("UniPic2PickScoreReward", "processor"): (PICKSCORE_PROCESSOR_REPO, "PickScore-tiny", write_clip_reward_folder),
+    ("UniPic2ObjectReward", "detector"): (OWLV2_REPO, "OWLv2-tiny", write_owlv2_folder),
+    ("UniPic2EditScoreReward", "adapter"): (EDITSCORE_REPO, "EditScore-tiny", tiny.write_tiny_editscore_adapter),
 }
+TINY = {key: name for key, (_, name, _) in MODEL_INPUTS.items()}
 
 
-def checkpoint_choice(loader: str, host_models: Path, work_models: Path) -> str:
-    """The real checkpoint's repo id when the host has it, else the tiny one (generated on first use)."""
-    repo, tiny, writer = LOADERS[loader]
-    real = host_models / repo.split("/")[-1]
-    if (real / "transformer" / "config.json").exists():
-        return repo
-    if not (work_models / tiny / "transformer" / "config.json").exists():
-        from unipic_core import tiny as tiny_checkpoints
+def model_choice(node: str, name: str, host_models: Path, work_models: Path) -> str:
+    """The official choice when the host has it in models/unipic2, else its tiny stand-in (generated on first
+    use in work_models)."""
+    official, stand_in, write = MODEL_INPUTS[node, name]
+    real = host_models / official.split("/")[-1]
+    if real.is_dir() and any(real.iterdir()):
+        return official
+    if not (work_models / stand_in).exists():
+        print(f"No {official} in {host_models}: generating a tiny random-weight stand-in")
+        write(work_models / stand_in)
+    return stand_in
 
-        print(f"No real weights in {real}: generating a tiny random-weight checkpoint")
-        getattr(tiny_checkpoints, writer)(work_models / tiny)
-    return tiny
 
-
-def api_prompt(workflow: Path, object_info: dict, choose_checkpoint, steps: int | None = None) -> dict:
-    """The UI-format workflow in API format, each loader pointed at choose_checkpoint(loader class)."""
+def api_prompt(workflow: Path, object_info: dict, choose, steps: int | None = None) -> dict:
+    """The UI-format workflow in API format, each model input of MODEL_INPUTS set to choose(node class, input)."""
     prompt = ui_to_api(json.loads(workflow.read_text()), object_info)
     for node in prompt.values():
-        if node["class_type"] in LOADERS:
-            node["inputs"]["checkpoint"] = choose_checkpoint(node["class_type"])
+        for (node_type, name) in MODEL_INPUTS:
+            if node["class_type"] == node_type:
+                node["inputs"][name] = choose(node_type, name)
         if node["class_type"] == "UniPic2Sampler" and steps:
             node["inputs"]["steps"] = steps
     return prompt
@@ -62,7 +73,7 @@ def main() -> None:
         server.wait_ready()
         print(f"ComfyUI {comfy} serving on {server.url}")
         shutil.copy(SAMPLE_IMAGE, server.input / SAMPLE_IMAGE.name)
-        choose = (lambda loader: checkpoint_choice(loader, comfy / "models" / "unipic2", server.models / "unipic2"))
+        choose = lambda node, name: model_choice(node, name, comfy / "models" / "unipic2", server.models / "unipic2")
         entry = server.run(api_prompt(args.workflow, server.get("/object_info"), choose, args.steps))
     finally:
         server.stop()

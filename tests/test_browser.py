@@ -17,7 +17,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 from comfyui_runner import PACK_DIR, Server, prepare_host
-from demo import LOADERS, SAMPLE_IMAGE
+from demo import MODEL_INPUTS, SAMPLE_IMAGE, TINY, model_choice
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless in a closed network: no background connections, no GPU, a throwaway profile (as root: no sandbox).
@@ -33,7 +33,9 @@ def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     work = tmp_path_factory.mktemp("browser")
     server = Server(prepare_host(work), work)
     for loader, folder in (("LoadUniPic2Kontext", tiny_kontext_dir), ("LoadUniPic2MetaQuery", tiny_metaquery_dir)):
-        (server.models / "unipic2" / LOADERS[loader][1]).symlink_to(folder, target_is_directory=True)
+        (server.models / "unipic2" / TINY[loader, "checkpoint"]).symlink_to(folder, target_is_directory=True)
+    for node, name in MODEL_INPUTS:  # the reward models' stand-ins, before the server lists its model folders
+        model_choice(node, name, server.models / "none", server.models / "unipic2")
     (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
     server.wait_ready()
     # As a returning user: a first visit opens the frontend's template browser over the canvas.
@@ -80,10 +82,10 @@ class Browser:
         self.page.screenshot(path=str(path))
 
     def use_tiny_checkpoints(self):
-        """Point the loaders at the tiny checkpoints (the workflows name the official repos)."""
-        self.js("""(tiny) => window.app.graph._nodes.filter(n => tiny[n.type]).forEach(n => {
-            n.widgets.find(w => w.name === "checkpoint").value = tiny[n.type];
-        })""", {loader: tiny for loader, (_, tiny, _) in LOADERS.items()})
+        """Point the loaders and reward models at the tiny stand-ins (the workflows name the official repos)."""
+        self.js("""(tiny) => tiny.forEach(([type, name, value]) => window.app.graph._nodes
+            .filter(n => n.type === type).forEach(n => { n.widgets.find(w => w.name === name).value = value; }))""",
+                [[node, name, value] for (node, name), value in TINY.items()])
 
     def shorten_training(self, **widgets):
         """Tiny training steps: the chart's plumbing is under test, not the learning."""

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from comfyui_runner import PACK_DIR, Server, prepare_host
-from demo import LOADERS, api_prompt
+from demo import TINY, api_prompt, model_choice
 
 EVENT = "unipic2.grpo"
 STEPS = 3
@@ -30,8 +30,7 @@ def messages_module():
 def server(tmp_path_factory, tiny_kontext_dir):
     work = tmp_path_factory.mktemp("messages")
     server = Server(prepare_host(work), work)
-    _, tiny, _ = LOADERS["LoadUniPic2Kontext"]
-    (server.models / "unipic2" / tiny).symlink_to(tiny_kontext_dir, target_is_directory=True)
+    (server.models / "unipic2" / TINY["LoadUniPic2Kontext", "checkpoint"]).symlink_to(tiny_kontext_dir, target_is_directory=True)
     server.wait_ready()
     yield server
     server.stop()
@@ -39,7 +38,8 @@ def server(tmp_path_factory, tiny_kontext_dir):
 
 def short_run(server, lora_name: str) -> dict:
     """The GRPO workflow in API format, cut down to a few tiny steps."""
-    prompt = api_prompt(GRPO, server.get("/object_info"), lambda loader: LOADERS[loader][1])
+    choose = lambda node, name: model_choice(node, name, server.models / "none", server.models / "unipic2")
+    prompt = api_prompt(GRPO, server.get("/object_info"), choose)
     prompt[TRAINER]["inputs"].update(lora_name=lora_name, steps=STEPS, group_size=2, sampling_steps=2,
                                      resolution=64, save_every=0)
     return prompt

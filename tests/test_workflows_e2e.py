@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
-from demo import LOADERS, SAMPLE_IMAGE, api_prompt
+from demo import SAMPLE_IMAGE, TINY, api_prompt, model_choice
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352),
@@ -23,7 +23,6 @@ GRPO_WORKFLOWS = {"unipic2_grpo_t2i.json": (["unipic2_grpo_t2i"], 2),
 LORA_LINE = re.compile(r"UniPic2 GRPO Trainer: LoRA written to (\S+)")
 CURVES_SIZE = (768, 512)
 LOAD_LINE = "UniPic2: loading Kontext checkpoint"
-TINY = {loader: tiny for loader, (_, tiny, _) in LOADERS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     work = tmp_path_factory.mktemp("server")
     server = Server(prepare_host(work), work)
     for loader, folder in (("LoadUniPic2Kontext", tiny_kontext_dir), ("LoadUniPic2MetaQuery", tiny_metaquery_dir)):
-        (server.models / "unipic2" / TINY[loader]).symlink_to(folder, target_is_directory=True)
+        (server.models / "unipic2" / TINY[loader, "checkpoint"]).symlink_to(folder, target_is_directory=True)
     (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
     server.wait_ready()
     yield server
@@ -39,7 +38,9 @@ def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
 
 
 def run_workflow(server, workflow: Path, seed: int | None = None) -> dict:
-    prompt = api_prompt(workflow, server.get("/object_info"), TINY.get)
+    # the reward models' tiny stand-ins are generated into the server's models folder on first use
+    choose = lambda node, name: model_choice(node, name, server.models / "none", server.models / "unipic2")
+    prompt = api_prompt(workflow, server.get("/object_info"), choose)
     if seed is not None:
         for node in prompt.values():
             if node["class_type"] in ("UniPic2Sampler", "UniPic2Understand"):
@@ -114,4 +115,4 @@ def test_grpo_workflow_trains_and_writes_its_lora_and_curves(server, name):
         assert load_lora(written[lora]).info["steps"] == 10
     if name == "unipic2_grpo_pdtr.json":  # the text-to-image stage continued the edit stage's LoRA
         second = load_lora(written["unipic2_pdtr_t2i"])
-        assert second.info["rewards"] == ["jpeg_compressibility"]
+        assert second.info["rewards"] == ["pickscore", "objects"]

@@ -184,6 +184,14 @@ def write_metaquery_folder(out: str | Path, size: str = "tiny", seed: int = 0, q
     return out
 
 
+def write_tiny_editscore_adapter(out: str | Path, size: str = "tiny") -> Path:
+    """An EditScore adapter for the Qwen2.5-VL inside write_metaquery_folder(..., size)."""
+    from .tiny_rewards import write_editscore_adapter  # it builds on this module
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_editscore_adapter(out, write_qwen25vl_folder(Path(tmp) / "qwen", SIZES[size]["llm"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write (created), or the file for qwen25vl-file / aesthetic-mlp")
@@ -203,11 +211,7 @@ def main() -> None:
             print(write_qwen25vl_file(args.out, folder))
         return
     if args.kind == "editscore-adapter":
-        from .tiny_rewards import write_editscore_adapter
-
-        with tempfile.TemporaryDirectory() as tmp:
-            qwen = write_qwen25vl_folder(Path(tmp) / "qwen", SIZES[args.size]["llm"])
-            print(write_editscore_adapter(args.out, qwen))
+        print(write_tiny_editscore_adapter(args.out, args.size))
         return
     if args.kind in ("clip-reward", "aesthetic-mlp", "owlv2"):
         from .tiny_rewards import write_aesthetic_mlp, write_clip_reward_folder, write_owlv2_folder  # built on this
