@@ -251,8 +251,9 @@ def test_the_node_patches_the_loaded_mllm_as_peft_merges_and_restores_it(editsco
 
 
 def reference_answer(model, processor, images: list[torch.Tensor], prompt: str, seed: int, max_new_tokens: int) -> str:
-    """EditScore's transformers pipeline, written out: their chat text, qwen_vl_utils' resize (PIL bicubic to sides
-    rounded to 28), the processor, the seed set just before sampling with their settings."""
+    """EditScore's RL pipeline in transformers, written out: their chat text, qwen_vl_utils' resize (PIL bicubic to
+    sides rounded to 28), the processor, the seed set just before sampling with their vLLM backbone's published
+    SamplingParams (temperature 0.7, top-p 0.9, top-k 20, vLLM's repetition penalty 1.0)."""
     from unipic_core.images import to_pil
 
     text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -262,7 +263,8 @@ def reference_answer(model, processor, images: list[torch.Tensor], prompt: str, 
             for image in images]
     inputs = processor(text=[text], images=pils, padding=True, return_tensors="pt")
     torch.manual_seed(seed)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9, top_k=20)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9, top_k=20,
+                         repetition_penalty=1.0)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
                                   clean_up_tokenization_spaces=False)[0].strip()
 
@@ -276,6 +278,7 @@ def test_answers_and_scores_equal_the_published_pipeline_on_the_same_weights(edi
     sources, edited = pictures(2, 0), pictures(2, 1, 72, 112)
     ours = editscore(mllm.encoder, sources, edited, INSTRUCTIONS, passes=2, seed=7, max_new_tokens=24)
     processor = AutoProcessor.from_pretrained(str(qwen_dir))
+    assert merged_qwen.generation_config.repetition_penalty == 1.05  # Qwen's default, which the published 1.0 overrides
     for i, instruction in enumerate(INSTRUCTIONS):
         overalls = []
         for n in range(2):
