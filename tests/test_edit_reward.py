@@ -324,7 +324,8 @@ def test_a_partially_loaded_patched_mllm_answers_as_a_full_load(editscore_host, 
 def test_the_node_scores_edit_pairs_end_to_end(editscore_host, mllm):
     reward = editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)[0]
     assert reward.names == ["editscore"] and reward.terms[0].needs_sources
-    assert reward.fingerprint == [f"editscore x 1 [{TINY_ADAPTER}, 1 pass(es), seed 42]"]
+    assert reward.fingerprint == [f"editscore x 1 [{TINY_ADAPTER} on Qwen2.5-VL-tiny, fp32, mllm_weights default, "
+                                  "1 pass(es), seed 42]"]  # another MLLM, another reward: a resume is refused
     sources, edited = pictures(2, 0), pictures(2, 1)
     scores = reward.score(edited, INSTRUCTIONS, sources)["editscore"]
     assert scores.shape == (2,) and torch.isfinite(scores).all()
