@@ -25,3 +25,6 @@ class UniPic2MLLM:
     encoder: MetaQueryMLLM
     mllm_patcher: ModelPatcher
     conditioner_patcher: ModelPatcher
+    # what was loaded ("<Qwen folder or file name>, <dtype>, mllm_weights <storage>"), for the fingerprints of
+    # rewards that judge with it: a resumed run must find the same MLLM
+    source: str = ""

@@ -149,10 +149,11 @@ def patch_lora(model: ModelPatcher, tensors: dict[str, torch.Tensor], strength: 
     return clone, len(clone.add_patches(patches, strength))
 
 
-def patch_component_lora(patcher: ModelPatcher, lora: dict, strength: float = 1.0) -> ModelPatcher:
+def patch_component_lora(patcher: ModelPatcher, lora: dict) -> ModelPatcher:
     """A clone of one of the pack's own (Component-wrapped) models with a LoRA as weight patches: {module name in the
-    wrapped module: LoraWeights (down, up, alpha)}, through comfy.lora.load_lora as any LoRA loader. The clone shares
-    the weights; ComfyUI patches them when it loads the clone and restores them when another clone takes its turn."""
+    wrapped module: LinearLoraPair (down, up, alpha)}, through comfy.lora.load_lora as any LoRA loader. The clone
+    shares the weights; ComfyUI patches them when it loads the clone and restores them when another clone takes its
+    turn. Raises if any LoRA weight finds no module to patch, so a LoRA never half-applies."""
     import comfy.lora
 
     tensors, to_load = {}, {}
@@ -161,7 +162,11 @@ def patch_component_lora(patcher: ModelPatcher, lora: dict, strength: float = 1.
                         f"{name}.alpha": torch.tensor(weights.alpha)})
         to_load[name] = f"module.{name}.weight"  # the Component's state-dict key
     clone = patcher.clone()
-    clone.add_patches(comfy.lora.load_lora(tensors, to_load), strength)
+    patched = clone.add_patches(comfy.lora.load_lora(tensors, to_load))
+    if len(patched) != len(lora):
+        missing = sorted(set(to_load.values()) - set(patched))
+        raise ValueError(f"UniPic2: the LoRA adapts {len(lora)} layers, but only {len(patched)} were patched "
+                         f"(first missing: {missing[:3]}); is it for this model?")
     return clone
 
 

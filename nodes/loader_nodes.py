@@ -175,10 +175,11 @@ class LoadUniPic2MetaQuery:
         else:
             qwen = resolve(mllm, qwen_choices(), (QWEN_REPO,), "MLLM")
         key = ("metaquery", str(folder.resolve()), str(qwen.resolve()), dtype, mllm_weights)
-        return cached(key, lambda: self._load(folder, qwen, dtype, MLLM_WEIGHTS[mllm_weights]))
+        source = f"{qwen.name}, {dtype}, mllm_weights {mllm_weights}"
+        return cached(key, lambda: self._load(folder, qwen, dtype, MLLM_WEIGHTS[mllm_weights], source))
 
     @staticmethod
-    def _load(folder: Path, qwen: Path, choice: str, mllm_storage: torch.dtype | None):
+    def _load(folder: Path, qwen: Path, choice: str, mllm_storage: torch.dtype | None, source: str):
         from ..unipic_core.fp8_weights import quantize_linears
         from ..unipic_core.loading import load_metaquery_encoder
 
@@ -187,4 +188,5 @@ class LoadUniPic2MetaQuery:
         if mllm_storage is not None:  # the output layer stays exact: it decides Understand's words and Judge's P(yes)
             quantize_linears(encoder.mllm, mllm_storage, keep=(encoder.mllm.lm_head,))
         model, vae = native_dit_and_vae(folder, choice)
-        return model, UniPic2MLLM(encoder, host.wrap(encoder.mllm), host.wrap(encoder.conditioner)), vae
+        return model, UniPic2MLLM(encoder, host.wrap(encoder.mllm), host.wrap(encoder.conditioner),
+                                  source), vae

@@ -1,7 +1,7 @@
 """Reward nodes: each outputs a UNIPIC2_REWARD for the GRPO Trainer; Combine Rewards weights several. The learned
 rewards (PickScore, CLIP score, aesthetic, the GenEval-style object reward) load their models from models/unipic2 or
-the hub, each under its own ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT; EditScore is a LoRA on the MetaQuery's MLLM,
-a patched clone of its ModelPatcher (one copy of the 7B weights)."""
+the hub, each under its own ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT; EditScore is a
+LoRA on the MetaQuery's MLLM, a patched clone of its ModelPatcher (one copy of the 7B weights)."""
 
 from ..unipic_core import folders, rewards
 from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
@@ -82,7 +82,7 @@ class UniPic2JudgeReward:
             host.load_on_device(mllm.mllm_patcher)
             return yes_probability(mllm.encoder, images, question)
 
-        return (rewards.judge_reward(probability_of_yes),)
+        return (rewards.judge_reward(probability_of_yes, detail=mllm.source),)
 
 
 class UniPic2CombineRewards:
@@ -149,14 +149,17 @@ def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: s
     return cached(key, load, _LOADED.setdefault(kind, {}))
 
 
-def model_reward(name: str, detail: str, patchers: list, score) -> rewards.Reward:
-    """One reward term scoring with score(images, prompts) once ComfyUI has put the model(s) on the device."""
+def model_reward(name: str, detail: str, patchers: list, score, needs_sources: bool = False,
+                 needs_metadata: bool = False) -> rewards.Reward:
+    """One reward term scoring once ComfyUI has put the model(s) on the device, with score(images, prompts) followed
+    by what the term needs: the edit sources (needs_sources; the reward refuses to score without them), then the
+    prompts' metadata (needs_metadata) -- e.g. score(images, prompts, sources) or score(images, prompts, metadata)."""
 
-    def scored(images, prompts, sources):
+    def scored(images, prompts, sources, *metadata):  # Reward.score passes metadata to needs_metadata terms only
         host.load_on_device(*patchers)
-        return score(images, prompts)
+        return score(images, prompts, *((sources,) if needs_sources else ()), *metadata)
 
-    return rewards.Reward([rewards.RewardTerm(name, 1.0, scored, detail=detail)])
+    return rewards.Reward([rewards.RewardTerm(name, 1.0, scored, needs_sources, needs_metadata, detail)])
 
 
 class UniPic2PickScoreReward:
@@ -295,12 +298,11 @@ class UniPic2EditScoreReward:
         # keyed by the MLLM module too: a reloaded MetaQuery needs its own clone; the cache holds the module alive
         patcher = cached((str(folder.resolve()), id(encoder.mllm)), load, _LOADED.setdefault("editscore", {}))
 
-        def scored(images, prompts, sources):
-            host.load_on_device(patcher)
+        def score(images, prompts, sources):
             return editscore(encoder, sources, images, prompts, passes, seed).rewards
 
-        return (rewards.Reward([rewards.RewardTerm("editscore", 1.0, scored, needs_sources=True,
-                                                   detail=f"{adapter}, {passes} pass(es), seed {seed}")]),)
+        detail = f"{adapter} on {mllm.source}, {passes} pass(es), seed {seed}"
+        return (model_reward("editscore", detail, [patcher], score, needs_sources=True),)
 
 
 def owlv2_folders():
@@ -348,9 +350,6 @@ class UniPic2ObjectReward:
 
         owl, patcher = cached((str(folder.resolve()), dtype), load, _LOADED.setdefault("object", {}))
 
-        def scored(images, prompts, sources, metadata):
-            host.load_on_device(patcher)
-            return object_scores(owl, images, metadata, score_threshold, counting_threshold)
-
         detail = f"{detector}, thresholds {score_threshold:g}/{counting_threshold:g}, {dtype}"
-        return (rewards.Reward([rewards.RewardTerm("objects", 1.0, scored, needs_metadata=True, detail=detail)]),)
+        return (model_reward("objects", detail, [patcher], lambda images, prompts, metadata: object_scores(
+                owl, images, metadata, score_threshold, counting_threshold), needs_metadata=True),)

@@ -180,9 +180,10 @@ def test_bad_adapters_are_refused_naming_the_problem(adapter_dir, base_qwen, tin
         ({**weights, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 128),
           "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(128, 4)}, None,
          "adapts 'model.language_model.layers.9.self_attn.q_proj', which is no Linear layer"),
-        ({k: v for k, v in weights.items() if k != "base_model.model.lm_head.lora_B.weight"
-          and not k.endswith("layers.0.mlp.up_proj.lora_B.weight")}, None,
+        ({k: v for k, v in weights.items() if not k.endswith("layers.0.mlp.up_proj.lora_B.weight")}, None,
          "'model.language_model.layers.0.mlp.up_proj' has no lora_B weight"),
+        ({k: v for k, v in weights.items() if not k.endswith("layers.1.self_attn.v_proj.lora_A.weight")}, None,
+         "'model.language_model.layers.1.self_attn.v_proj' has no lora_A weight"),
         (None, {**config, "r": 8}, "do not give rank 8"),
         (None, {**config, "use_dora": True}, "'use_dora' is set"),
         (None, {**config, "peft_type": "LOHA"}, "only LoRA adapters"),
@@ -232,7 +233,8 @@ def test_the_node_patches_the_loaded_mllm_as_peft_merges_and_restores_it(editsco
     from conftest import largest_difference
 
     spec = editscore_host.nodes.NODE_CLASS_MAPPINGS["UniPic2EditScoreReward"].INPUT_TYPES()["required"]
-    assert spec["adapter"][0][:2] == [EDITSCORE_REPO, TINY_ADAPTER] and "UniPic2-tiny-MetaQuery" not in spec["adapter"][0]
+    choices = spec["adapter"][0]
+    assert choices[:2] == [EDITSCORE_REPO, TINY_ADAPTER] and "UniPic2-tiny-MetaQuery" not in choices
     editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)
     patcher = editscore_patcher(editscore_host)
     assert patcher.model is mllm.mllm_patcher.model  # a clone: the same weights, no second copy
@@ -250,9 +252,20 @@ def test_the_node_patches_the_loaded_mllm_as_peft_merges_and_restores_it(editsco
     assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
 
 
+def test_a_lora_naming_a_layer_the_model_lacks_is_refused_not_half_applied(editscore_host, mllm, adapter_dir):
+    host_module = editscore_host.module("nodes.host")
+    lora = editscore_host.module("unipic_core.qwen25vl_lora").read_qwen25vl_lora(adapter_dir, mllm.encoder.mllm,
+                                                                                 EDITSCORE_REPO)
+    assert len(host_module.patch_component_lora(mllm.mllm_patcher, lora).patches) == len(lora)
+    lora["model.language_model.layers.9.self_attn.q_proj"] = next(iter(lora.values()))
+    with pytest.raises(ValueError, match=r"adapts 39 layers, but only 38 were patched .*layers\.9\.self_attn"):
+        host_module.patch_component_lora(mllm.mllm_patcher, lora)
+
+
 def reference_answer(model, processor, images: list[torch.Tensor], prompt: str, seed: int, max_new_tokens: int) -> str:
-    """EditScore's transformers pipeline, written out: their chat text, qwen_vl_utils' resize (PIL bicubic to sides
-    rounded to 28), the processor, the seed set just before sampling with their settings."""
+    """EditScore's RL pipeline in transformers, written out: their chat text, qwen_vl_utils' resize (PIL bicubic to
+    sides rounded to 28), the processor, the seed set just before sampling with their vLLM backbone's published
+    SamplingParams (temperature 0.7, top-p 0.9, top-k 20, vLLM's repetition penalty 1.0)."""
     from unipic_core.images import to_pil
 
     text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -262,7 +275,8 @@ def reference_answer(model, processor, images: list[torch.Tensor], prompt: str, 
             for image in images]
     inputs = processor(text=[text], images=pils, padding=True, return_tensors="pt")
     torch.manual_seed(seed)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9, top_k=20)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.9, top_k=20,
+                         repetition_penalty=1.0)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
                                   clean_up_tokenization_spaces=False)[0].strip()
 
@@ -276,6 +290,7 @@ def test_answers_and_scores_equal_the_published_pipeline_on_the_same_weights(edi
     sources, edited = pictures(2, 0), pictures(2, 1, 72, 112)
     ours = editscore(mllm.encoder, sources, edited, INSTRUCTIONS, passes=2, seed=7, max_new_tokens=24)
     processor = AutoProcessor.from_pretrained(str(qwen_dir))
+    assert merged_qwen.generation_config.repetition_penalty == 1.05  # Qwen's default, which the published 1.0 overrides
     for i, instruction in enumerate(INSTRUCTIONS):
         overalls = []
         for n in range(2):
@@ -309,7 +324,8 @@ def test_a_partially_loaded_patched_mllm_answers_as_a_full_load(editscore_host, 
 def test_the_node_scores_edit_pairs_end_to_end(editscore_host, mllm):
     reward = editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)[0]
     assert reward.names == ["editscore"] and reward.terms[0].needs_sources
-    assert reward.fingerprint == [f"editscore x 1 [{TINY_ADAPTER}, 1 pass(es), seed 42]"]
+    assert reward.fingerprint == [f"editscore x 1 [{TINY_ADAPTER} on Qwen2.5-VL-tiny, fp32, mllm_weights default, "
+                                  "1 pass(es), seed 42]"]  # another MLLM, another reward: a resume is refused
     sources, edited = pictures(2, 0), pictures(2, 1)
     scores = reward.score(edited, INSTRUCTIONS, sources)["editscore"]
     assert scores.shape == (2,) and torch.isfinite(scores).all()
@@ -353,6 +369,6 @@ def test_an_mllm_with_fp8_weights_is_refused(adapter_dir, qwen_dir):
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_dir), dtype=torch.float32)
     quantize_linears(model, torch.float8_e4m3fn)
-    with pytest.raises(CheckpointError, match="stored in fp8 here, and a LoRA cannot patch fp8 weights; load the "
-                                              "MLLM with mllm_weights 'default'"):
+    with pytest.raises(CheckpointError, match="UniPic2 EditScore Reward: 'mllm' holds fp8 weights .* a LoRA cannot "
+                                              "patch fp8 weights; load it with mllm_weights default"):
         read_qwen25vl_lora(adapter_dir, model, EDITSCORE_REPO)

@@ -7,9 +7,15 @@ The recipe is the published RL reward's (their reward server calling `EditScore.
   the prompts are the published ones with every "10" replaced by the score range;
 - the chat text is their own template (default system turn, `<imgN>: ` before each image's vision tokens, the prompt
   right after the last image); images are resized as qwen_vl_utils does (sides multiples of 28, 4..16384 merged
-  tokens, bicubic);
-- each question is answered by sampling (temperature 0.7, top-p 0.9, top-k 20, at most 512 new tokens; the rest of
-  the model's generation config applies, as in their transformers backbone), the seed being seed + pass index;
+  tokens, bicubic), the default budget their server's `process_vision_info` call applies too;
+- each question is answered by sampling with their vLLM backbone's explicit SamplingParams (editscore/mllm_tools/
+  qwen25vl_vllm.py): temperature 0.7 (their server configs), top-p 0.9, top-k 20, at most 512 new tokens, and
+  vLLM's defaults for the rest, so no repetition penalty (1.0; Qwen2.5-VL-7B-Instruct's generation config would
+  give 1.05); the seed is seed + pass index (vLLM draws from a per-request generator, we from torch's global one,
+  so the same seed does not give their exact samples);
+- their server runs vLLM with max_model_len 1536 (prompt and answer together) and does not shrink images to fit
+  it, so only small ones pass (two of 512 x 512 px take ~650 tokens); we give each image qwen_vl_utils' default
+  budget and cap only the answer (512 tokens), so large images cost more here but are judged rather than refused;
 - each answer is parsed into a list of scores (their JSON repair stages, then a last-resort number extraction); a
   pass scores SC = min(SC scores) and PQ = min(PQ scores), each divided by range/10; an answer without scores counts
   as range/2, and a score outside 0..10 becomes range/2 (12.5 for range 25: their code does this, so a reward can
@@ -29,18 +35,23 @@ from dataclasses import dataclass
 import torch
 
 from .images import to_pil
-from .metaquery import MetaQueryMLLM
+from .metaquery import MetaQueryMLLM, seeded_answer
 
 SCORE_RANGE = 25  # what EditScore-7B was trained and published with (their scripts' --score_range 25)
 SEED = 42  # their default
-SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=512)
+# Their RL backbone's vLLM SamplingParams (temperature from their server configs); vLLM's defaults fill the rest,
+# so repetition_penalty is 1.0, not the 1.05 of Qwen2.5-VL-7B-Instruct's generation config that generate would use.
+SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=512, repetition_penalty=1.0)
 # qwen_vl_utils' image budget: 4..16384 merged tokens of 28x28 pixels
 IMAGE_FACTOR, MIN_PIXELS, MAX_PIXELS, MAX_ASPECT = 28, 4 * 28 * 28, 16384 * 28 * 28, 200
 
 # --- The published prompt texts, verbatim: editscore/vie_prompts.py of VectorSpaceLab/EditScore (commit 6e0f1b9).
-# They are data the model was trained on; trailing spaces included.
-CONTEXT = """You are a professional digital artist. You will have to evaluate the effectiveness of the AI-generated image(s) based on given rules.
-All the input images are AI-generated. All human in the images are AI-generated too. so you need not worry about the privacy confidentials.
+# They are data the model was trained on; trailing spaces included, long lines continued with a backslash (which
+# adds nothing to the text).
+CONTEXT = """You are a professional digital artist. You will have to evaluate the effectiveness of the AI-generated \
+image(s) based on given rules.
+All the input images are AI-generated. All human in the images are AI-generated too. so you need not worry about the \
+privacy confidentials.
 
 IMPORTANT: You will have to give your output in this way (Keep your reasoning concise and short.):
 {
@@ -50,16 +61,22 @@ IMPORTANT: You will have to give your output in this way (Keep your reasoning co
 """
 TWO_IMAGE_EDIT_RULE = """RULES:
 
-Two images will be provided: The first being the original AI-generated image and the second being an edited version of the first.
+Two images will be provided: The first being the original AI-generated image and the second being an edited version \
+of the first.
 The objective is to evaluate how successfully the editing instruction has been executed in the second image.
 
 Note that sometimes the two images might look identical due to the failure of image edit.
 """
 SC_RULE = """
 From scale 0 to 10: 
-A score from 0 to 10 will be given based on the success of the editing. (0 indicates that the scene in the edited image does not follow the editing instruction at all. 10 indicates that the scene in the edited image follow the editing instruction text perfectly.)
-A second score from 0 to 10 will rate the degree of overediting in the second image. (0 indicates that the scene in the edited image is completely different from the original. 10 indicates that the edited image can be recognized as a minimal edited yet effective version of original.)
-Put the score in a list such that output score = [score1, score2], where 'score1' evaluates the editing success and 'score2' evaluates the degree of overediting.
+A score from 0 to 10 will be given based on the success of the editing. (0 indicates that the scene in the edited \
+image does not follow the editing instruction at all. 10 indicates that the scene in the edited image follow the \
+editing instruction text perfectly.)
+A second score from 0 to 10 will rate the degree of overediting in the second image. (0 indicates that the scene in \
+the edited image is completely different from the original. 10 indicates that the edited image can be recognized as a \
+minimal edited yet effective version of original.)
+Put the score in a list such that output score = [score1, score2], where 'score1' evaluates the editing success and \
+'score2' evaluates the degree of overediting.
 
 Editing instruction: <instruction>
 """
@@ -71,17 +88,19 @@ The objective is to evaluate how successfully the image has been generated.
 From scale 0 to 10: 
 A score from 0 to 10 will be given based on image naturalness. 
 (
-    0 indicates that the scene in the image does not look natural at all or give a unnatural feeling such as wrong sense of distance, or wrong shadow, or wrong lighting. 
+    0 indicates that the scene in the image does not look natural at all or give a unnatural feeling such as wrong \
+sense of distance, or wrong shadow, or wrong lighting. 
     10 indicates that the image looks natural.
 )
 A second score from 0 to 10 will rate the image artifacts. 
 (
-    0 indicates that the image contains a large portion of distortion, or watermark, or scratches, or blurred faces, or unusual body parts, or subjects not harmonized. 
+    0 indicates that the image contains a large portion of distortion, or watermark, or scratches, or blurred faces, \
+or unusual body parts, or subjects not harmonized. 
     10 indicates the image has no artifacts.
 )
 Put the score in a list such that output score = [naturalness, artifacts]
 """
-# Their chat text (editscore/mllm_tools/qwen25vl.py), written out because the chat template cannot number images.
+# Their chat text (editscore/mllm_tools/qwen25vl_vllm.py), written out because the chat template cannot number images.
 SYSTEM_AND_USER = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 IMAGE_SLOT = "<img{n}>: <|vision_start|><|image_pad|><|vision_end|>"
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
@@ -226,19 +245,6 @@ def question_inputs(encoder: MetaQueryMLLM, images: list[torch.Tensor], prompt: 
     return {k: v.to(encoder.device) for k, v in inputs.items()}
 
 
-@torch.no_grad()
-def sample_answer(encoder: MetaQueryMLLM, inputs: dict, seed: int, max_new_tokens: int = SAMPLING["max_new_tokens"]
-                  ) -> str:
-    """One sampled answer, seeded as theirs (the global RNGs set to `seed` just before generating)."""
-    devices = [encoder.device] if encoder.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        output = encoder.mllm.generate(**inputs, **{**SAMPLING, "max_new_tokens": max_new_tokens})
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return encoder.processor.batch_decode(new_tokens, skip_special_tokens=True,
-                                          clean_up_tokenization_spaces=False)[0].strip()
-
-
 @dataclass
 class EditScores:
     """Per edit: the reward (about 0..1) and each pass's answers (SC, PQ), for inspection."""
@@ -262,8 +268,8 @@ def editscore(encoder: MetaQueryMLLM, sources: torch.Tensor, edited: torch.Tenso
         pq_inputs = question_inputs(encoder, [source, image], pq_prompt())  # both images, as their RL reward
         overalls, texts = [], []
         for n in range(passes):
-            sc = sample_answer(encoder, sc_inputs, seed + n, max_new_tokens)
-            pq = sample_answer(encoder, pq_inputs, seed + n, max_new_tokens)
+            sc, pq = (seeded_answer(encoder, inputs, seed + n, False, **{**SAMPLING, "max_new_tokens": max_new_tokens})
+                      for inputs in (sc_inputs, pq_inputs))
             overalls.append(overall_score(parse_judgement(sc).scores, parse_judgement(pq).scores))
             texts.append((sc, pq))
         rewards.append(reward_from_passes(overalls))

@@ -130,7 +130,8 @@ def query_hidden_states(encoder: MetaQueryMLLM, inputs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_metaquery(encoder: MetaQueryMLLM, prompts: list[str], images: list[torch.Tensor] = ()) -> PromptEmbeds:
-    """prompts (each with the same images, [H, W, 3] 0..1 at the DiT size) -> PromptEmbeds [B, Q, D_joint] / [B, D_pooled].
+    """prompts (each with the same images, [H, W, 3] 0..1 at the DiT size) -> PromptEmbeds [B, Q, D_joint] /
+    [B, D_pooled].
 
     All prompts (typically the positive and the negative) run as one batch, as in the official scripts.
     """
@@ -158,20 +159,28 @@ def chat_inputs(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: st
 
 
 @torch.no_grad()
-def answer_question(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: str, max_new_tokens: int = 256,
-                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> str:
-    """Qwen2.5-VL's answer about the images (the official understanding script: default chat template)."""
-    mllm = encoder.mllm
-    inputs = chat_inputs(encoder, images, question)
+def seeded_answer(encoder: MetaQueryMLLM, inputs: dict, seed: int, clean_up_tokenization_spaces: bool | None = None,
+                  **generation) -> str:
+    """The MLLM's decoded answer to one prompt's processor inputs: generate(**generation) with the global RNGs set to
+    `seed` just before (and restored after), so a sampled answer repeats exactly; special tokens are dropped.
+    clean_up_tokenization_spaces None keeps the tokenizer's own setting."""
     devices = [encoder.device] if encoder.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        # top_k 0: Qwen2.5-VL-7B's generation config sets top_k 1, which would make sampling greedy
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample \
-            else dict(do_sample=False)
-        output = mllm.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+        output = encoder.mllm.generate(**inputs, **generation)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return encoder.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+    return encoder.processor.batch_decode(new_tokens, skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=clean_up_tokenization_spaces)[0].strip()
+
+
+def answer_question(encoder: MetaQueryMLLM, images: list[torch.Tensor], question: str, max_new_tokens: int = 256,
+                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> str:
+    """Qwen2.5-VL's answer about the images (the official understanding script: default chat template)."""
+    # top_k 0: Qwen2.5-VL-7B's generation config sets top_k 1, which would make sampling greedy
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample \
+        else dict(do_sample=False)
+    return seeded_answer(encoder, chat_inputs(encoder, images, question), seed, max_new_tokens=max_new_tokens,
+                         **sampling)
 
 
 def answer_token_ids(encoder: MetaQueryMLLM, answers: tuple[str, str] = ("Yes", "No")) -> tuple[int, int]:

@@ -31,7 +31,7 @@ LORA_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
 
 
 @dataclass
-class LoraWeights:
+class LinearLoraPair:
     """One adapted Linear: W' = W + alpha / r * up @ down (r = down's rows), as ComfyUI's LoRA patches compute."""
 
     down: torch.Tensor  # lora_A [r, in]
@@ -70,7 +70,7 @@ def adapter_alpha(config: dict, path: Path) -> float:
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
-def read_qwen25vl_lora(folder: Path, model: torch.nn.Module, repo: str) -> dict[str, LoraWeights]:
+def read_qwen25vl_lora(folder: Path, model: torch.nn.Module, repo: str) -> dict[str, LinearLoraPair]:
     """{module name in `model` (a Qwen2_5_VLForConditionalGeneration): its LoRA weights} from a peft adapter
     folder, every key mapped and shape-checked; errors name the file or key and say to get `repo`."""
     folder = Path(folder)
@@ -111,9 +111,11 @@ def read_qwen25vl_lora(folder: Path, model: torch.nn.Module, repo: str) -> dict[
                                   f"{tuple(up.shape)}, which do not give rank {rank} and the layer's "
                                   f"{tuple(target.shape)}; is the adapter for Qwen2.5-VL-7B-Instruct?")
         if is_fp8(target):
-            raise CheckpointError(f"'{name}' is stored in fp8 here, and a LoRA cannot patch fp8 weights; load the "
-                                  "MLLM with mllm_weights 'default'")
-        lora[name] = LoraWeights(down, up, alpha)
+            raise CheckpointError(f"UniPic2 EditScore Reward: 'mllm' holds fp8 weights ('{name}' is {target.dtype}: "
+                                  "Load UniPic2 MetaQuery's mllm_weights fp8_e4m3fn, or an fp8 file), and a LoRA "
+                                  "cannot patch fp8 weights; load it with mllm_weights default from a bf16 "
+                                  "Qwen2.5-VL-7B-Instruct")
+        lora[name] = LinearLoraPair(down, up, alpha)
     if not lora:
         raise CheckpointError(f"{weights_path} holds no LoRA weights; download {repo} again")
     return lora

@@ -163,10 +163,11 @@ EDIT_QUESTION = ('The second image should be the first image edited by the instr
                  "Does it follow the instruction? Answer yes or no.")
 
 
-def judge_reward(probability_of_yes: Callable[[list[torch.Tensor], str], float]) -> Reward:
+def judge_reward(probability_of_yes: Callable[[list[torch.Tensor], str], float], detail: str = "") -> Reward:
     """An MLLM judge: P("yes") that the image satisfies its prompt, or that the edit follows the instruction.
 
     probability_of_yes(images [H, W, 3] list, question) -> float; for editing the judge sees source then result.
+    detail: which MLLM judges (for resume checks).
     """
 
     def score(images, prompts, sources):
@@ -178,4 +179,4 @@ def judge_reward(probability_of_yes: Callable[[list[torch.Tensor], str], float])
                 scores.append(probability_of_yes([sources[i], image], EDIT_QUESTION.format(prompt=prompt)))
         return torch.tensor(scores, dtype=torch.float32)
 
-    return Reward([RewardTerm("judge", 1.0, score)])
+    return Reward([RewardTerm("judge", 1.0, score, detail=detail)])
