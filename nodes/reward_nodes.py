@@ -11,7 +11,6 @@ from . import host
 from .loader_nodes import cached, local_folders, resolve
 
 CATEGORY = "UniPic2/training/rewards"
-REWARD = ("UNIPIC2_REWARD", {"tooltip": "A reward node's output."})
 
 
 class UniPic2JPEGReward:
@@ -82,21 +81,24 @@ class UniPic2JudgeReward:
             host.load_on_device(mllm.mllm_patcher)
             return yes_probability(mllm.encoder, images, question)
 
-        return (rewards.judge_reward(probability_of_yes, detail=mllm.source),)
+        return (rewards.judge_reward(probability_of_yes),)
 
 
 class UniPic2CombineRewards:
     CATEGORY = CATEGORY
-    DESCRIPTION = "A weighted sum of up to three rewards; the trainer reports each term separately."
+    DESCRIPTION = ("A weighted sum of rewards; the trainer reports each term separately. Any input may be another "
+                   "Combine Rewards' output, so chaining combines any number of rewards.")
     RETURN_TYPES = ("UNIPIC2_REWARD",)
     FUNCTION = "combine"
 
     @classmethod
     def INPUT_TYPES(cls):
         weight = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.05, "tooltip": "Multiplies this reward."}
-        return {"required": {"reward_1": REWARD, "weight_1": ("FLOAT", weight)},
-                "optional": {"reward_2": REWARD, "weight_2": ("FLOAT", weight),
-                             "reward_3": REWARD, "weight_3": ("FLOAT", weight)}}
+        reward = ("UNIPIC2_REWARD", {"tooltip": "A reward, or another Combine Rewards' output (its terms keep their "
+                                                "weights, times this one)."})
+        return {"required": {"reward_1": reward, "weight_1": ("FLOAT", weight)},
+                "optional": {"reward_2": reward, "weight_2": ("FLOAT", weight),
+                             "reward_3": reward, "weight_3": ("FLOAT", weight)}}
 
     def combine(self, reward_1, weight_1, reward_2=None, weight_2=1.0, reward_3=None, weight_3=1.0):
         pairs = [(r, w) for r, w in ((reward_1, weight_1), (reward_2, weight_2), (reward_3, weight_3)) if r is not None]

@@ -135,6 +135,21 @@ def test_combined_reward_reports_each_term(host):
     assert torch.allclose(combined.total(scores), 2.0 * scores["brightness"] + 0.5 * scores["jpeg_incompressibility"])
 
 
+def test_chained_combiners_sum_any_number_of_rewards(host):
+    combine = host.node("UniPic2CombineRewards").combine
+    colours = [host.node("UniPic2ColourReward").make(*rgb)[0] for rgb in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
+    jpegs = [host.node("UniPic2JPEGReward").make(mode)[0] for mode in ("compressibility", "incompressibility")]
+    first = combine(colours[0], 1.0, colours[1], 2.0, colours[2], 3.0)[0]
+    chained = combine(first, 0.5, jpegs[0], 4.0, jpegs[1], 5.0)[0]
+    assert [t.weight for t in chained.terms] == [0.5, 1.0, 1.5, 4.0, 5.0]
+    assert len(set(chained.names)) == 5  # the three colour terms share a name and are told apart
+    images = torch.rand(2, 64, 64, 3)
+    scores = chained.score(images, ["x"] * 2, None)
+    expected = sum(t.weight * scores[t.name] for t in chained.terms)
+    assert torch.allclose(chained.total(scores), expected)
+    assert not torch.allclose(scores[chained.names[0]], scores[chained.names[1]])  # different targets
+
+
 def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, fresh_dit, tmp_path):
     """The file as a native ComfyUI LoraLoader reads it on an SD3 model: the host's diffusers->MMDiT key map
     (fused qkv slices) and its load_lora / calculate_weight, at strength 0.7."""

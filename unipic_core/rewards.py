@@ -163,11 +163,10 @@ EDIT_QUESTION = ('The second image should be the first image edited by the instr
                  "Does it follow the instruction? Answer yes or no.")
 
 
-def judge_reward(probability_of_yes: Callable[[list[torch.Tensor], str], float], detail: str = "") -> Reward:
+def judge_reward(probability_of_yes: Callable[[list[torch.Tensor], str], float]) -> Reward:
     """An MLLM judge: P("yes") that the image satisfies its prompt, or that the edit follows the instruction.
 
     probability_of_yes(images [H, W, 3] list, question) -> float; for editing the judge sees source then result.
-    detail: which MLLM judges (for resume checks).
     """
 
     def score(images, prompts, sources):
