@@ -178,4 +178,4 @@ def judge_reward(probability_of_yes: Callable[[list[torch.Tensor], str], float])
                 scores.append(probability_of_yes([sources[i], image], EDIT_QUESTION.format(prompt=prompt)))
         return torch.tensor(scores, dtype=torch.float32)
 
-    return Reward([RewardTerm("judge", 1.0, score, detail=detail)])
+    return Reward([RewardTerm("judge", 1.0, score)])
