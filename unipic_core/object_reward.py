@@ -17,11 +17,19 @@ CLIP on the crop with these prompts; the detector's box embedding is the same ki
 second model is needed.
 Position: GenEval's rule on box centres with a margin of 0.1 x the two boxes' sizes (relations).
 
-Score (Flow-GRPO's training reward, yifan123/reward-server gen_eval.evaluate_reward, 0..1): the mean of one term per
-requirement -- per include 1 - |count - found| / count (floored at 0), then, when the count is exact, its colour
-(share of its boxes with the right colour) and its position (1 when every box stands in the relation to every box of
-the target include); a wrong count scores its colour / position as one 0. Each exclude on a class no include counts
-adds 1 when fewer than its count are found (an include's exact count already implies an exclude of its class).
+Score (Flow-GRPO's GenEval training reward, yifan123/reward-server gen_eval.evaluate_reward): the mean of one term
+per requirement -- per include 1 - |count - found| / count, then, when the count is exact, its colour (share of its
+boxes with the right colour) and its position (1 when every box stands in the relation to every box of the target
+include); a wrong count scores its colour / position as one 0. At most 1, and below 0 when far more objects are found
+than asked, as in Flow-GRPO (2 asked, 7 found: 1 - 5/2 = -1.5), so over-counts still rank among themselves; the
+cap of 16 boxes per class bounds a term, and so the score, at -14.
+Two deliberate deviations from evaluate_reward: (1) a failed position check adds one 0 where Flow-GRPO appends 0 and
+then, unconditionally, 1 (the 1 after its loop looks like a slip: a failed check scores as much as a passed one); on
+the dog / teddy-bear line with the dog on the wrong side Flow-GRPO gives (1 + 1 + 0 + 1) / 4 = 0.75, we give
+(1 + 1 + 0) / 3 = 0.667. (2) Flow-GRPO ignores `exclude`; we add, for each exclude on a class no include names, 1
+when fewer than its count are found, else 0, so that a hand-written "no cat" has an effect. GenEval's own lines only
+exclude an included class (counting's "fewer than count + 1"), which the exact count already implies: on them this
+term never fires and the score equals Flow-GRPO's (but for deviation 1).
 """
 
 import json
@@ -278,11 +286,12 @@ def relations(box: tuple, target: tuple) -> set[str]:
 
 
 def requirement_terms(found: dict[str, list[Detection]], metadata: ObjectMetadata) -> list[float]:
-    """One term in 0..1 per requirement checked (see the module docstring for which are)."""
+    """One term per requirement checked (see the module docstring for which are): at most 1, negative for an
+    include when more than twice its count is found."""
     terms, matched = [], []  # matched[i]: include i's detections once it is fully satisfied, else None
     for req in metadata.include:
         objects = found.get(req.cls, [])
-        terms.append(max(0.0, 1 - abs(req.count - len(objects)) / req.count))
+        terms.append(1 - abs(req.count - len(objects)) / req.count)  # negative past 2 x count, as Flow-GRPO
         if len(objects) != req.count:
             if req.colour or req.position:
                 terms.append(0.0)
@@ -297,9 +306,10 @@ def requirement_terms(found: dict[str, list[Detection]], metadata: ObjectMetadat
             relation, target = req.position
             ok = matched[target] is not None and all(relation in relations(o.box, t.box)
                                                      for o in objects for t in matched[target])
-            terms.append(float(ok))
+            terms.append(float(ok))  # a failure adds one 0, not Flow-GRPO's 0 and then 1 (module docstring)
         matched.append(objects if ok else None)
     included = {r.cls for r in metadata.include}
+    # not in Flow-GRPO (module docstring); never fires on GenEval's lines, whose excludes name an included class
     terms += [float(len(found.get(cls, [])) < count) for cls, count in metadata.exclude if cls not in included]
     return terms
 
@@ -312,8 +322,8 @@ def object_score(found: dict[str, list[Detection]], metadata: ObjectMetadata) ->
 def object_scores(detector: OWLv2Detector, images: torch.Tensor, metadata: list[ObjectMetadata],
                   score_threshold: float = SCORE_THRESHOLD,
                   counting_threshold: float = COUNTING_THRESHOLD) -> torch.Tensor:
-    """The object score of each image [N, H, W, 3] for its prompt's metadata: float32 [N] in 0..1. Images of the
-    same prompt (a GRPO group) go through the detector together."""
+    """The object score of each image [N, H, W, 3] for its prompt's metadata: float32 [N], at most 1, below 0 for
+    heavy over-counts (down to -14). Images of the same prompt (a GRPO group) go through the detector together."""
     if len(metadata) != len(images):
         raise ValueError(f"{len(images)} images but {len(metadata)} metadata lines; give one per image")
     scores = torch.zeros(len(images))
