@@ -139,6 +139,15 @@ def learning(algorithms: list[str], sde_window: int, device: torch.device, learn
                   f"| rise over {steps} steps {', '.join(f'{r:.3f}' for r in rises)}")
 
 
+def learning_steps(text: str) -> int:
+    """--steps: the rise is judged on 3-step means, so fewer than 3 steps leave nothing to judge."""
+    steps = int(text)
+    if steps < 3:
+        raise argparse.ArgumentTypeError(f"{steps} is too few: the rise is measured on means over 3 steps, give at "
+                                         "least 3")
+    return steps
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="*", default=["tiny", "mid"])
@@ -153,7 +162,7 @@ def main():
     parser.add_argument("--sde-window", type=int, default=2, help="flow-grpo-fast's window")
     parser.add_argument("--learning", action="store_true", help="compare reward rise and time per algorithm")
     parser.add_argument("--learning-rate", type=float, default=3e-2, help="with --learning (the test's: 3e-2)")
-    parser.add_argument("--steps", type=int, default=25, help="with --learning")
+    parser.add_argument("--steps", type=learning_steps, default=25, help="with --learning (at least 3)")
     parser.add_argument("--seeds", type=int, default=3, help="with --learning")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="keep the DiT's activations in "
                         "the update (the trainer checkpoints by default)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unipic_core.atomic_files import WriteError
-from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks, TrainingItem
+from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks, TrainingItem, check_reward_inputs
 from unipic_core.loading import load_kontext
 from unipic_core.lora import LoRAError, load_lora, save_lora
 from unipic_core.rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward
@@ -116,6 +116,29 @@ def test_bad_settings_and_data_are_refused_with_clear_errors(models, tmp_path):
         GRPOTrainer(models, colour_reward((1, 1, 1)), [], small())
     with pytest.raises(ValueError, match="compares with the source image"):
         train(models, small(steps=1), reward=edit_consistency_reward())
+
+
+def test_a_reward_that_cannot_score_some_item_is_refused_before_training():
+    """Prompts are drawn at random per step, so an unfit item anywhere in the list is refused when the trainer is
+    created (models=None: nothing is touched), naming the item and the reward, not many steps in."""
+    counting = ('{"tag": "counting", "include": [{"class": "clock", "count": 2}], "prompt": "a photo of two clocks"}')
+    objects = Reward([RewardTerm("objects", 1.0, lambda images, prompts, sources, metadata: torch.ones(len(images)),
+                                 needs_metadata=True)])
+    geneval_then_plain = read_prompts(counting + "\n" + counting.replace("two clocks", "2 clocks") + "\na red fox")
+    with pytest.raises(ValueError, match="'objects' reward checks the objects a prompt asks for, but 'a red fox' is a "
+                                         "plain prompt .* write every line of UniPic2 Prompt List GenEval-style"):
+        GRPOTrainer(None, objects, geneval_then_plain, small())
+    pairs = edit_pairs([torch.rand(64, 64, 3)], ["make it blue"])
+    with pytest.raises(ValueError, match="'objects' reward .* this run trains edit pairs \\('make it blue'\\)"):
+        GRPOTrainer(None, objects, pairs, small())
+    with pytest.raises(ValueError, match="'edit_consistency_l1' reward compares with the source image, but 'a blue "
+                                         "lake' is a text-to-image prompt; train on edit pairs"):
+        GRPOTrainer(None, edit_consistency_reward(), [TrainingItem("a blue lake")], small())
+    with pytest.raises(ValueError, match="'edit_consistency_l1' reward compares .* 'a red fox'"):  # a combined term
+        check_reward_inputs(combine([(colour_reward((1, 1, 1)), 1.0), (edit_consistency_reward(), 1.0)]), PROMPTS)
+    assert check_reward_inputs(objects, geneval_then_plain[:2]) is None
+    assert check_reward_inputs(combine([(objects, 1.0), (colour_reward((1, 1, 1)), 1.0)]), geneval_then_plain[:2]) is None
+    assert check_reward_inputs(edit_consistency_reward(), pairs) is None
 
 
 def test_resume_refuses_another_rank_or_base_model(models, tmp_path):

@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -35,12 +35,14 @@ from .nft import follow, forward_point, nft_loss, old_policy_decay, optimality
 from .dit import TrainableDiT
 from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
                    save_lora, set_adapter_tensors)
-from .object_reward import ObjectMetadata
-from .rewards import Reward
+from .rewards import METADATA_EXAMPLE, Reward
 from .sampling import GuidedVelocity, PromptEmbeds
 from .schedule import flow_sigmas
 from .training_state import (TrainingState, check_fits, check_resumable, cpu_copy, load_state, run_fingerprint,
                              save_state, unusable)
+
+if TYPE_CHECKING:  # only a type: the loop does not import the detector's module
+    from .object_reward import ObjectMetadata
 
 log = logging.getLogger("unipic2")
 
@@ -115,7 +117,7 @@ class TrainingItem:
 
     prompt: str
     source: torch.Tensor | None = None
-    metadata: ObjectMetadata | None = None
+    metadata: "ObjectMetadata | None" = None
 
 
 @dataclass
@@ -227,6 +229,26 @@ def plan_chunks(settings: GRPOSettings, rank: int, world: int) -> list[Chunk]:
     return chunks
 
 
+def check_reward_inputs(reward: Reward, data: list[TrainingItem]) -> None:
+    """Refuses, before any training, a reward term that cannot score some item: prompts are drawn at random each
+    step, so without this a mixed list would fail only when its first unfit item is drawn, possibly many steps in."""
+    for term in reward.terms:
+        if term.needs_sources:
+            item = next((item for item in data if item.source is None), None)
+            if item is not None:
+                raise ValueError(f"the '{term.name}' reward compares with the source image, but "
+                                 f"'{item.prompt}' is a text-to-image prompt; train on edit pairs (UniPic2 Edit "
+                                 "Pairs) or remove the reward")
+        if term.needs_metadata:
+            item = next((item for item in data if item.metadata is None), None)
+            if item is not None and item.source is not None:
+                raise ValueError(f"the '{term.name}' reward checks the objects a text-to-image prompt asks for, but "
+                                 f"this run trains edit pairs ('{item.prompt}'); remove the reward from edit runs")
+            if item is not None:
+                raise ValueError(f"the '{term.name}' reward checks the objects a prompt asks for, but '{item.prompt}' "
+                                 "is a plain prompt with no requirements; write every line of UniPic2 Prompt List "
+                                 f"GenEval-style, e.g. {METADATA_EXAMPLE}, or remove the reward")
+
 class GRPOTrainer:
     """Holds the adapter, optimizer and history; `run` trains until settings.steps (resumable)."""
 
@@ -248,6 +270,7 @@ class GRPOTrainer:
         editing = [item.source is not None for item in data]
         if any(editing) and not all(editing):
             raise ValueError("mixing prompts and edit pairs in one run is not supported; train one kind per stage")
+        check_reward_inputs(reward, data)
         self.models, self.reward, self.data, self.settings = models, reward, data, settings
         self.lora_file = checkpoint
         self.checkpoint = None if checkpoint is None else checkpoint.with_suffix(STATE_SUFFIX)

@@ -4,8 +4,8 @@ Metadata: one JSON object per prompt line, in the format of GenEval's prompts/ev
     {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
      {"class": "dog", "count": 1, "position": ["right of", 0]}], "prompt": "a photo of a dog right of a teddy bear"}
 `include` items: class, count, optional color (GenEval's ten) and position [relation, index of an earlier include];
-`exclude` items: class, count (the image should hold fewer). The tag picks the detection threshold (counting's is
-stricter, as in GenEval).
+`exclude` items: class, count (the image should hold fewer). The tag picks the detection threshold (counting lines
+have their own, as in GenEval).
 
 Detection follows GenEval's evaluate_images.py with OWLv2 (google/owlv2-base-patch16-ensemble) in place of its
 closed-vocabulary Mask2Former: the prompt's classes are the text queries ("a photo of a {class}"); each box takes the
@@ -17,11 +17,26 @@ CLIP on the crop with these prompts; the detector's box embedding is the same ki
 second model is needed.
 Position: GenEval's rule on box centres with a margin of 0.1 x the two boxes' sizes (relations).
 
-Score (Flow-GRPO's training reward, yifan123/reward-server gen_eval.evaluate_reward, 0..1): the mean of one term per
-requirement -- per include 1 - |count - found| / count (floored at 0), then, when the count is exact, its colour
-(share of its boxes with the right colour) and its position (1 when every box stands in the relation to every box of
-the target include); a wrong count scores its colour / position as one 0. Each exclude on a class no include counts
-adds 1 when fewer than its count are found (an include's exact count already implies an exclude of its class).
+Score (Flow-GRPO's GenEval training reward, yifan123/reward-server gen_eval.evaluate_reward): the mean of one term
+per requirement -- per include 1 - |count - found| / count, then, when the count is exact, its colour (share of its
+boxes with the right colour) and its position (1 when every box stands in the relation to every box of the target
+include); a wrong count scores its colour / position as one 0. At most 1, and below 0 when far more objects are found
+than asked, as in Flow-GRPO (2 asked, 7 found: 1 - 5/2 = -1.5), so over-counts still rank among themselves; the
+cap of 16 boxes per class bounds a term, and so the score, at -14.
+Two deliberate deviations from evaluate_reward: (1) a failed position check adds one 0 where Flow-GRPO appends 0 and
+then, unconditionally, 1 (the 1 after its loop looks like a slip: a failed check scores as much as a passed one); on
+the dog / teddy-bear line with the dog on the wrong side Flow-GRPO gives (1 + 1 + 0 + 1) / 4 = 0.75, we give
+(1 + 1 + 0) / 3 = 0.667. (2) Flow-GRPO ignores `exclude`; we add, for each exclude on a class no include names, 1
+when fewer than its count are found, else 0, so that a hand-written "no cat" has an effect. GenEval's own lines only
+exclude an included class (counting's "fewer than count + 1"), which the exact count already implies: on them this
+term never fires and the score equals Flow-GRPO's (but for deviation 1).
+
+Thresholds: not validated on real images here. The defaults (0.1 for every tag) follow the published OWLv2 usage:
+transformers' OWLv2 example keeps boxes above 0.1 (its two clearly visible cats score 0.61 and 0.67), and LLM-grounded
+Diffusion's counting / spatial benchmark counts OWL-ViT boxes above 0.05 after suppression. GenEval's stricter counting
+threshold (0.9 vs 0.3) is tuned to Mask2Former's scores and has no OWLv2 counterpart we can cite, so counting starts
+equal. An OWL-ViT user reports many false objects for a single text query at 0.1 (google-research/scenic issue
+657): raise either threshold if extra objects break exact counts.
 """
 
 import json
@@ -41,10 +56,9 @@ COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"
 RELATIONS = ("left of", "right of", "above", "below")
 OBJECT_QUERY = "a photo of a {cls}"
 COLOUR_QUERIES = ("a photo of a {colour} {cls}", "a photo of a {colour}-colored {cls}", "a photo of a {colour} object")
-# GenEval keeps Mask2Former boxes above 0.3 (0.9 for counting). OWLv2's sigmoid scores run lower for the same
-# confidence: 0.3 keeps clearly visible objects, and counting asks 0.5 so that a half-seen extra object does not
-# break an exact count. Both are node inputs.
-SCORE_THRESHOLD, COUNTING_THRESHOLD = 0.3, 0.5
+# GenEval keeps Mask2Former boxes above 0.3 (0.9 for counting); OWLv2's scores are another scale: see the module
+# docstring for where 0.1 comes from (unvalidated here). Both are node inputs.
+SCORE_THRESHOLD, COUNTING_THRESHOLD = 0.1, 0.1
 # GenEval needs no suppression (Mask2Former does not repeat an object); OWLv2 predicts a box per image patch, so one
 # object gets several: 0.3 IoU is transformers' OWL suppression default. Suppression runs before the cap of 16.
 NMS_IOU, MAX_OBJECTS = 0.3, 16
@@ -278,11 +292,12 @@ def relations(box: tuple, target: tuple) -> set[str]:
 
 
 def requirement_terms(found: dict[str, list[Detection]], metadata: ObjectMetadata) -> list[float]:
-    """One term in 0..1 per requirement checked (see the module docstring for which are)."""
+    """One term per requirement checked (see the module docstring for which are): at most 1, negative for an
+    include when more than twice its count is found."""
     terms, matched = [], []  # matched[i]: include i's detections once it is fully satisfied, else None
     for req in metadata.include:
         objects = found.get(req.cls, [])
-        terms.append(max(0.0, 1 - abs(req.count - len(objects)) / req.count))
+        terms.append(1 - abs(req.count - len(objects)) / req.count)  # negative past 2 x count, as Flow-GRPO
         if len(objects) != req.count:
             if req.colour or req.position:
                 terms.append(0.0)
@@ -297,9 +312,10 @@ def requirement_terms(found: dict[str, list[Detection]], metadata: ObjectMetadat
             relation, target = req.position
             ok = matched[target] is not None and all(relation in relations(o.box, t.box)
                                                      for o in objects for t in matched[target])
-            terms.append(float(ok))
+            terms.append(float(ok))  # a failure adds one 0, not Flow-GRPO's 0 and then 1 (module docstring)
         matched.append(objects if ok else None)
     included = {r.cls for r in metadata.include}
+    # not in Flow-GRPO (module docstring); never fires on GenEval's lines, whose excludes name an included class
     terms += [float(len(found.get(cls, [])) < count) for cls, count in metadata.exclude if cls not in included]
     return terms
 
@@ -312,8 +328,8 @@ def object_score(found: dict[str, list[Detection]], metadata: ObjectMetadata) ->
 def object_scores(detector: OWLv2Detector, images: torch.Tensor, metadata: list[ObjectMetadata],
                   score_threshold: float = SCORE_THRESHOLD,
                   counting_threshold: float = COUNTING_THRESHOLD) -> torch.Tensor:
-    """The object score of each image [N, H, W, 3] for its prompt's metadata: float32 [N] in 0..1. Images of the
-    same prompt (a GRPO group) go through the detector together."""
+    """The object score of each image [N, H, W, 3] for its prompt's metadata: float32 [N], at most 1, below 0 for
+    heavy over-counts (down to -14). Images of the same prompt (a GRPO group) go through the detector together."""
     if len(metadata) != len(images):
         raise ValueError(f"{len(images)} images but {len(metadata)} metadata lines; give one per image")
     scores = torch.zeros(len(images))
