@@ -332,11 +332,12 @@ class UniPic2ObjectReward:
             "detector": ([OWLV2_REPO] + sorted(owlv2_folders()), {"tooltip": "google/owlv2-base-patch16-ensemble "
                          "(downloaded into models/unipic2 on first use, 0.6 GB) or an OWLv2 folder there (config.json, "
                          "model.safetensors and its processor files)."}),
-            "score_threshold": threshold(SCORE_THRESHOLD, "A detection counts as an object above this confidence. "
-                                         "Higher: fewer false objects, more missed ones."),
-            "counting_threshold": threshold(COUNTING_THRESHOLD, "The same for 'counting' lines, stricter so that a "
-                                            "half-seen extra object does not break an exact count (GenEval does "
-                                            "the same)."),
+            "score_threshold": threshold(SCORE_THRESHOLD, "A detection counts as an object above this confidence "
+                                         "(0.1 as in transformers' OWLv2 example; not yet validated on generated "
+                                         "images). Higher: fewer false objects, more missed ones."),
+            "counting_threshold": threshold(COUNTING_THRESHOLD, "The same for 'counting' lines. Raise it if "
+                                            "half-seen or false extra objects break exact counts (GenEval uses a "
+                                            "stricter one for its own detector)."),
             "dtype": REWARD_DTYPE,
         }}
 
