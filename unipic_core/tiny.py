@@ -63,10 +63,11 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def write_clip_tokenizer(folder: Path) -> dict[str, int]:
-    """A byte-level CLIPTokenizer saved in `folder`; returns its vocabulary."""
+def write_clip_tokenizer(folder: Path, max_length: int = 77, **special_tokens: str) -> dict[str, int]:
+    """A byte-level CLIPTokenizer saved in `folder` (its context and special tokens as given, else CLIP's); returns
+    its vocabulary."""
     vocab = _byte_level_vocab()
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(str(folder))
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, **special_tokens).save_pretrained(str(folder))
     # The official CLIP tokenizer folders ship vocab.json + merges.txt (no tokenizer.json): load that path.
     (folder / "tokenizer.json").unlink()
     (folder / "vocab.json").write_text(json.dumps(vocab))

@@ -19,11 +19,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection
+from transformers import CLIPConfig, CLIPModel, Owlv2Config, Owlv2ForObjectDetection
 
 from .repos import QWEN_REPO
 from .reward_models import AestheticMLP
-from .tiny import _byte_level_vocab, write_clip_tokenizer
+from .tiny import write_clip_tokenizer
 
 IMAGE_SIZE, PATCH_SIZE = 224, 14
 # preprocessor_config.json of openai/clip-vit-large-patch14 (the older format with plain sizes).
@@ -108,12 +108,8 @@ def write_owlv2_folder(out: str | Path, width: int = 32, seed: int = 0) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    vocab = _byte_level_vocab()  # "!" is id 0, as in OWLv2's vocabulary, where it pads queries
-    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=OWLV2_TINY_CONTEXT, **OWLV2_SPECIAL_TOKENS
-                  ).save_pretrained(str(out))
-    (out / "tokenizer.json").unlink()  # the published folder ships vocab.json + merges.txt only
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    (out / "merges.txt").write_text("#version: 0.2\n")
+    # "!" is id 0, as in OWLv2's vocabulary, where it pads queries
+    vocab = write_clip_tokenizer(out, OWLV2_TINY_CONTEXT, **OWLV2_SPECIAL_TOKENS)
     (out / "special_tokens_map.json").write_text(json.dumps(OWLV2_SPECIAL_TOKENS, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps(OWLV2_PREPROCESSOR_CONFIG, indent=2))
     layers = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
