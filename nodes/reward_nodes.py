@@ -3,6 +3,8 @@ rewards (PickScore, CLIP score, aesthetic, the GenEval-style object reward) load
 the hub, each under its own ModelPatcher, so ComfyUI moves them in and out of VRAM around the DiT; EditScore is a
 LoRA on the MetaQuery's MLLM, a patched clone of its ModelPatcher (one copy of the 7B weights)."""
 
+from pathlib import Path
+
 from ..unipic_core import folders, rewards
 from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
                                  EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO,
@@ -111,17 +113,21 @@ REWARD_DTYPE = (["fp32", "bf16", "fp16"], {"default": "fp32", "tooltip": (
 _LOADED: dict[str, dict] = {}  # reward kind -> its most recent model, as the loaders cache checkpoints
 
 
+def unipic2_entries(accept) -> dict[str, Path]:
+    """The folders (or files) in models/unipic2 that accept(path) recognises, by their listed name."""
+    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: accept(path))
+
+
 def clip_folders():
-    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: folders.is_clip_folder(path))
+    return unipic2_entries(folders.is_clip_folder)
 
 
 def processor_folders():
-    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: folders.is_clip_processor_folder(path))
+    return unipic2_entries(folders.is_clip_processor_folder)
 
 
 def aesthetic_files():
-    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: path.suffix in (".pth", ".safetensors")
-                         and path.is_file())
+    return unipic2_entries(lambda path: path.suffix in (".pth", ".safetensors") and path.is_file())
 
 
 def hub_files(patterns: tuple[str, ...]):
@@ -253,7 +259,7 @@ class UniPic2AestheticReward:
 def adapter_folders():
     from ..unipic_core.qwen25vl_lora import is_adapter_folder
 
-    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: is_adapter_folder(path))
+    return unipic2_entries(is_adapter_folder)
 
 
 class UniPic2EditScoreReward:
@@ -308,16 +314,15 @@ class UniPic2EditScoreReward:
 
 
 def owlv2_folders():
-    from ..unipic_core.object_reward import is_owlv2_folder
-
-    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: is_owlv2_folder(path))
+    return unipic2_entries(folders.is_owlv2_folder)
 
 
 class UniPic2ObjectReward:
     CATEGORY = CATEGORY
     DESCRIPTION = ("GenEval-style object reward: OWLv2, a zero-shot detector, checks the objects each prompt asks for "
                    "-- presence, exact count, colour, left/right/above/below -- and the reward is the share of "
-                   "requirements met, 0..1 (Flow-GRPO's GenEval reward). Needs GenEval-style lines in UniPic2 Prompt "
+                   "requirements met (Flow-GRPO's GenEval reward: at most 1, below 0 when far more objects are found "
+                   "than asked). Needs GenEval-style lines in UniPic2 Prompt "
                    "List. One detector pass per image at 960 px (OWLv2-B/16, 155 M weights, 0.6 GB in fp32).")
     RETURN_TYPES = ("UNIPIC2_REWARD",)
     FUNCTION = "make"

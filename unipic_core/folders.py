@@ -41,6 +41,11 @@ def is_clip_folder(folder: Path) -> bool:
     return _config(folder / "config.json").get("model_type") == "clip"
 
 
+def is_owlv2_folder(folder: Path) -> bool:
+    """A transformers OWLv2 detector folder (the object reward's), by its config.json."""
+    return _config(folder / "config.json").get("model_type") == "owlv2"
+
+
 def is_clip_processor_folder(folder: Path) -> bool:
     """A folder with a CLIP image processor config (e.g. the processor files of laion's CLIP-H, which PickScore uses)."""
     config = _config(folder / "preprocessor_config.json")

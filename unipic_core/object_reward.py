@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from .folders import is_owlv2_folder
 from .images import to_pil
 from .loading import CheckpointError, load_pretrained, weight_files
 from .repos import OWLV2_REPO
@@ -174,13 +175,6 @@ class OWLv2Detector:
     model: torch.nn.Module
     processor: object
     device: torch.device = torch.device("cpu")  # where it computes; ComfyUI's device under the host
-
-
-def is_owlv2_folder(folder: Path) -> bool:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "owlv2"
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def load_owlv2(folder: str | Path, dtype: torch.dtype = torch.float32, repo: str = OWLV2_REPO) -> OWLv2Detector:
