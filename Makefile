@@ -6,7 +6,7 @@ CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(BIN)/python demo.py
+	$(BIN)/python -m tools.demo
 
 test: $(VENV)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest tests

@@ -31,7 +31,7 @@ import psutil
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-from comfyui_runner import PACK_NAME, prepare_host
+from tools.comfyui_runner import PACK_NAME, prepare_host
 from unipic_core.dit import DiffusersDiT
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.loading import load_kontext

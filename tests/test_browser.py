@@ -16,8 +16,8 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
-from comfyui_runner import PACK_DIR, Server, prepare_host
-from demo import MODEL_INPUTS, SAMPLE_IMAGE, TINY, model_choice
+from tools.comfyui_runner import PACK_DIR, Server, prepare_host
+from tools.demo import MODEL_INPUTS, SAMPLE_IMAGE, TINY, model_choice
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless in a closed network: no background connections, no GPU, a throwaway profile (as root: no sandbox).

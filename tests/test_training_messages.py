@@ -9,8 +9,8 @@ import json
 import aiohttp
 import pytest
 
-from comfyui_runner import PACK_DIR, Server, prepare_host
-from demo import TINY, api_prompt, model_choice
+from tools.comfyui_runner import PACK_DIR, Server, prepare_host
+from tools.demo import TINY, api_prompt, model_choice
 
 EVENT = "unipic2.grpo"
 STEPS = 3

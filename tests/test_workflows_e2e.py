@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
-from demo import SAMPLE_IMAGE, TINY, api_prompt, model_choice
+from tools.comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
+from tools.demo import SAMPLE_IMAGE, TINY, api_prompt, model_choice
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352),

@@ -1,7 +1,7 @@
 """The demo: a real ComfyUI, headless on 127.0.0.1, runs workflows/unipic2_kontext_edit.json and says where
 the edited image is.
 
-    python demo.py [--workflow workflows/unipic2_kontext_t2i.json] [--steps N]
+    python -m tools.demo [--workflow workflows/unipic2_kontext_t2i.json] [--steps N]   # from the repository root
 
 Real weights are used when the host has them (models/unipic2/UniPic2-SD3.5M-Kontext-2B, or
 UniPic2-Metaquery-9B with its Qwen2.5-VL inside for the MetaQuery workflows); otherwise a tiny random-weight
@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
+from tools.comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
 from unipic_core import tiny
 from unipic_core.repos import (EDITSCORE_REPO, KONTEXT_REPOS, METAQUERY_REPOS, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO,
                                PICKSCORE_REPO)

