@@ -192,7 +192,7 @@ def test_brightness_reward_rises_within_twenty_five_steps(models):
 
 def test_flow_grpo_fast_raises_the_brightness_reward_as_flow_grpo_does(models):
     """The fast variant (CPS steps on a 2-step window of 4, only the window trained). Measured with seeds 0, 1, 2:
-    rises of 0.25, 0.24, 0.27 in 13 s each, against flow-grpo's 16-18 s (benchmark_grpo.py compares the costs)."""
+    rises of 0.25, 0.24, 0.27 in 13 s each, against flow-grpo's 16-18 s (benchmarks/grpo.py compares the costs)."""
     assert_brightness_rises(models, algorithm="flow-grpo-fast", sde_window=2, noise_level=0.8)
 
 

@@ -2,8 +2,10 @@
 torchrun sample) and ComfyUI's native sampling (the path UniPic2 Sampler and SamplerCustomAdvanced take) against a
 reference loop, same process, same weights and inputs.
 
-    python benchmark_sampling.py [--sizes tiny mid] [--steps 8] [--resolution 512] [--device cpu|cuda] [--full-size]
-                                 [--use-pytorch-cross-attention]
+    python -m benchmarks.sampling [--sizes tiny mid] [--steps 8] [--resolution 512] [--device cpu|cuda] [--full-size]
+                                  [--use-pytorch-cross-attention]
+
+from the repository root, where `unipic_core`, `tools` and the `benchmarks` package import.
 
 Text-to-image runs against diffusers' StableDiffusion3Pipeline (latent output, given embeddings and latents);
 editing against a plain loop over diffusers' FlowMatchEulerDiscreteScheduler calling the same Kontext DiT with

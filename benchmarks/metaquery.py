@@ -1,6 +1,8 @@
 """Benchmark (not a test): MetaQuery encoding (positive + negative, with an edit image), time and peak memory.
 
-    python benchmark_metaquery.py [--sizes tiny mid] [--image-size 512] [--device cpu|cuda] [--budget 0.3]
+    python -m benchmarks.metaquery [--sizes tiny mid] [--image-size 512] [--device cpu|cuda] [--budget 0.3]
+
+from the repository root, where `unipic_core`, `tools` and the `benchmarks` package import.
 
 Legs, same process, same weights and inputs:
 - reference: the official scripts' recipe ported to the installed transformers (the processor on the padded pair of
@@ -11,7 +13,7 @@ Legs, same process, same weights and inputs:
   rest cast onto the device per layer as it runs), with the MLLM's Linear weights stored in scaled fp8.
 Prints ms and MiB per encode for each leg, its ratios to the reference, and each leg's largest difference from the
 reference's conditioning tokens. Peak memory is CUDA's max_memory_allocated on a GPU, the process RSS growth on the
-CPU (benchmark_sampling.PeakMemory); on a CPU the weights never move, so partial loading saves no memory there.
+CPU (benchmarks.sampling.PeakMemory); on a CPU the weights never move, so partial loading saves no memory there.
 """
 
 import argparse
@@ -19,7 +21,7 @@ import tempfile
 
 import torch
 
-from benchmark_sampling import NativeHost, compare
+from benchmarks.sampling import NativeHost, compare
 from unipic_core.fp8_weights import quantize_linears
 from unipic_core.images import to_pil
 from unipic_core.loading import load_metaquery_encoder

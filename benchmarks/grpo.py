@@ -1,8 +1,11 @@
 """Benchmark (not a test): one GRPO training step, split into its phases, against generating the same images.
 
-    python benchmark_grpo.py [--sizes tiny mid] [--group-size 4] [--sampling-steps 4] [--resolution 256]
-                             [--algorithms flow-grpo flow-grpo-fast] [--sde-window 2] [--full-size]
-                             [--device cpu|cuda] [--learning] [--no-gradient-checkpointing]
+    python -m benchmarks.grpo [--sizes tiny mid] [--group-size 4] [--sampling-steps 4] [--resolution 256]
+                              [--micro-batch 0] [--repeats 3] [--algorithms flow-grpo flow-grpo-fast]
+                              [--sde-window 2] [--full-size] [--device cpu|cuda] [--no-gradient-checkpointing]
+                              [--learning [--learning-rate 3e-2] [--steps 25] [--seeds 3]]
+
+from the repository root, where `unipic_core` and the `benchmarks` package import.
 
 For each config it runs a few training steps and prints, per phase (prepare, sampling, decoding, reward, update),
 the time and peak memory of the fastest step, then the whole step against a reference run in the same process:
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from benchmark_sampling import PeakMemory, measure
+from benchmarks.sampling import PeakMemory, measure
 from unipic_core.dit import DiffusersDiT
 from unipic_core.grpo import ALGORITHMS
 from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem, TrainingModels
