@@ -25,29 +25,24 @@ import time
 
 import torch
 
-from benchmarks.sampling import PeakMemory, measure
+from benchmarks.harness import PeakMemory, benchmark_parser, full_size_dit, measure, random_prompt_embeds, ratios
 from unipic_core.dit import DiffusersDiT
 from unipic_core.grpo import ALGORITHMS
 from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem, TrainingModels
-from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.loading import load_kontext
 from unipic_core.rewards import colour_reward, jpeg_reward
 from unipic_core.sampling import PromptEmbeds, sample
 from unipic_core.schedule import flow_sigmas
-from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, SD35M_TRANSFORMER, random_vae, write_kontext_folder
+from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, random_vae, write_kontext_folder
 from unipic_core.training_models import models_on_device, training_models
 
 PROMPTS = [TrainingItem("a photo of a red apple on a wooden table")]
 
 
 def full_size_models(device: torch.device) -> TrainingModels:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer = KontextSD3Transformer(**SD35M_TRANSFORMER).to(device, dtype).eval()
-    vae = random_vae(SD3_VAE_CHANNELS, SD3_VAE_LAYERS).to(device, dtype).eval()
-    cfg = transformer.config
-    g = torch.Generator().manual_seed(0)
-    embeds = [PromptEmbeds(torch.randn(1, 333, cfg.joint_attention_dim, generator=g),
-                           torch.randn(1, cfg.pooled_projection_dim, generator=g)) for _ in "pn"]
+    transformer = full_size_dit(device)
+    vae = random_vae(SD3_VAE_CHANNELS, SD3_VAE_LAYERS).to(device, transformer.dtype).eval()
+    embeds = random_prompt_embeds(transformer.config, torch.Generator().manual_seed(0))
     condition = lambda prompts, sources: (PromptEmbeds(embeds[0].tokens.expand(len(prompts), -1, -1),
                                                        embeds[0].pooled.expand(len(prompts), -1)), embeds[1])
     dit = DiffusersDiT(transformer)
@@ -104,10 +99,10 @@ def bench(name: str, models: TrainingModels, settings: GRPOSettings, repeats: in
           f"micro_batch={settings.micro_batch or settings.group_size}")
     for phase, (seconds, mib) in steps[best].items():
         print(f"  {phase:>9} {seconds:8.3f} s {mib:9.1f} MiB")
-    step_time, step_mem = min(t for t, _ in totals), min(m for _, m in totals)
-    ref_time, ref_mem = min(t for t, _ in reference), min(m for _, m in reference)
-    print(f"  step {step_time:.3f} s, peak {step_mem:.1f} MiB | generating the same images {ref_time:.3f} s, "
-          f"{ref_mem:.1f} MiB | ratio time {step_time / ref_time:.2f} memory {step_mem / max(ref_mem, 1e-6):.2f}")
+    step = min(t for t, _ in totals), min(m for _, m in totals)
+    generating = min(t for t, _ in reference), min(m for _, m in reference)
+    print(f"  step {step[0]:.3f} s, peak {step[1]:.1f} MiB | generating the same images {generating[0]:.3f} s, "
+          f"{generating[1]:.1f} MiB | ratio {ratios(step, generating, digits=2)}")
 
 
 def learning(algorithms: list[str], sde_window: int, device: torch.device, learning_rate: float, steps: int,
@@ -152,14 +147,12 @@ def learning_steps(text: str) -> int:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="*", default=["tiny", "mid"])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--sampling-steps", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-size", action="store_true", help="SD3.5-M DiT + SD3 VAE, random weights")
     parser.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
     parser.add_argument("--sde-window", type=int, default=2, help="flow-grpo-fast's window")

@@ -13,15 +13,14 @@ Legs, same process, same weights and inputs:
   rest cast onto the device per layer as it runs), with the MLLM's Linear weights stored in scaled fp8.
 Prints ms and MiB per encode for each leg, its ratios to the reference, and each leg's largest difference from the
 reference's conditioning tokens. Peak memory is CUDA's max_memory_allocated on a GPU, the process RSS growth on the
-CPU (benchmarks.sampling.PeakMemory); on a CPU the weights never move, so partial loading saves no memory there.
+CPU (benchmarks.harness.PeakMemory); on a CPU the weights never move, so partial loading saves no memory there.
 """
 
-import argparse
 import tempfile
 
 import torch
 
-from benchmarks.sampling import NativeHost, compare
+from benchmarks.harness import NativeHost, benchmark_parser, compare, ratios
 from unipic_core.fp8_weights import quantize_linears
 from unipic_core.images import to_pil
 from unipic_core.loading import load_metaquery_encoder
@@ -75,10 +74,8 @@ class Managed:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="*", default=["tiny", "mid"])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--image-size", type=int, default=512, help="square edit image, px (multiple of 32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=0.3, help="resident fraction for the partial legs")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -109,10 +106,9 @@ def main():
                 expected = legs["reference"]().float().cpu()
                 gaps = {name: (fn().float().cpu() - expected).abs().max().item() for name, fn in legs.items()}
                 figures = compare(legs, device, repeats=5)
-            t_ref, m_ref = figures["reference"]
             for name, (t, m) in figures.items():
-                print(f"{size:>5} {name:>12}: {t * 1000:8.1f} ms {m:8.1f} MiB | /reference time {t / t_ref:.3f} "
-                      f"memory {m / max(m_ref, 1e-6):.3f} | max |tokens - reference| {gaps[name]:.1e}")
+                print(f"{size:>5} {name:>12}: {t * 1000:8.1f} ms {m:8.1f} MiB | /reference "
+                      f"{ratios((t, m), figures['reference'])} | max |tokens - reference| {gaps[name]:.1e}")
 
 
 if __name__ == "__main__":

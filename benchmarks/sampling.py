@@ -15,104 +15,32 @@ official sigmas, as UniPic2 Sampler runs it, the reference as `reference_latents
 Prints time per step and peak memory, the ratios project (the engine loop) / reference and native / reference
 (target <= 1.0), and the largest difference between the native and the project latents (the parity tests allow
 1e-4 in fp32).
-Peak memory is CUDA's max_memory_allocated on a GPU, and on the CPU the growth of the process RSS (sampled every
-2 ms, after returning freed heap to the OS with malloc_trim).
+Peak memory is measured as benchmarks.harness.PeakMemory does (CUDA's max_memory_allocated on a GPU, the process
+RSS growth on the CPU).
 --full-size builds SD3.5-Medium's DiT with random weights (GPU: bf16 at 512^2 and 1024^2).
 """
 
-import argparse
-import asyncio
-import ctypes
-import gc
-import sys
 import tempfile
-import threading
-import time
 
-import psutil
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-from tools.comfyui_runner import PACK_NAME, prepare_host
+from benchmarks.harness import NativeHost, benchmark_parser, compare, full_size_dit, random_prompt_embeds, ratios
 from unipic_core.dit import DiffusersDiT
-from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.loading import load_kontext
 from unipic_core.sampling import PromptEmbeds, sample
 from unipic_core.schedule import flow_sigmas
-from unipic_core.tiny import SD35M_TRANSFORMER, write_kontext_folder
+from unipic_core.tiny import write_kontext_folder
 
 SCHEDULER = {"shift": 3.0}
 
 
-class PeakMemory:
-    """Peak memory above the starting level during a `with` block, in MiB."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0.0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            # hand freed heap back to the OS first, so the growth measured is this run's, not a reuse of the last
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            self.process = psutil.Process()
-            self.start = self.process.memory_info().rss
-            self.running = True
-            self.high = self.start
-            self.thread = threading.Thread(target=self._poll, daemon=True)
-            self.thread.start()
-        return self
-
-    def _poll(self):
-        while self.running:
-            self.high = max(self.high, self.process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            high = torch.cuda.max_memory_allocated()
-        else:
-            self.running = False
-            self.thread.join()
-            high = self.high
-        self.peak = (high - self.start) / 2**20
-
-
-def measure(fn, device) -> tuple[float, float]:
-    """(seconds, peak MiB) of one call."""
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return seconds, memory.peak
-
-
-def compare(legs: dict, device, repeats=5) -> dict:
-    """{name: (seconds, MiB)} for {name: fn}: runs alternate after one warm-up each, so a slow spell on a noisy
-    machine hits every leg; the lowest of the repeats is kept for each figure."""
-    for fn in legs.values():
-        fn()
-    runs = {name: [] for name in legs}
-    for _ in range(repeats):
-        for name, fn in legs.items():
-            runs[name].append(measure(fn, device))
-    return {name: (min(t for t, _ in r), min(m for _, m in r)) for name, r in runs.items()}
-
-
 def report(label: str, per: int, figures: dict, native_gap: float) -> None:
     """One line: ms per step and MiB of each leg, then each leg's ratios to the reference."""
-    t_ref, m_ref = figures["reference"]
     legs = " | ".join(f"{name} {t / per * 1000:8.1f} ms/step {m:8.1f} MiB" for name, (t, m) in figures.items())
-    ratios = " | ".join(f"{name}/ref time {t / t_ref:.3f} memory {m / max(m_ref, 1e-6):.3f}"
-                        for name, (t, m) in figures.items() if name != "reference")
-    print(f"{label}  {legs} || {ratios} || native-project max |diff| {native_gap:.1e}")
+    to_reference = " | ".join(f"{name}/ref {ratios(figure, figures['reference'])}"
+                              for name, figure in figures.items() if name != "reference")
+    print(f"{label}  {legs} || {to_reference} || native-project max |diff| {native_gap:.1e}")
 
 
 def reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance):
@@ -129,38 +57,6 @@ def reference_edit_loop(transformer, noise, ref, pos, neg, steps, guidance):
         v_neg, v_pos = v.chunk(2)
         latents = scheduler.step(v_neg + guidance * (v_pos - v_neg), t, latents, return_dict=False)[0]
     return latents
-
-
-class NativeHost:
-    """ComfyUI imported into this process with the pack loaded as ComfyUI loads it (the tests' host)."""
-
-    def __init__(self, work_dir: str, device: torch.device, pytorch_attention: bool):
-        host = prepare_host(work_dir)
-        sys.path.insert(0, str(host))  # first: ComfyUI's `nodes` module, not this folder's `nodes` package
-        import comfy.cli_args
-
-        # before comfy.model_management is first imported, which reads them
-        comfy.cli_args.args.cpu = device.type == "cpu"
-        comfy.cli_args.args.use_pytorch_cross_attention = pytorch_attention
-        import comfy.ldm.modules.attention
-        import nodes
-
-        pack_dir = host / "custom_nodes" / PACK_NAME
-        if asyncio.run(nodes.load_custom_node(str(pack_dir))) is False:
-            raise SystemExit("the pack failed to import into ComfyUI (see the log above)")
-        pack = next(m for m in list(sys.modules.values())
-                    if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
-        self.pack = pack
-        self.with_kontext_reference = pack.nodes.native_kontext.with_kontext_reference
-        self.attention = comfy.ldm.modules.attention.optimized_attention.__name__
-
-    def model(self, transformer, dtype):
-        """The DiT's weights as a native MODEL (Load Diffusion Model's loader), patched to edit as UniPic2-Kontext."""
-        import comfy.sd
-
-        state_dict = {k: v.clone() for k, v in transformer.state_dict().items()}  # the loader consumes its input
-        native = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": dtype})
-        return self.with_kontext_reference(native)
 
 
 def native_sampler(model, noise, sigmas, pos, neg, guidance, reference=None):
@@ -188,9 +84,8 @@ def bench(name, transformer, native, device, dtype, resolution, steps, guidance=
     side = resolution // 8
     noise = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype)
     ref = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype)
-    embeds = [PromptEmbeds(torch.randn(1, 333, cfg.joint_attention_dim, generator=g).to(device, dtype),
-                           torch.randn(1, cfg.pooled_projection_dim, generator=g).to(device, dtype)) for _ in "pn"]
-    pos, neg = embeds
+    pos, neg = (PromptEmbeds(e.tokens.to(device, dtype), e.pooled.to(device, dtype))
+                for e in random_prompt_embeds(cfg, g))
     sigmas = flow_sigmas(steps, SCHEDULER)
     pipe = StableDiffusion3Pipeline(transformer=transformer, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(
         **SCHEDULER), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
@@ -218,11 +113,9 @@ def bench(name, transformer, native, device, dtype, resolution, steps, guidance=
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="*", default=["tiny", "mid"], help="tiny checkpoint configs to run")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-size", action="store_true", help="SD3.5-M DiT, random weights (bf16 on GPU)")
     parser.add_argument("--use-pytorch-cross-attention", action="store_true",
                         help="ComfyUI's flag: native attention by torch's SDPA, as the other legs use (ComfyUI's "
@@ -238,11 +131,10 @@ def main():
             bench(size, transformer, host.model(transformer, torch.float32), device, torch.float32,
                   args.resolution, args.steps)
         if args.full_size:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            transformer = KontextSD3Transformer(**SD35M_TRANSFORMER).to(device, dtype).eval()
-            native = host.model(transformer, dtype)
+            transformer = full_size_dit(device)
+            native = host.model(transformer, transformer.dtype)
             for resolution in (512, 1024):
-                bench("SD3.5-M", transformer, native, device, dtype, resolution, args.steps)
+                bench("SD3.5-M", transformer, native, device, transformer.dtype, resolution, args.steps)
 
 
 if __name__ == "__main__":
