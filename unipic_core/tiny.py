@@ -14,6 +14,9 @@ Qwen2.5-VL as the single file ComfyUI keeps in models/text_encoders (with the re
 e.g. ComfyUI's comfy/text_encoders/qwen25_tokenizer, which the file's loader reads). The reward kinds are
 tiny_rewards.py's, whatever --size says; the CLIP reward's and the aesthetic MLP's widths match (16-wide
 embeddings). The EditScore adapter fits the Qwen2.5-VL inside a metaquery folder of the same --size.
+
+Test fixtures kept in the engine rather than in tests/, because the commands above, the demo (tools/demo.py) and the
+benchmarks (benchmarks/) write these checkpoints too.
 """
 
 import argparse

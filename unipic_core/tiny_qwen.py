@@ -5,6 +5,9 @@ Tests and the demo build their checkpoints offline: these load through the same 
 real token format (chat turns, `<|vision_start|><|image_pad|>...<|vision_end|>`) and the real image preprocessing
 (14 px patches, 2x2 merge). The architecture is the 7B's (its head widths, rotary and window settings: see
 qwen25vl.py) with fewer heads and layers; the vocabulary is byte-level unless the real Qwen2.5 tokenizer is given.
+
+Test fixtures kept in the engine rather than in tests/, because `python -m unipic_core.tiny`, the demo
+(tools/demo.py) and the MetaQuery benchmark write these checkpoints too.
 """
 
 import shutil

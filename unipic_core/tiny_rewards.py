@@ -13,6 +13,9 @@
 - An EditScore adapter folder as PeftModel.save_pretrained writes it (adapter_config.json, adapter_model.safetensors,
   README.md), for a tiny Qwen2.5-VL of tiny_qwen.py: LoRA on the attention and MLP projections of the language model
   (and, peft matching by name, the vision blocks' MLPs), with random non-zero lora_B so it changes the answers.
+
+Test fixtures kept in the engine rather than in tests/, because `python -m unipic_core.tiny` and the demo
+(tools/demo.py) write these folders too.
 """
 
 import json
