@@ -34,13 +34,15 @@ def progress_hook(monkeypatch):
     comfy.utils.set_progress_bar_global_hook(None)
 
 
-def test_every_node_has_a_category_and_tooltips(host):
+def test_every_node_has_a_category_a_description_and_tooltips(host):
     mappings = host.pack.NODE_CLASS_MAPPINGS
     assert set(mappings) <= set(host.nodes.NODE_CLASS_MAPPINGS)
     assert set(mappings) == set(host.pack.NODE_DISPLAY_NAME_MAPPINGS)
     for name, cls in mappings.items():
         assert cls.CATEGORY.startswith("UniPic2/"), name
-        for input_name, spec in cls.INPUT_TYPES()["required"].items():
+        assert getattr(cls, "DESCRIPTION", "").strip(), f"{name} has no DESCRIPTION"
+        inputs = cls.INPUT_TYPES()
+        for input_name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
             assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
 
 
