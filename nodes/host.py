@@ -1,7 +1,7 @@
 """The one place that touches the ComfyUI host: model folders, memory manager, progress bar and Cancel (messages to
 the browser: messages.py).
 
-Written against ComfyUI 0.3.75, the minimum version the pack supports (DESIGN.md section 6).
+Written against ComfyUI 0.3.75, the minimum version the pack supports (docs/architecture.md §7).
 """
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Flow-GRPO maths: log-prob, ratio, KL, advantages and the clipped loss (DESIGN.md section 5); Flow-GRPO-Fast's
+"""Flow-GRPO maths: log-prob, ratio, KL, advantages and the clipped loss (docs/architecture.md §6); Flow-GRPO-Fast's
 CPS step and stochastic window."""
 
 import math

@@ -1,4 +1,4 @@
-"""The pack's nodes inside the real ComfyUI host, in this process (DESIGN.md section 7)."""
+"""The pack's nodes inside the real ComfyUI host, in this process (docs/architecture.md §8)."""
 
 import logging
 

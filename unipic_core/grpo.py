@@ -1,4 +1,4 @@
-"""Flow-GRPO maths (DESIGN.md section 5): SDE trajectories with log-probs, group advantages, the clipped loss;
+"""Flow-GRPO maths (docs/architecture.md §6): SDE trajectories with log-probs, group advantages, the clipped loss;
 Flow-GRPO-Fast's variant (stochastic CPS steps on a window, ODE elsewhere).
 
 Everything here is float32 and free of ComfyUI, so the node and a torchrun script share it.

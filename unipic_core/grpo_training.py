@@ -52,7 +52,7 @@ STATE_SUFFIX = ".training-state"  # not a LoRA extension, so LoRA loaders do not
 
 @dataclass
 class GRPOSettings:
-    """Defaults are the paper's / Flow-GRPO's (DESIGN.md section 5)."""
+    """Defaults are the paper's / Flow-GRPO's (docs/architecture.md §6)."""
 
     steps: int = 100
     algorithm: str = "flow-grpo"

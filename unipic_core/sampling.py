@@ -1,6 +1,6 @@
 """Flow-matching sampling for the Kontext DiT: Euler ODE and the Flow-GRPO SDE step, with CFG.
 
-Conventions (DESIGN.md section 4): x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = noise - x0
+Conventions (docs/architecture.md §5): x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = noise - x0
 and is fed timestep = sigma * 1000. Latents here are in *model space*, (raw_vae_latent - shift) * scale.
 All step maths runs in float32 whatever the DiT's dtype; low precision gives NaN log-probs in training.
 """
@@ -146,7 +146,7 @@ class GuidedVelocity:
 
 def guide(v_neg: torch.Tensor, v_pos: torch.Tensor, guidance: float) -> torch.Tensor:
     """Classifier-free guidance v_neg + g * (v_pos - v_neg)."""
-    # The unconditional branch carries no gradient in GRPO training (DESIGN.md section 5); at inference
+    # The unconditional branch carries no gradient in GRPO training (docs/architecture.md §6); at inference
     # nothing is tracked, so the detach costs nothing there.
     v_neg = v_neg.detach()
     return v_neg + guidance * (v_pos - v_neg)
