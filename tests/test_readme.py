@@ -1,9 +1,11 @@
-"""The README's Python API example runs as written (on the tiny checkpoint)."""
+"""The README's Python examples run as written (on the tiny checkpoints), and its node reference is what the nodes
+say of themselves (tools/node_reference.py)."""
 
 import os
 import re
 
 from conftest import ROOT
+from tools import node_reference
 
 
 def test_readme_python_api_example_runs(tiny_kontext_dir, tmp_path):
@@ -33,23 +35,12 @@ def test_readme_metaquery_example_runs(tiny_metaquery_dir, capsys):
     assert answer.strip()
 
 
-def node_reference():
-    """tools/node_reference.py, loaded by its path (tools/ is no package the host could shadow)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("unipic2_node_reference", ROOT / "tools" / "node_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-REGENERATE = ".venv/bin/python tools/node_reference.py"
+REGENERATE = ".venv/bin/python -m tools.node_reference"
 
 
 def test_readme_node_reference_is_the_nodes_own(host):
-    reference = node_reference()
-    expected = reference.render(host.pack.NODE_CLASS_MAPPINGS, host.pack.NODE_DISPLAY_NAME_MAPPINGS)
-    written = reference.readme_block((ROOT / "README.md").read_text())
+    expected = node_reference.render(host.pack.NODE_CLASS_MAPPINGS, host.pack.NODE_DISPLAY_NAME_MAPPINGS)
+    written = node_reference.readme_block((ROOT / "README.md").read_text())
     assert written == expected, f"README.md's node reference is out of date: run `{REGENERATE}` and commit README.md"
 
 
@@ -84,19 +75,18 @@ def write_model_folders(root):
 
 
 def test_node_reference_names_the_folders_of_exactly_the_inputs_that_list_files(host, tmp_path):
-    reference = node_reference()
     mappings = host.pack.NODE_CLASS_MAPPINGS
-    with reference.model_folders_listing(*write_model_folders(tmp_path)):
+    with node_reference.model_folders_listing(*write_model_folders(tmp_path)):
         listed = {node: cls.INPUT_TYPES() for node, cls in mappings.items()}
-        rendered = reference.render(mappings, host.pack.NODE_DISPLAY_NAME_MAPPINGS)
-    fixed = {node: reference.fixed_input_types(cls) for node, cls in mappings.items()}
+        rendered = node_reference.render(mappings, host.pack.NODE_DISPLAY_NAME_MAPPINGS)
+    fixed = {node: node_reference.fixed_input_types(cls) for node, cls in mappings.items()}
     from_disk = {(node, name) for node in mappings for group in ("required", "optional")
                  for name, spec in listed[node].get(group, {}).items() if spec[0] != fixed[node][group][name][0]}
-    assert from_disk == set(reference.DISK_CHOICES)
+    assert from_disk == set(node_reference.DISK_CHOICES)
     for node, cls in mappings.items():  # each input's folders: what its node reads
-        named = {kind for (n, _), (_, kinds) in reference.DISK_CHOICES.items() if n == node for kind in kinds}
-        assert reference.folder_kinds_read(cls) == named, node
+        named = {kind for (n, _), (_, kinds) in node_reference.DISK_CHOICES.items() if n == node for kind in kinds}
+        assert node_reference.folder_kinds_read(cls) == named, node
     # the files found on disk never reach the README
-    assert rendered == reference.render(mappings, host.pack.NODE_DISPLAY_NAME_MAPPINGS)
+    assert rendered == node_reference.render(mappings, host.pack.NODE_DISPLAY_NAME_MAPPINGS)
     assert "kontext" in listed["LoadUniPic2Kontext"]["required"]["checkpoint"][0]
     assert "kontext" not in fixed["LoadUniPic2Kontext"]["required"]["checkpoint"][0]

