@@ -56,6 +56,14 @@ class Browser:
 
     def open(self):
         self.page.goto(self.server.url)
+        self.wait_for_app()
+
+    def reload(self):
+        """One navigation, so a response of the reloaded page stays readable (a second one would discard it)."""
+        self.page.reload()
+        self.wait_for_app()
+
+    def wait_for_app(self):
         self.page.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types"
                                     "?.UniPic2GRPOTrainer", timeout=60_000)
 
@@ -159,8 +167,7 @@ def test_training_chart_follows_the_server_and_survives_reload_and_save(browser,
     browser.js("async () => { await window.app.queuePrompt(0, 1); }")
     browser.wait_for_history(3)
     browser.page.wait_for_timeout(1500)  # the frontend stores the workflow every second
-    browser.page.reload()  # mid-run: the restored workflow keeps the chart, later messages complete it
-    browser.open()
+    browser.reload()  # mid-run: the restored workflow keeps the chart, later messages complete it
     browser.wait_for_history(3, timeout_s=10)  # restored at once, not rebuilt from later steps
     browser.wait_for_history(10)
 
@@ -226,8 +233,7 @@ def test_a_workflow_that_did_not_queue_a_run_never_shows_it(browser):
 
     browser.wait_until_stored("unipic2_never_run")
     with browser.page.expect_response(lambda r: "/unipic2/messages/" in r.url) as caught:
-        browser.page.reload()
-        browser.open()
+        browser.reload()
     assert {run["node"] for run in caught.value.json()} == {"12"}  # the page caught up with the run...
     browser.js("() => fetch('/unipic2/messages/unipic2.grpo?clientId=none')")  # (after the page read the answer)
     assert browser.trainer_history() is None  # ...and kept it off this workflow
