@@ -3,9 +3,16 @@
 Every workflow loads with all its nodes known; the GRPO trainer's live chart holds exactly the rewards the server
 logged, survives a page reload mid-run and a save / reopen; stray messages raise no console error; a workflow that
 did not queue a run never shows it, live or after a reload; a trainer inside a subgraph (current frontend) gets its
-points; a later run of a trainer replaces its chart, or continues it from the step it resumed at. Screenshots of each workflow go to $UNIPIC2_SCREENSHOTS (the README's pictures) or a temp folder.
+points; a later run of a trainer replaces its chart, or continues it from the step it resumed at. The host's template
+browser lists every workflow with its thumbnail.
+
+Screenshots of each workflow go to $UNIPIC2_SCREENSHOTS (the README's pictures), and the template browser's
+thumbnails (<name>.jpg beside workflows/<name>.json) to $UNIPIC2_THUMBNAILS, each to a temp folder when unset.
+Regenerate both: UNIPIC2_SCREENSHOTS=docs/screenshots UNIPIC2_THUMBNAILS=workflows .venv/bin/python -m pytest
+tests/test_browser.py
 """
 
+import io
 import json
 import os
 import re
@@ -13,10 +20,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
-from tools.comfyui_runner import PACK_DIR, Server, prepare_host
+from tools.comfyui_runner import PACK_DIR, PACK_NAME, Server, prepare_host
 from tools.demo import MODEL_INPUTS, SAMPLE_IMAGE, TINY, model_choice
 
 CHROMIUM = "/usr/bin/chromium"
@@ -26,6 +34,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 GRPO = PACK_DIR / "workflows" / "unipic2_grpo_t2i.json"
 STEP_LINE = re.compile(r"UniPic2 GRPO step (\d+)/(\d+): reward (-?[\d.]+)")
+THUMBNAIL_WIDTH, THUMBNAIL_QUALITY, THUMBNAIL_MARGIN = 512, 80, 24  # margin: screen pixels of canvas around the nodes
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +47,11 @@ def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
         model_choice(node, name, server.models / "none", server.models / "unipic2")
     (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
     server.wait_ready()
-    # As a returning user: a first visit opens the frontend's template browser over the canvas.
-    urllib.request.urlopen(urllib.request.Request(f"{server.url}/settings/Comfy.TutorialCompleted", data=b"true",
-                                                  method="POST"), timeout=30)
+    # As a returning user (a first visit opens the frontend's template browser over the canvas), without the canvas
+    # info (fps etc.) in the pictures' corner.
+    for setting, value in (("Comfy.TutorialCompleted", b"true"), ("Comfy.Graph.CanvasInfo", b"false")):
+        urllib.request.urlopen(urllib.request.Request(f"{server.url}/settings/{setting}", data=value, method="POST"),
+                               timeout=30)
     yield server
     server.stop()
 
@@ -56,6 +67,14 @@ class Browser:
 
     def open(self):
         self.page.goto(self.server.url)
+        self.wait_for_app()
+
+    def reload(self):
+        """One navigation, so a response of the reloaded page stays readable (a second one would discard it)."""
+        self.page.reload()
+        self.wait_for_app()
+
+    def wait_for_app(self):
         self.page.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types"
                                     "?.UniPic2GRPOTrainer", timeout=60_000)
 
@@ -65,8 +84,9 @@ class Browser:
     def js(self, script: str, arg=None):
         return self.page.evaluate(script, arg)
 
-    def fit_and_screenshot(self, path: Path):
-        self.js("""() => {
+    def fit_and_screenshot(self, path: Path, thumbnail: Path | None = None):
+        """Screenshot of the page with every node in view; `thumbnail`: also a JPEG of just the nodes."""
+        box = self.js("""() => {
             const nodes = window.app.graph._nodes, canvas = window.app.canvas;
             const xs = nodes.flatMap(n => [n.pos[0], n.pos[0] + n.size[0]]);
             const ys = nodes.flatMap(n => [n.pos[1] - 30, n.pos[1] + n.size[1]]);
@@ -77,9 +97,15 @@ class Browser:
             canvas.ds.offset = [left / scale - Math.min(...xs), top / scale - Math.min(...ys)];
             canvas.setDirty(true, true);
             canvas.draw(true, true);
+            const page = canvas.canvas.getBoundingClientRect();
+            return { left: page.left + left, top: page.top + top,
+                     right: page.left + left + scale * (Math.max(...xs) - Math.min(...xs)),
+                     bottom: page.top + top + scale * (Math.max(...ys) - Math.min(...ys)) };
         }""")
         self.page.wait_for_timeout(300)
         self.page.screenshot(path=str(path))
+        if thumbnail:
+            write_thumbnail(path, box, thumbnail)
 
     def use_tiny_checkpoints(self):
         """Point the loaders and reward models at the tiny stand-ins (the workflows name the official repos)."""
@@ -116,6 +142,16 @@ class Browser:
         }""")
 
 
+def write_thumbnail(screenshot: Path, box: dict, path: Path) -> None:
+    """The nodes' part of a screenshot (box: their page rectangle), THUMBNAIL_WIDTH wide, as a JPEG."""
+    with Image.open(screenshot) as image:
+        edges = (box["left"] - THUMBNAIL_MARGIN, box["top"] - THUMBNAIL_MARGIN,
+                 min(box["right"] + THUMBNAIL_MARGIN, image.width), min(box["bottom"] + THUMBNAIL_MARGIN, image.height))
+        nodes = image.convert("RGB").crop(tuple(round(max(edge, 0)) for edge in edges))
+    height = round(nodes.height * THUMBNAIL_WIDTH / nodes.width)
+    nodes.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(path, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+
+
 @pytest.fixture(scope="module")
 def browser(server):
     with sync_playwright() as playwright:
@@ -128,15 +164,25 @@ def browser(server):
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("UNIPIC2_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+def picture_folder(variable: str, tmp_path_factory) -> Path:
+    """$variable's folder, or a temp one: the pictures are taken either way, so writing them stays tested."""
+    folder = Path(os.environ.get(variable) or tmp_path_factory.mktemp(variable.lower()))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    return picture_folder("UNIPIC2_SCREENSHOTS", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def thumbnails(tmp_path_factory) -> Path:
+    return picture_folder("UNIPIC2_THUMBNAILS", tmp_path_factory)
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda w: w.name)
-def test_workflow_loads_with_every_node_known(browser, screenshots, workflow):
+def test_workflow_loads_with_every_node_known(browser, screenshots, thumbnails, workflow):
     data = json.loads(workflow.read_text())
     before = len(browser.errors)
     browser.load(data)
@@ -146,9 +192,47 @@ def test_workflow_loads_with_every_node_known(browser, screenshots, workflow):
     assert sorted(n["type"] for n in loaded) == sorted(n["type"] for n in data["nodes"])
     assert [n for n in loaded if not n["known"] or n["red"]] == []
     assert browser.errors[before:] == []
-    path = screenshots / f"{workflow.stem}.png"
-    browser.fit_and_screenshot(path)
+    path, thumbnail = screenshots / f"{workflow.stem}.png", thumbnails / f"{workflow.stem}.jpg"
+    browser.fit_and_screenshot(path, thumbnail)
     assert path.stat().st_size > 10_000
+    assert_thumbnail(thumbnail.read_bytes())
+
+
+def assert_thumbnail(data: bytes) -> None:
+    """A thumbnail as the template browser gets it: a JPEG THUMBNAIL_WIDTH wide, not blank, well under 100 kB."""
+    with Image.open(io.BytesIO(data)) as image:
+        assert (image.format, image.width) == ("JPEG", THUMBNAIL_WIDTH)
+        assert 64 <= image.height <= 2 * THUMBNAIL_WIDTH
+    assert 5_000 < len(data) < 100_000
+
+
+def test_the_template_browser_lists_every_workflow_with_its_thumbnail(server):
+    assert "Unable to parse pyproject.toml" not in server.log()  # the host reads the pack's registry metadata
+    missing = [w.name for w in WORKFLOWS if not w.with_suffix(".jpg").is_file()]
+    assert missing == [], "no thumbnail: UNIPIC2_THUMBNAILS=workflows .venv/bin/python -m pytest tests/test_browser.py"
+    templates = server.get("/workflow_templates")
+    assert sorted(templates[PACK_NAME]) == [w.stem for w in WORKFLOWS]  # workflows/unipic2_sample.png is no template
+    for workflow in WORKFLOWS:  # where the frontend's template browser fetches a custom node's thumbnail
+        url = f"{server.url}/api/workflow_templates/{PACK_NAME}/{workflow.stem}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.headers["Content-Type"] == "image/jpeg"
+            assert_thumbnail(response.read())
+
+
+def test_the_frontend_template_browser_shows_each_thumbnail(browser):
+    page = browser.page
+    browser.js("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_placeholder("Search").first.fill("unipic2")  # which also opens the Extensions group of the list
+    page.get_by_text(PACK_NAME, exact=True).first.click()
+    page.wait_for_function("""([count, width]) => {
+        const images = [...document.querySelectorAll('[data-testid^="template-workflow-"] img')];
+        return images.length === count && images.every(image => image.complete && image.naturalWidth === width);
+    }""", arg=[len(WORKFLOWS), THUMBNAIL_WIDTH])
+    shown = browser.js("""() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+                          .map(card => card.dataset.testid.replace("template-workflow-", ""))""")
+    page.locator("[role=dialog] button:has(.pi-times)").click()  # the dialog ignores Escape
+    page.get_by_role("dialog").wait_for(state="detached")
+    assert sorted(shown) == [w.stem for w in WORKFLOWS]
 
 
 def test_training_chart_follows_the_server_and_survives_reload_and_save(browser, server, screenshots):
@@ -159,8 +243,7 @@ def test_training_chart_follows_the_server_and_survives_reload_and_save(browser,
     browser.js("async () => { await window.app.queuePrompt(0, 1); }")
     browser.wait_for_history(3)
     browser.page.wait_for_timeout(1500)  # the frontend stores the workflow every second
-    browser.page.reload()  # mid-run: the restored workflow keeps the chart, later messages complete it
-    browser.open()
+    browser.reload()  # mid-run: the restored workflow keeps the chart, later messages complete it
     browser.wait_for_history(3, timeout_s=10)  # restored at once, not rebuilt from later steps
     browser.wait_for_history(10)
 
@@ -226,8 +309,7 @@ def test_a_workflow_that_did_not_queue_a_run_never_shows_it(browser):
 
     browser.wait_until_stored("unipic2_never_run")
     with browser.page.expect_response(lambda r: "/unipic2/messages/" in r.url) as caught:
-        browser.page.reload()
-        browser.open()
+        browser.reload()
     assert {run["node"] for run in caught.value.json()} == {"12"}  # the page caught up with the run...
     browser.js("() => fetch('/unipic2/messages/unipic2.grpo?clientId=none')")  # (after the page read the answer)
     assert browser.trainer_history() is None  # ...and kept it off this workflow
@@ -290,3 +372,4 @@ def test_a_later_run_of_the_node_replaces_its_chart_or_continues_it_when_resumed
     assert charts["resumed"]["texts"][0] == "step 6/6  reward 0.6000"
     legend = [text for text in charts["resumed"]["texts"] if text in ("total", "aesthetic", "clip", "ocr")]
     assert legend == ["total", "clip", "ocr"]  # every term on the chart, though the last point has no clip
+
