@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from unipic_core.atomic_files import WriteError
-from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks, TrainingItem, check_reward_inputs
+from unipic_core.grpo_settings import GRPOSettings
+from unipic_core.grpo_training import GRPOTrainer, Hooks
 from unipic_core.loading import load_kontext
 from unipic_core.lora import LoRAError, load_lora, save_lora
 from unipic_core.rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward
-from unipic_core.training_data import edit_pairs, read_prompts
+from unipic_core.training_data import TrainingItem, check_reward_inputs, edit_pairs, read_prompts
 from unipic_core.training_models import models_on_device
 from unipic_core.training_state import load_state
 

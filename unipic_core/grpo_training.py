@@ -23,115 +23,29 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
 
-from .grpo import (ALGORITHMS, CPS_STEP, SDE_STEP, Trajectory, group_advantages, grpo_loss, sample_trajectory,
+from .grpo import (CPS_STEP, SDE_STEP, Trajectory, group_advantages, grpo_loss, sample_trajectory,
                    sde_window, step_policy, trained_steps)
+from .grpo_settings import SIZE_MULTIPLE, GRPOSettings
 from .images import longer_edge_size, resize_image
-from .nft import follow, forward_point, nft_loss, old_policy_decay, optimality
-from .dit import TrainableDiT
 from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
                    save_lora, set_adapter_tensors)
-from .rewards import METADATA_EXAMPLE, Reward
+from .nft import follow, forward_point, nft_loss, old_policy_decay, optimality
+from .rewards import Reward
 from .sampling import GuidedVelocity, PromptEmbeds
 from .schedule import flow_sigmas
+from .training_data import TrainingItem, check_reward_inputs
+from .training_models import TrainingModels
 from .training_state import (TrainingState, check_fits, check_resumable, cpu_copy, load_state, run_fingerprint,
                              save_state, unusable)
 
-if TYPE_CHECKING:  # only a type: the loop does not import the detector's module
-    from .object_reward import ObjectMetadata
-
 log = logging.getLogger("unipic2")
 
-SIZE_MULTIPLE = 32
 STATE_SUFFIX = ".training-state"  # not a LoRA extension, so LoRA loaders do not list it
-
-
-@dataclass
-class GRPOSettings:
-    """Defaults are the paper's / Flow-GRPO's (docs/architecture.md §6)."""
-
-    steps: int = 100
-    algorithm: str = "flow-grpo"
-    sde_window: int = 3  # flow-grpo-fast's stochastic (and trained) steps per sample
-    nft_beta: float = 1.0  # diffusion-nft's b: how far the implicit policies reach past the old one
-    nft_kl: float = 1e-4  # diffusion-nft's weight of its velocity KL term (its repository's; beta is Flow-GRPO's)
-    group_size: int = 16
-    prompts_per_step: int = 1
-    sampling_steps: int = 10
-    noise_level: float = 0.7
-    guidance: float = 3.5
-    beta: float = 0.04
-    learning_rate: float = 3e-4
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    clip_range: float = 1e-4
-    advantage_clip: float = 5.0
-    batch_std: bool = False
-    timestep_fraction: float = 0.99
-    resolution: int = 512
-    micro_batch: int = 0  # images per DiT forward; 0 = a whole group
-    gradient_checkpointing: bool = True  # in the update: much less activation memory, ~1/3 more compute
-    grad_clip: float = 1.0
-    updates_per_step: int = 2  # optimizer steps per batch of samples (Flow-GRPO: two per epoch)
-    seed: int = 0
-    negative_prompt: str = ""
-    save_every: int = 0  # 0 = only at the end
-
-    def check(self) -> None:
-        problems = []
-        if self.group_size < 2:
-            problems.append(f"group_size is {self.group_size}; GRPO compares images within a group, use 2 or more")
-        if self.steps < 1 or self.prompts_per_step < 1 or self.sampling_steps < 1:
-            problems.append("steps, prompts_per_step and sampling_steps must be at least 1")
-        if self.noise_level <= 0 and self.algorithm != "diffusion-nft":
-            problems.append(f"noise_level is {self.noise_level}; GRPO needs a stochastic sampler, use e.g. 0.7")
-        if self.resolution < 64 or self.resolution % SIZE_MULTIPLE:
-            problems.append(f"resolution {self.resolution} must be a multiple of {SIZE_MULTIPLE}, at least 64")
-        if self.updates_per_step < 1 or self.updates_per_step > self.group_size * self.prompts_per_step:
-            problems.append(f"updates_per_step must be between 1 and the step's images "
-                            f"({self.group_size * self.prompts_per_step})")
-        if self.algorithm not in ALGORITHMS:
-            problems.append(f"algorithm is {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-        if self.sde_window < 1:
-            problems.append(f"sde_window is {self.sde_window}; flow-grpo-fast needs at least one stochastic step")
-        if self.algorithm == "flow-grpo-fast" and not 1 <= self.sde_window <= max(self.sampling_steps // 2, 1):
-            problems.append(f"sde_window is {self.sde_window}; flow-grpo-fast's window lies in the first half of the "
-                            f"{self.sampling_steps} steps, so use 1 to {max(self.sampling_steps // 2, 1)}")
-        if self.nft_beta <= 0 or self.nft_kl < 0:
-            problems.append(f"nft_beta is {self.nft_beta} and nft_kl {self.nft_kl}; diffusion-nft needs a positive b "
-                            "and a KL weight of 0 or more (its defaults: 1.0 and 1e-4)")
-        if self.lora_rank < 1 or self.lora_alpha <= 0:
-            problems.append("lora_rank must be at least 1 and lora_alpha positive")
-        if problems:
-            raise ValueError("GRPO settings: " + "; ".join(problems))
-
-
-@dataclass
-class TrainingItem:
-    """One prompt, or one edit pair (source image [H, W, 3] in 0..1 + instruction); a prompt from a GenEval-style
-    line carries its requirements (object_reward.ObjectMetadata) for the rewards that check them."""
-
-    prompt: str
-    source: torch.Tensor | None = None
-    metadata: "ObjectMetadata | None" = None
-
-
-@dataclass
-class TrainingModels:
-    """What the loop needs from the loaded components; the node wires these through ComfyUI's memory manager."""
-
-    dit: Callable[[], TrainableDiT]  # the DiT (adapter inside) placed on the compute device
-    condition: Callable[[list[str], list[torch.Tensor | None]], tuple[PromptEmbeds, PromptEmbeds | None]]
-    encode_image: Callable[[torch.Tensor], torch.Tensor]  # IMAGE [1, H, W, 3] -> model-space latent [1, C, h, w]
-    decode: Callable[[torch.Tensor], torch.Tensor]  # model-space latents [N, C, h, w] -> IMAGE [N, H, W, 3]
-    scheduler_config: dict
-    latent_channels: int
-    device: torch.device
-    base_model: str = ""
 
 
 @dataclass
@@ -228,26 +142,6 @@ def plan_chunks(settings: GRPOSettings, rank: int, world: int) -> list[Chunk]:
             chunks.append(Chunk(group, [index]))
     return chunks
 
-
-def check_reward_inputs(reward: Reward, data: list[TrainingItem]) -> None:
-    """Refuses, before any training, a reward term that cannot score some item: prompts are drawn at random each
-    step, so without this a mixed list would fail only when its first unfit item is drawn, possibly many steps in."""
-    for term in reward.terms:
-        if term.needs_sources:
-            item = next((item for item in data if item.source is None), None)
-            if item is not None:
-                raise ValueError(f"the '{term.name}' reward compares with the source image, but "
-                                 f"'{item.prompt}' is a text-to-image prompt; train on edit pairs (UniPic2 Edit "
-                                 "Pairs) or remove the reward")
-        if term.needs_metadata:
-            item = next((item for item in data if item.metadata is None), None)
-            if item is not None and item.source is not None:
-                raise ValueError(f"the '{term.name}' reward checks the objects a text-to-image prompt asks for, but "
-                                 f"this run trains edit pairs ('{item.prompt}'); remove the reward from edit runs")
-            if item is not None:
-                raise ValueError(f"the '{term.name}' reward checks the objects a prompt asks for, but '{item.prompt}' "
-                                 "is a plain prompt with no requirements; write every line of UniPic2 Prompt List "
-                                 f"GenEval-style, e.g. {METADATA_EXAMPLE}, or remove the reward")
 
 class GRPOTrainer:
     """Holds the adapter, optimizer and history; `run` trains until settings.steps (resumable)."""
