@@ -206,7 +206,7 @@ def test_diffusion_nft_raises_the_brightness_reward(models):
 
 def test_flow_grpo_fast_resumes_exactly_and_trains_only_its_window(models, tmp_path, monkeypatch):
     from unipic_core.grpo import sde_window
-    from unipic_core.grpo_training import step_generator
+    from unipic_core.training_plan import step_generator
 
     trained = {}
     terms = GRPOTrainer._grpo_terms
@@ -271,7 +271,7 @@ def test_the_clip_acts_only_from_the_second_update_of_a_step(models):
 
 
 def test_any_seed_the_widget_allows_works(models):
-    from unipic_core.grpo_training import step_generator
+    from unipic_core.training_plan import step_generator
 
     assert not torch.equal(torch.randn(3, generator=step_generator(2**31 - 1, 7, 2)),
                            torch.randn(3, generator=step_generator(2**31 - 1, 7, 3)))

@@ -15,7 +15,6 @@ checkpoint is then exactly the last finished step's. An existing LoRA is never o
 resume it.
 """
 
-import hashlib
 import logging
 import math
 import tempfile
@@ -26,12 +25,11 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
-import torch.distributed as dist
 
-from .grpo import (CPS_STEP, SDE_STEP, Trajectory, group_advantages, grpo_loss, sample_trajectory,
-                   sde_window, step_policy, trained_steps)
-from .grpo_settings import SIZE_MULTIPLE, GRPOSettings
-from .images import longer_edge_size, resize_image
+from .data_parallel import gather_scores, rank_and_world, sum_gradients
+from .grpo import CPS_STEP, SDE_STEP, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
+from .grpo_settings import GRPOSettings
+from .images import resize_image
 from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
                    save_lora, set_adapter_tensors)
 from .nft import follow, forward_point, nft_loss, old_policy_decay, optimality
@@ -40,6 +38,7 @@ from .sampling import GuidedVelocity, PromptEmbeds
 from .schedule import flow_sigmas
 from .training_data import TrainingItem, check_reward_inputs
 from .training_models import TrainingModels
+from .training_plan import Chunk, choose_items, plan_chunks, stochastic_steps, step_generator, target_size, update_parts
 from .training_state import (TrainingState, check_fits, check_resumable, cpu_copy, load_state, run_fingerprint,
                              save_state, unusable)
 
@@ -76,33 +75,6 @@ class Hooks:
     cancel_requested: Callable[[], bool] = lambda: False
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def step_generator(seed: int, step: int, index: int = -1, purpose: str = "") -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, image index, purpose); index -1 is the step's prompt
-    choice, -2 flow-grpo-fast's window; purpose "nft" an image's training points."""
-    digest = hashlib.sha256(f"{seed}/{step}/{index}{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
-
-
-def choose_items(data: list[TrainingItem], settings: GRPOSettings, step: int) -> list[TrainingItem]:
-    order = torch.randperm(len(data), generator=step_generator(settings.seed, step))
-    picks = [order[i % len(data)].item() for i in range(settings.prompts_per_step)]
-    return [data[i] for i in picks]
-
-
-def target_size(item: TrainingItem, resolution: int) -> tuple[int, int]:
-    """(width, height): resolution^2 for text-to-image; the source's aspect at that longer edge for editing."""
-    if item.source is None:
-        return resolution, resolution
-    height, width = item.source.shape[:2]
-    return longer_edge_size(width, height, resolution, SIZE_MULTIPLE)
-
-
 @dataclass
 class StepInputs:
     """A step's K prompts / edit pairs with what every phase needs of them (lists are per group)."""
@@ -114,33 +86,6 @@ class StepInputs:
     negative: PromptEmbeds | None  # batch K or 1
     references: list[torch.Tensor | None]  # model-space latent [1, C, h, w] of the source (editing)
     sigmas: list[torch.Tensor]
-
-
-@dataclass
-class Chunk:
-    """Images of one group that go through the DiT together (same prompt, same size)."""
-
-    group: int
-    indices: list[int]  # global image indices
-    trajectory: Trajectory | None = None
-    images: torch.Tensor | None = None
-
-
-def plan_chunks(settings: GRPOSettings, rank: int, world: int) -> list[Chunk]:
-    total = settings.prompts_per_step * settings.group_size
-    if total % world:
-        raise ValueError(f"prompts_per_step * group_size = {total} images do not split over {world} processes")
-    per_rank = total // world
-    mine = range(rank * per_rank, (rank + 1) * per_rank)
-    micro = settings.micro_batch or settings.group_size
-    chunks: list[Chunk] = []
-    for index in mine:
-        group = index // settings.group_size
-        if chunks and chunks[-1].group == group and len(chunks[-1].indices) < micro:
-            chunks[-1].indices.append(index)
-        else:
-            chunks.append(Chunk(group, [index]))
-    return chunks
 
 
 class GRPOTrainer:
@@ -177,7 +122,7 @@ class GRPOTrainer:
             if resuming:  # checked before the DiT is touched
                 state = load_state(self.checkpoint)
                 check_resumable(state, settings, models.base_model, self.fingerprint, self.checkpoint)
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = rank_and_world()
         self.dit = models.dit()
         self.params = add_lora(self.dit, settings.lora_rank, settings.lora_alpha, settings.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8,
@@ -326,16 +271,6 @@ class GRPOTrainer:
         return GuidedVelocity(self.dit, row(inputs.positive), row(inputs.negative), guidance,
                               inputs.references[chunk.group], batch or len(chunk.indices), self.models.device)
 
-    def _stochastic_steps(self) -> list[int] | None:
-        """This step's stochastic steps: all (None) for flow-grpo; a window drawn per step (the same on every
-        rank, and again on resume) for flow-grpo-fast; none for diffusion-nft (ODE samples)."""
-        s = self.settings
-        if s.algorithm == "flow-grpo":
-            return None
-        if s.algorithm == "diffusion-nft":
-            return []
-        return sde_window(s.sampling_steps, s.sde_window, step_generator(s.seed, self.step, -2))
-
     @property
     def _rule(self):
         return SDE_STEP if self.settings.algorithm == "flow-grpo" else CPS_STEP
@@ -360,7 +295,7 @@ class GRPOTrainer:
 
     def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
         s = self.settings
-        stochastic = self._stochastic_steps()
+        stochastic = stochastic_steps(s, self.step)
         with self._old_policy():  # diffusion-nft samples with the old policy
             for chunk in chunks:
                 width, height = inputs.sizes[chunk.group]
@@ -391,33 +326,8 @@ class GRPOTrainer:
             scores["total"] = self.reward.total(scores)
             for name, value in scores.items():
                 local.setdefault(name, []).append(value)
-        out = {name: torch.cat(values) for name, values in local.items()}
-        if self.world > 1:
-            for name, value in out.items():  # on the compute device: NCCL gathers no CPU tensors
-                value = value.to(self.models.device)
-                gathered = [torch.empty_like(value) for _ in range(self.world)]
-                dist.all_gather(gathered, value)
-                out[name] = torch.cat(gathered).cpu()
-        return out
-
-    def _update_parts(self, chunks: list[Chunk], valid: torch.Tensor,
-                      part_of: torch.Tensor) -> list[list[tuple[Chunk, list[int]]]]:
-        """This rank's trainable images as (chunk, rows) pieces, grouped by part (part_of: global index -> part).
-
-        Parts are ranges of *global* image indices, so every rank takes part in every update and the updates are
-        the same whatever the number of processes.
-        """
-        parts: list[list[tuple[Chunk, list[int]]]] = [[] for _ in range(self.settings.updates_per_step)]
-        for chunk in chunks:
-            if not bool(valid[chunk.indices].all()):
-                continue  # a skipped (NaN) group: no gradient from it
-            for row, index in enumerate(chunk.indices):
-                part = parts[part_of[index]]
-                if part and part[-1][0] is chunk:
-                    part[-1][1].append(row)
-                else:
-                    part.append((chunk, [row]))
-        return parts
+        return gather_scores({name: torch.cat(values) for name, values in local.items()}, self.models.device,
+                             self.world)
 
     def _grpo_terms(self, chunk: Chunk, rows: list[int], inputs: StepInputs, advantages: torch.Tensor,
                     steps: list[int]):
@@ -471,10 +381,8 @@ class GRPOTrainer:
                      else chunks[0].trajectory.steps)
             count = len(steps)
             terms_of = lambda chunk, rows, adv: self._grpo_terms(chunk, rows, inputs, adv, steps)  # noqa: E731
-        part_of = torch.arange(len(valid)) * s.updates_per_step // len(valid)
         sums, terms_count = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clip": 0.0}, 0
-        for u, part in enumerate(self._update_parts(chunks, valid, part_of)):
-            part_images = int((valid & (part_of == u)).sum().item())  # global, the same on every rank
+        for part_images, part in update_parts(chunks, valid, s.updates_per_step):
             for chunk, rows in part:
                 piece_advantages = advantages[[chunk.indices[r] for r in rows]].to(self.models.device)
                 for terms in terms_of(chunk, rows, piece_advantages):
@@ -483,11 +391,7 @@ class GRPOTrainer:
                     sums["loss"] += terms.loss.item(); sums["policy"] += terms.policy.item()
                     sums["kl"] += terms.kl.item(); sums["clip"] += terms.clip_fraction.item()
                     terms_count += 1
-            if self.world > 1:
-                for p in self.params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
+            sum_gradients(self.params, self.world)
             if part_images:
                 torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
                 self.optimizer.step()
