@@ -205,13 +205,18 @@ def test_diffusion_nft_raises_the_brightness_reward(models):
 
 
 def test_flow_grpo_fast_resumes_exactly_and_trains_only_its_window(models, tmp_path, monkeypatch):
+    from unipic_core import grpo_training
     from unipic_core.grpo import sde_window
     from unipic_core.training_plan import step_generator
 
     trained = {}
-    terms = GRPOTrainer._grpo_terms
-    monkeypatch.setattr(GRPOTrainer, "_grpo_terms", lambda self, *args: (trained.setdefault(self.step, args[-1]),
-                                                                          terms(self, *args))[1])
+    terms = grpo_training.flow_grpo_terms
+
+    def recording_terms(dit, settings, inputs, steps, *piece):
+        trained.setdefault(inputs.step, steps)
+        return terms(dit, settings, inputs, steps, *piece)
+
+    monkeypatch.setattr(grpo_training, "flow_grpo_terms", recording_terms)
     fast = dict(algorithm="flow-grpo-fast", sde_window=2, sampling_steps=6)
     _, straight = train(models, small(steps=3, **fast), checkpoint=tmp_path / "a.safetensors")
     assert trained == {step: sde_window(6, 2, step_generator(0, step, -2)) for step in range(3)}

@@ -19,26 +19,26 @@ import logging
 import math
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
 
 from .data_parallel import gather_scores, rank_and_world, sum_gradients
-from .grpo import CPS_STEP, SDE_STEP, group_advantages, grpo_loss, sample_trajectory, step_policy, trained_steps
+from .grpo import group_advantages, trained_steps
 from .grpo_settings import GRPOSettings
-from .images import resize_image
 from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
                    save_lora, set_adapter_tensors)
-from .nft import follow, forward_point, nft_loss, old_policy_decay, optimality
+from .nft import follow, old_policy_decay
 from .rewards import Reward
-from .sampling import GuidedVelocity, PromptEmbeds
-from .schedule import flow_sigmas
 from .training_data import TrainingItem, check_reward_inputs
 from .training_models import TrainingModels
-from .training_plan import Chunk, choose_items, plan_chunks, stochastic_steps, step_generator, target_size, update_parts
+from .training_losses import flow_grpo_terms, nft_terms
+from .training_plan import Chunk, plan_chunks, update_parts
+from .training_samples import StepInputs, prepare_inputs, sample_chunks, score_chunks
 from .training_state import (TrainingState, check_fits, check_resumable, cpu_copy, load_state, run_fingerprint,
                              save_state, unusable)
 
@@ -73,19 +73,6 @@ class TrainingResult:
 class Hooks:
     on_step: Callable[[StepReport], None] = lambda report: None
     cancel_requested: Callable[[], bool] = lambda: False
-
-
-@dataclass
-class StepInputs:
-    """A step's K prompts / edit pairs with what every phase needs of them (lists are per group)."""
-
-    items: list[TrainingItem]
-    sizes: list[tuple[int, int]]  # (width, height) of the generated images
-    sources: list[torch.Tensor | None]  # editing: the source IMAGE [1, H, W, 3] resized to that size
-    positive: PromptEmbeds  # batch K
-    negative: PromptEmbeds | None  # batch K or 1
-    references: list[torch.Tensor | None]  # model-space latent [1, C, h, w] of the source (editing)
-    sigmas: list[torch.Tensor]
 
 
 class GRPOTrainer:
@@ -248,125 +235,6 @@ class GRPOTrainer:
 
     # --- one training step -------------------------------------------------------------------------
 
-    def _prepare(self) -> StepInputs:
-        s = self.settings
-        items = choose_items(self.data, s, self.step)
-        sizes = [target_size(item, s.resolution) for item in items]
-        sources = [None if item.source is None else resize_image(item.source[None], *size)
-                   for item, size in zip(items, sizes)]
-        positive, negative = self.models.condition([item.prompt for item in items],
-                                                   [None if src is None else src[0] for src in sources])
-        references = [None if src is None else self.models.encode_image(src) for src in sources]
-        sigmas = [flow_sigmas(s.sampling_steps, self.models.scheduler_config, (height // 16) * (width // 16))
-                  for width, height in sizes]
-        return StepInputs(items, sizes, sources, positive, negative, references, sigmas)
-
-    def _velocity(self, chunk: Chunk, inputs: StepInputs, batch: int | None = None) -> GuidedVelocity:
-        def row(embeds):
-            if embeds is None or len(embeds.tokens) == 1:
-                return embeds
-            return PromptEmbeds(embeds.tokens[chunk.group:chunk.group + 1], embeds.pooled[chunk.group:chunk.group + 1])
-
-        guidance = 1.0 if self.settings.algorithm == "diffusion-nft" else self.settings.guidance  # NFT: no CFG
-        return GuidedVelocity(self.dit, row(inputs.positive), row(inputs.negative), guidance,
-                              inputs.references[chunk.group], batch or len(chunk.indices), self.models.device)
-
-    @property
-    def _rule(self):
-        return SDE_STEP if self.settings.algorithm == "flow-grpo" else CPS_STEP
-
-    @contextmanager
-    def _old_policy(self):
-        """diffusion-nft: the adapter holds the old policy's values inside the block (the LoRA's outside)."""
-        if self.old_adapter is None:
-            yield
-            return
-        live = self.dit.adapter_parameters()
-        current = {name: p.detach().clone() for name, p in live.items()}
-        with torch.no_grad():
-            for name, p in live.items():
-                p.copy_(self.old_adapter[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in live.items():
-                    p.copy_(current[name])
-
-    def _sample(self, chunks: list[Chunk], inputs: StepInputs) -> None:
-        s = self.settings
-        stochastic = stochastic_steps(s, self.step)
-        with self._old_policy():  # diffusion-nft samples with the old policy
-            for chunk in chunks:
-                width, height = inputs.sizes[chunk.group]
-                shape = (self.models.latent_channels, height // 8, width // 8)
-                noise, step_noise = [], []
-                for index in chunk.indices:  # per-image generators: the same image whatever the rank split
-                    g = step_generator(s.seed, self.step, index)
-                    noise.append(torch.randn(shape, generator=g))
-                    if stochastic != []:  # no step noise for ODE samples (diffusion-nft)
-                        step_noise.append(torch.randn((s.sampling_steps, *shape), generator=g))
-                noise = torch.stack(noise).to(self.models.device)
-                step_noise = torch.stack(step_noise, dim=1) if step_noise else None
-                chunk.trajectory = sample_trajectory(self._velocity(chunk, inputs), noise, inputs.sigmas[chunk.group],
-                                                     s.noise_level, step_noise, self._rule, stochastic)
-
-    def _decode(self, chunks: list[Chunk]) -> None:
-        for chunk in chunks:
-            chunk.images = self.models.decode(chunk.trajectory.final)
-
-    def _rewards(self, chunks: list[Chunk], inputs: StepInputs) -> dict[str, torch.Tensor]:
-        """Scores of all K * G images of the step (gathered over ranks): {name: [K * G]} plus 'total'."""
-        local: dict[str, list[torch.Tensor]] = {}
-        for chunk in chunks:
-            count, source = len(chunk.indices), inputs.sources[chunk.group]
-            sources = None if source is None else source.expand(count, -1, -1, -1)
-            item = inputs.items[chunk.group]
-            scores = self.reward.score(chunk.images, [item.prompt] * count, sources, [item.metadata] * count)
-            scores["total"] = self.reward.total(scores)
-            for name, value in scores.items():
-                local.setdefault(name, []).append(value)
-        return gather_scores({name: torch.cat(values) for name, values in local.items()}, self.models.device,
-                             self.world)
-
-    def _grpo_terms(self, chunk: Chunk, rows: list[int], inputs: StepInputs, advantages: torch.Tensor,
-                    steps: list[int]):
-        """Flow-GRPO's loss terms of a piece, one per trained step, under the current LoRA."""
-        s, rule, sigmas = self.settings, self._rule, inputs.sigmas[chunk.group]
-        trajectory, velocity = chunk.trajectory.rows(rows), self._velocity(chunk, inputs, len(rows))
-        for j in steps:
-            log_prob, mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level, rule)
-            ref_mean = None
-            if s.beta > 0:
-                with torch.no_grad(), self.dit.adapter_disabled():
-                    _, ref_mean = step_policy(velocity, trajectory, sigmas, j, s.noise_level, rule)
-            yield grpo_loss(log_prob, trajectory.log_prob(j), advantages, s.clip_range, s.beta, mean, ref_mean,
-                            rule.kl_scale(sigmas, j, s.noise_level))
-
-    def _nft_terms(self, chunk: Chunk, rows: list[int], inputs: StepInputs, advantages: torch.Tensor, points: int):
-        """DiffusionNFT's loss terms of a piece, one per training point: each image is noised at `points` of the
-        sampler's timesteps (a random choice per image) with fresh noise."""
-        s, sigmas = self.settings, inputs.sigmas[chunk.group]
-        x0 = chunk.trajectory.final[rows]
-        velocity = self._velocity(chunk, inputs, len(rows))
-        order, noise = [], []
-        for r in rows:
-            g = step_generator(s.seed, self.step, chunk.indices[r], "nft")
-            order.append(torch.randperm(len(sigmas) - 1, generator=g)[:points])
-            noise.append(torch.randn((points, *x0.shape[1:]), generator=g))
-        order, noise = torch.stack(order), torch.stack(noise, dim=1).to(x0.device)
-        r = optimality(advantages, s.advantage_clip)
-        for k in range(points):
-            t = sigmas[order[:, k]].to(x0.device)
-            x_t = forward_point(x0, noise[k], t)
-            with torch.no_grad(), self._old_policy():  # before v_theta: the swap must not touch its graph
-                v_old = velocity(x_t, t)
-            v_ref = None
-            if s.nft_kl > 0:
-                with torch.no_grad(), self.dit.adapter_disabled():
-                    v_ref = velocity(x_t, t)
-            yield nft_loss(velocity(x_t, t), v_old, x_t, x0, t, r, s.nft_beta, s.advantage_clip, s.nft_kl, v_ref)
-
     def _train(self, chunks: list[Chunk], inputs: StepInputs, advantages: torch.Tensor, valid: torch.Tensor) -> dict:
         """The update: the step's images in `updates_per_step` parts (Flow-GRPO: two, so the second update sees
         ratios != 1 and the clip acts), each part's gradient summed over its images and loss terms (trained steps,
@@ -375,12 +243,12 @@ class GRPOTrainer:
         s = self.settings
         if s.algorithm == "diffusion-nft":
             count = len(trained_steps(s.sampling_steps, s.timestep_fraction))
-            terms_of = lambda chunk, rows, adv: self._nft_terms(chunk, rows, inputs, adv, count)  # noqa: E731
+            terms_of = partial(nft_terms, self.dit, self.old_adapter, s, inputs, count)
         else:
             steps = (trained_steps(s.sampling_steps, s.timestep_fraction) if s.algorithm == "flow-grpo"
                      else chunks[0].trajectory.steps)
             count = len(steps)
-            terms_of = lambda chunk, rows, adv: self._grpo_terms(chunk, rows, inputs, adv, steps)  # noqa: E731
+            terms_of = partial(flow_grpo_terms, self.dit, s, inputs, steps)
         sums, terms_count = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clip": 0.0}, 0
         for part_images, part in update_parts(chunks, valid, s.updates_per_step):
             for chunk, rows in part:
@@ -405,15 +273,17 @@ class GRPOTrainer:
         """One step; phase(name) wraps each part (prepare, sampling, decoding, reward, update) for benchmarks."""
         s, started = self.settings, time.monotonic()
         with phase("prepare"):
-            inputs = self._prepare()
+            inputs = prepare_inputs(self.models, self.data, s, self.step)
         chunks = plan_chunks(s, self.rank, self.world)
         with phase("sampling"):
             self.dit = self.models.dit()
-            self._sample(chunks, inputs)
+            sample_chunks(self.dit, self.old_adapter, chunks, inputs, s, self.models.latent_channels)
         with phase("decoding"):
-            self._decode(chunks)
+            for chunk in chunks:
+                chunk.images = self.models.decode(chunk.trajectory.final)
         with phase("reward"):
-            scores = self._rewards(chunks, inputs)
+            # every rank's scores: the advantages compare each image with its whole group
+            scores = gather_scores(score_chunks(self.reward, chunks, inputs), self.models.device, self.world)
         total = scores["total"]
         groups = total.reshape(-1, s.group_size)
         finite = torch.isfinite(groups).all(dim=1)
