@@ -17,7 +17,6 @@ resume it.
 
 import logging
 import math
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -27,24 +26,21 @@ from typing import Callable, ContextManager
 
 import torch
 
+from .checkpoint_files import CheckpointFiles
 from .data_parallel import gather_scores, rank_and_world, sum_gradients
 from .grpo import group_advantages, trained_steps
 from .grpo_settings import GRPOSettings
-from .lora import (LoRAError, LoRAWeights, adapter_tensors, add_lora, load_into_adapter, load_lora, lora_weights,
-                   save_lora, set_adapter_tensors)
+from .lora import LoRAWeights, adapter_tensors, add_lora, load_into_adapter, lora_weights, set_adapter_tensors
 from .nft import follow, old_policy_decay
 from .rewards import Reward
 from .training_data import TrainingItem, check_reward_inputs
-from .training_models import TrainingModels
 from .training_losses import flow_grpo_terms, nft_terms
+from .training_models import TrainingModels
 from .training_plan import Chunk, plan_chunks, update_parts
 from .training_samples import StepInputs, prepare_inputs, sample_chunks, score_chunks
-from .training_state import (TrainingState, check_fits, check_resumable, cpu_copy, load_state, run_fingerprint,
-                             save_state, unusable)
+from .training_state import TrainingState, check_fits, cpu_copy, run_fingerprint, unusable
 
 log = logging.getLogger("unipic2")
-
-STATE_SUFFIX = ".training-state"  # not a LoRA extension, so LoRA loaders do not list it
 
 
 @dataclass
@@ -98,18 +94,12 @@ class GRPOTrainer:
             raise ValueError("mixing prompts and edit pairs in one run is not supported; train one kind per stage")
         check_reward_inputs(reward, data)
         self.models, self.reward, self.data, self.settings = models, reward, data, settings
-        self.lora_file = checkpoint
-        self.checkpoint = None if checkpoint is None else checkpoint.with_suffix(STATE_SUFFIX)
         self.fingerprint = run_fingerprint(reward, data, start_lora)
-        state = None
-        if checkpoint is not None:
-            resuming = resume and self.checkpoint.exists()
-            self._refuse_overwrite(resume, resuming)
-            self._check_writable()
-            if resuming:  # checked before the DiT is touched
-                state = load_state(self.checkpoint)
-                check_resumable(state, settings, models.base_model, self.fingerprint, self.checkpoint)
         self.rank, self.world = rank_and_world()
+        self.files = None if checkpoint is None else CheckpointFiles(checkpoint, resume, writer=self.rank == 0)
+        state = None
+        if self.files is not None:  # a state to resume is checked before the DiT is touched
+            state = self.files.resumed_state(settings, models.base_model, self.fingerprint)
         self.dit = models.dit()
         self.params = add_lora(self.dit, settings.lora_rank, settings.lora_alpha, settings.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8,
@@ -125,66 +115,28 @@ class GRPOTrainer:
             if settings.algorithm == "diffusion-nft" and self.old_adapter is None:  # the old policy starts as the LoRA
                 self.old_adapter = {name: p.detach().clone() for name, p in self.dit.adapter_parameters().items()}
             self._finished = self._snapshot(None if state is None else state.samples)
-            self._saved_step = self.step
             if state is not None:
-                self._rewrite_stale_lora()
+                self.files.rewrite_stale_lora(self.step, self.lora)
         except Exception:
             self.close()  # leave the shared DiT as it was
             raise
 
-    def _refuse_overwrite(self, resume: bool, resuming: bool) -> None:
-        if resuming:
-            return
-        if resume and self.lora_file.exists():
-            raise LoRAError(f"{self.lora_file} exists but has no training state ({self.checkpoint.name}) to resume: "
-                            "it was saved by hand or downloaded, and is never overwritten; choose another lora_name "
-                            "(to train on from that LoRA, load it and connect it to the 'lora' input)")
-        existing = [path for path in (self.lora_file, self.checkpoint) if path.exists()]
-        if existing:
-            raise LoRAError(f"{existing[0]} already exists and 'resume' is off, so this run would overwrite it; turn "
-                            "'resume' on to continue it, or choose another lora_name")
-
-    def _check_writable(self) -> None:
-        """A test write now, so that an unwritable folder fails before step 1, not at the first checkpoint."""
-        folder = self.lora_file.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder) as probe:  # unlinked at once: nothing to clean up after a kill
-                probe.write(b"0")
-                probe.flush()
-        except OSError as e:
-            raise LoRAError(f"cannot write the LoRA into {folder} ({e}); make that folder writable or choose another "
-                            "lora_name") from e
-
     def _restore(self, state: TrainingState) -> None:
-        check_fits(state, self.optimizer, self.dit.adapter_parameters(), self.checkpoint)
+        check_fits(state, self.optimizer, self.dit.adapter_parameters(), self.files.state_file)
         set_adapter_tensors(self.dit, state.adapter)
         try:
             self.optimizer.load_state_dict(state.optimizer)
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise unusable(self.checkpoint, f"its optimizer state does not load ({e})") from e
+            raise unusable(self.files.state_file, f"its optimizer state does not load ({e})") from e
         for group in self.optimizer.param_groups:  # the run's learning rate, not the checkpoint's
             group["lr"] = self.settings.learning_rate
         self.step, self.history = state.step, list(state.history)
         if self.settings.algorithm == "diffusion-nft":
             if state.old_adapter is None or set(state.old_adapter) != set(state.adapter):
-                raise unusable(self.checkpoint, "it holds no old policy for diffusion-nft")
+                raise unusable(self.files.state_file, "it holds no old policy for diffusion-nft")
             live = self.dit.adapter_parameters()
             self.old_adapter = {name: t.to(live[name]) for name, t in state.old_adapter.items()}
-        log.info("UniPic2 GRPO: resumed %s at step %d", self.checkpoint, self.step)
-
-    def _rewrite_stale_lora(self) -> None:
-        """The state is written before the LoRA: a run killed between the two leaves an older (or no) LoRA file."""
-        if self.rank != 0:
-            return
-        try:
-            stale = load_lora(self.lora_file).info.get("steps") != self.step
-        except LoRAError:
-            stale = True
-        if stale:
-            log.info("UniPic2 GRPO: %s did not hold step %d of its training state; written again", self.lora_file,
-                     self.step)
-            save_lora(self.lora(), self.lora_file)
+        log.info("UniPic2 GRPO: resumed %s at step %d", self.files.state_file, self.step)
 
     def close(self) -> None:
         """Remove the adapter from the (shared, cached) DiT."""
@@ -213,25 +165,8 @@ class GRPOTrainer:
 
     def save(self) -> None:
         """Write the last finished step unless it is on disk already: the state, then the LoRA."""
-        if self.checkpoint is None or self.rank != 0 or self._saved_step == self._finished.step:
-            return
-        save_state(self._finished, self.checkpoint)
-        save_lora(self.lora(), self.lora_file)
-        self._saved_step = self._finished.step
-
-    def _keep_finished_steps(self, error: BaseException) -> None:
-        """Called while `error` propagates: write the last finished step; a failing write must not hide `error`."""
-        try:
-            self.save()
-        except Exception as failure:
-            note = f"UniPic2 GRPO: the checkpoint of step {self._finished.step} could not be written either: {failure}"
-            log.error(note)
-            if hasattr(error, "add_note"):  # Python 3.11+; the log has it either way
-                error.add_note(note)
-        else:
-            if self.checkpoint is not None and self._saved_step:
-                log.info("UniPic2 GRPO: stopped by %s; %s holds step %d", type(error).__name__, self.lora_file,
-                         self._saved_step)
+        if self.files is not None:
+            self.files.save(self._finished, self.lora)
 
     # --- one training step -------------------------------------------------------------------------
 
@@ -334,7 +269,8 @@ class GRPOTrainer:
                     cancelled = True
                     break
         except BaseException as error:
-            self._keep_finished_steps(error)
+            if self.files is not None:
+                self.files.save_while_raising(error, self._finished, self.lora)
             raise
         self.save()
         return TrainingResult(self.lora(), self.history, self.samples(), cancelled)
