@@ -29,7 +29,7 @@ from benchmarks.harness import PeakMemory, benchmark_parser, full_size_dit, meas
 from unipic_core.dit import DiffusersDiT
 from unipic_core.grpo import ALGORITHMS
 from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_training import GRPOTrainer
+from unipic_core.grpo_trainer import GRPOTrainer
 from unipic_core.loading import load_kontext
 from unipic_core.rewards import colour_reward, jpeg_reward
 from unipic_core.sampling import PromptEmbeds, sample

@@ -9,7 +9,7 @@ import torch
 
 from unipic_core.atomic_files import WriteError
 from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_training import GRPOTrainer, Hooks
+from unipic_core.grpo_trainer import GRPOTrainer, Hooks
 from unipic_core.loading import load_kontext
 from unipic_core.lora import LoRAError, load_lora, save_lora
 from unipic_core.rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward
@@ -205,18 +205,18 @@ def test_diffusion_nft_raises_the_brightness_reward(models):
 
 
 def test_flow_grpo_fast_resumes_exactly_and_trains_only_its_window(models, tmp_path, monkeypatch):
-    from unipic_core import grpo_training
+    from unipic_core import grpo_trainer
     from unipic_core.grpo import sde_window
     from unipic_core.training_plan import step_generator
 
     trained = {}
-    terms = grpo_training.flow_grpo_terms
+    terms = grpo_trainer.flow_grpo_terms
 
     def recording_terms(dit, settings, inputs, steps, *piece):
         trained.setdefault(inputs.step, steps)
         return terms(dit, settings, inputs, steps, *piece)
 
-    monkeypatch.setattr(grpo_training, "flow_grpo_terms", recording_terms)
+    monkeypatch.setattr(grpo_trainer, "flow_grpo_terms", recording_terms)
     fast = dict(algorithm="flow-grpo-fast", sde_window=2, sampling_steps=6)
     _, straight = train(models, small(steps=3, **fast), checkpoint=tmp_path / "a.safetensors")
     assert trained == {step: sde_window(6, 2, step_generator(0, step, -2)) for step in range(3)}

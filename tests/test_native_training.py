@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_training import GRPOTrainer
+from unipic_core.grpo_trainer import GRPOTrainer
 from unipic_core.loading import load_kontext
 from unipic_core.lora import adapter_tensors, add_lora, set_adapter_tensors
 from unipic_core.rewards import colour_reward

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_training import GRPOTrainer, Hooks
+from unipic_core.grpo_trainer import GRPOTrainer, Hooks
 from unipic_core.loading import load_kontext
 from unipic_core.lora import load_lora, save_lora
 from unipic_core.rewards import colour_reward
