@@ -1,5 +1,7 @@
-"""A GRPO run's settings: one dataclass whose field names are also the keys of a checkpoint's recorded settings
-(training_state.check_resumable compares them), so a field is never renamed."""
+"""A GRPO run's settings and their check.
+
+The field names key the settings a checkpoint records (training_state.check_resumable compares them) and name
+grpo_torchrun's flags: renaming one would stop older runs from resuming as they were."""
 
 from dataclasses import dataclass
 
