@@ -28,13 +28,15 @@ import torch
 from benchmarks.harness import PeakMemory, benchmark_parser, full_size_dit, measure, random_prompt_embeds, ratios
 from unipic_core.dit import DiffusersDiT
 from unipic_core.grpo import ALGORITHMS
-from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem, TrainingModels
+from unipic_core.grpo_settings import GRPOSettings
+from unipic_core.grpo_trainer import GRPOTrainer
 from unipic_core.loading import load_kontext
 from unipic_core.rewards import colour_reward, jpeg_reward
 from unipic_core.sampling import PromptEmbeds, sample
 from unipic_core.schedule import flow_sigmas
 from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, random_vae, write_kontext_folder
-from unipic_core.training_models import models_on_device, training_models
+from unipic_core.training_data import TrainingItem
+from unipic_core.training_models import TrainingModels, models_on_device, training_models
 
 PROMPTS = [TrainingItem("a photo of a red apple on a wooden table")]
 

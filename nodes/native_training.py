@@ -14,8 +14,8 @@ import comfy.utils
 import torch
 
 from ..unipic_core.dit import TrainableDiT
-from ..unipic_core.grpo_training import TrainingModels
 from ..unipic_core.lora import PREFIX, TARGET_MODULES
+from ..unipic_core.training_models import TrainingModels
 from . import host
 from .native_kontext import with_kontext_reference
 

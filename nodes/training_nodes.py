@@ -161,7 +161,8 @@ class UniPic2GRPOTrainer:
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
               algorithm, sde_window, nft_beta, nft_kl, gradient_checkpointing, text_encoders=None, mllm=None, lora=None, node_id=None):
         from ..unipic_core.curves import plot_curves, sample_grid
-        from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
+        from ..unipic_core.grpo_settings import GRPOSettings
+        from ..unipic_core.grpo_trainer import GRPOTrainer, Hooks
         from ..unipic_core.training_models import metaquery_condition, text_condition
         from .native_training import carries_weight_patches, fp8_fast, native_training_models
 

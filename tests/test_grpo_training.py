@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from unipic_core.atomic_files import WriteError
-from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks, TrainingItem, check_reward_inputs
+from unipic_core.grpo_settings import GRPOSettings
+from unipic_core.grpo_trainer import GRPOTrainer, Hooks
 from unipic_core.loading import load_kontext
 from unipic_core.lora import LoRAError, load_lora, save_lora
 from unipic_core.rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward
-from unipic_core.training_data import edit_pairs, read_prompts
+from unipic_core.training_data import TrainingItem, check_reward_inputs, edit_pairs, read_prompts
 from unipic_core.training_models import models_on_device
 from unipic_core.training_state import load_state
 
@@ -204,13 +205,18 @@ def test_diffusion_nft_raises_the_brightness_reward(models):
 
 
 def test_flow_grpo_fast_resumes_exactly_and_trains_only_its_window(models, tmp_path, monkeypatch):
+    from unipic_core import grpo_trainer
     from unipic_core.grpo import sde_window
-    from unipic_core.grpo_training import step_generator
+    from unipic_core.training_plan import step_generator
 
     trained = {}
-    terms = GRPOTrainer._grpo_terms
-    monkeypatch.setattr(GRPOTrainer, "_grpo_terms", lambda self, *args: (trained.setdefault(self.step, args[-1]),
-                                                                          terms(self, *args))[1])
+    terms = grpo_trainer.flow_grpo_terms
+
+    def recording_terms(dit, settings, inputs, steps, *piece):
+        trained.setdefault(inputs.step, steps)
+        return terms(dit, settings, inputs, steps, *piece)
+
+    monkeypatch.setattr(grpo_trainer, "flow_grpo_terms", recording_terms)
     fast = dict(algorithm="flow-grpo-fast", sde_window=2, sampling_steps=6)
     _, straight = train(models, small(steps=3, **fast), checkpoint=tmp_path / "a.safetensors")
     assert trained == {step: sde_window(6, 2, step_generator(0, step, -2)) for step in range(3)}
@@ -270,7 +276,7 @@ def test_the_clip_acts_only_from_the_second_update_of_a_step(models):
 
 
 def test_any_seed_the_widget_allows_works(models):
-    from unipic_core.grpo_training import step_generator
+    from unipic_core.training_plan import step_generator
 
     assert not torch.equal(torch.randn(3, generator=step_generator(2**31 - 1, 7, 2)),
                            torch.randn(3, generator=step_generator(2**31 - 1, 7, 3)))

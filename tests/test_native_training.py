@@ -5,10 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from unipic_core.grpo_training import GRPOSettings, GRPOTrainer, TrainingItem
+from unipic_core.grpo_settings import GRPOSettings
+from unipic_core.grpo_trainer import GRPOTrainer
 from unipic_core.loading import load_kontext
 from unipic_core.lora import adapter_tensors, add_lora, set_adapter_tensors
 from unipic_core.rewards import colour_reward
+from unipic_core.training_data import TrainingItem
 from unipic_core.training_models import models_on_device
 
 from conftest import load_lora_in_diffusers, randomise_lora_b

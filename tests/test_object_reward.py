@@ -105,7 +105,7 @@ def test_a_prompt_list_mixes_plain_and_geneval_lines(tmp_path):
 
 
 def test_requirements_change_the_run_fingerprint_and_plain_prompts_keep_theirs():
-    from unipic_core.grpo_training import TrainingItem
+    from unipic_core.training_data import TrainingItem
     from unipic_core.training_state import data_fingerprint
 
     other = COUNTING.replace('"class": "clock", "count": 3', '"class": "cat", "count": 1')

@@ -32,6 +32,11 @@ SDE_STEP = StepRule(flow_sde_mean, step_log_prob, sde_noise_scale)  # Flow-GRPO
 CPS_STEP = StepRule(cps_mean, cps_log_prob, cps_noise_scale)  # Flow-GRPO-Fast: its std doubles as the KL scale
 
 
+def step_rule(algorithm: str) -> StepRule:
+    """flow-grpo's SDE step, or the CPS step of flow-grpo-fast (diffusion-nft samples no stochastic step)."""
+    return SDE_STEP if algorithm == "flow-grpo" else CPS_STEP
+
+
 @dataclass
 class Trajectory:
     """One batch of samples: latents [T + 1, B, C, H, W] (x at every sigma); the stochastic steps' indices and

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from .folders import is_metaquery_folder
-from .grpo_training import GRPOSettings, GRPOTrainer, Hooks
+from .grpo_settings import GRPOSettings
+from .grpo_trainer import GRPOTrainer, Hooks
 from .loading import load_kontext, load_metaquery
 from .rewards import colour_reward, edit_consistency_reward, jpeg_reward
 from .training_data import edit_pairs, read_folder_images, read_prompts, read_text_lines

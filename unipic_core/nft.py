@@ -1,6 +1,6 @@
 """DiffusionNFT maths (Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward Process"): the loss
-on forward-process points of clean samples, the optimality probability from advantages, and the old policy's
-decay. Float32, free of ComfyUI.
+on forward-process points of clean samples, the optimality probability from advantages, and the old policy: its
+decay, and swapping it into the DiT's adapter. Float32, free of ComfyUI.
 
 The samples come from the "old" policy (a slowly following copy of the LoRA) by any deterministic sampler, without
 CFG. Training noises each clean sample x0 to x_t = (1 - t) x0 + t eps at the sampler's timesteps and pulls an
@@ -8,9 +8,12 @@ implicit positive policy v+ = b v_theta + (1 - b) v_old toward x0 for good sampl
 v- = (1 + b) v_old - b v_theta for bad ones, each in x0 space with a per-sample adaptive weight.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .dit import TrainableDiT
 
 MIN_WEIGHT = 1e-5
 
@@ -71,3 +74,23 @@ def old_policy_decay(optimizer_steps: int) -> float:
 def follow(old: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
     """old <- decay * old + (1 - decay) * current, tensor by tensor."""
     return {name: decay * old[name] + (1 - decay) * current[name].detach().to(old[name]) for name in old}
+
+
+@contextmanager
+def old_policy(dit: TrainableDiT, old_adapter: dict[str, torch.Tensor] | None):
+    """Inside the block the DiT's adapter holds the old policy's values, the LoRA's again after it; without an old
+    policy (the GRPO algorithms) the adapter is left alone."""
+    if old_adapter is None:
+        yield
+        return
+    live = dit.adapter_parameters()
+    current = {name: p.detach().clone() for name, p in live.items()}
+    with torch.no_grad():
+        for name, p in live.items():
+            p.copy_(old_adapter[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in live.items():
+                p.copy_(current[name])

@@ -1,16 +1,28 @@
-"""Training data for GRPO: prompt lists and edit pairs (source image + instruction)."""
+"""Training data for GRPO: prompt lists and edit pairs (source image + instruction), and the check that a reward
+can score every item."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .grpo_training import TrainingItem
 from .images import check_image
-from .object_reward import parse_metadata
+from .object_reward import ObjectMetadata, parse_metadata
+from .rewards import METADATA_EXAMPLE, Reward
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class TrainingItem:
+    """One prompt, or one edit pair (source image [H, W, 3] in 0..1 + instruction); a prompt from a GenEval-style
+    line carries its requirements (object_reward.ObjectMetadata) for the rewards that check them."""
+
+    prompt: str
+    source: torch.Tensor | None = None
+    metadata: ObjectMetadata | None = None
 
 
 def numbered_lines(text: str) -> list[tuple[int, str]]:
@@ -98,3 +110,24 @@ def edit_pairs(images: list[torch.Tensor], instructions: list[str]) -> list[Trai
     for i, image in enumerate(images):
         check_image(image[None], f"edit pairs: image {i + 1}")
     return [TrainingItem(text, image.float()) for image, text in zip(images, instructions)]
+
+
+def check_reward_inputs(reward: Reward, data: list[TrainingItem]) -> None:
+    """Refuses, before any training, a reward term that cannot score some item: prompts are drawn at random each
+    step, so without this a mixed list would fail only when its first unfit item is drawn, possibly many steps in."""
+    for term in reward.terms:
+        if term.needs_sources:
+            item = next((item for item in data if item.source is None), None)
+            if item is not None:
+                raise ValueError(f"the '{term.name}' reward compares with the source image, but "
+                                 f"'{item.prompt}' is a text-to-image prompt; train on edit pairs (UniPic2 Edit "
+                                 "Pairs) or remove the reward")
+        if term.needs_metadata:
+            item = next((item for item in data if item.metadata is None), None)
+            if item is not None and item.source is not None:
+                raise ValueError(f"the '{term.name}' reward checks the objects a text-to-image prompt asks for, but "
+                                 f"this run trains edit pairs ('{item.prompt}'); remove the reward from edit runs")
+            if item is not None:
+                raise ValueError(f"the '{term.name}' reward checks the objects a prompt asks for, but '{item.prompt}' "
+                                 "is a plain prompt with no requirements; write every line of UniPic2 Prompt List "
+                                 f"GenEval-style, e.g. {METADATA_EXAMPLE}, or remove the reward")

@@ -1,21 +1,35 @@
-"""Builds the loop's TrainingModels from loaded components (Kontext text encoders or the MetaQuery MLLM).
+"""The loop's TrainingModels, and building them from loaded components (Kontext text encoders or the MetaQuery MLLM).
 
 Each component comes through a `*_on_device()` callable: the node passes ComfyUI's memory manager (which may
 move the 7B MLLM out while the DiT trains), a plain script passes components it already placed.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .dit import DiffusersDiT, TrainableDiT
-from .grpo_training import TrainingModels
 from .images import model_to_raw, raw_to_model, vae_decode, vae_encode, vae_scaling
 from .loading import KontextComponents, MetaQueryComponents
 from .metaquery import MetaQueryMLLM, encode_metaquery
 from .sampling import PromptEmbeds
 from .text_encoding import SD3TextEncoders, encode_prompts
+
+
+@dataclass
+class TrainingModels:
+    """What the loop needs from the loaded components; the node wires these through ComfyUI's memory manager."""
+
+    dit: Callable[[], TrainableDiT]  # the DiT (adapter inside) placed on the compute device
+    condition: Callable[[list[str], list[torch.Tensor | None]], tuple[PromptEmbeds, PromptEmbeds | None]]
+    encode_image: Callable[[torch.Tensor], torch.Tensor]  # IMAGE [1, H, W, 3] -> model-space latent [1, C, h, w]
+    decode: Callable[[torch.Tensor], torch.Tensor]  # model-space latents [N, C, h, w] -> IMAGE [N, H, W, 3]
+    scheduler_config: dict
+    latent_channels: int
+    device: torch.device
+    base_model: str = ""
 
 
 def text_condition(encoders_on_device: Callable[[], SD3TextEncoders], negative_prompt: str):
