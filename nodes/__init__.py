@@ -3,10 +3,10 @@
 from .conditioning_nodes import UniPic2EditReference, UniPic2TextEncode
 from .loader_nodes import LoadUniPic2Kontext, LoadUniPic2MetaQuery
 from .lora_nodes import UniPic2ApplyLoRA, UniPic2LoadLoRA, UniPic2SaveLoRA
-from .messages import register_routes
+from .host.messages import register_routes
 from .metaquery_nodes import UniPic2MetaQueryEncode, UniPic2Understand
-from .native_kontext import UniPic2KontextReference
-from .native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
+from .host.native_kontext import UniPic2KontextReference
+from .host.native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
 from .reward_nodes import (UniPic2AestheticReward, UniPic2CLIPScoreReward, UniPic2ColourReward, UniPic2CombineRewards,
                            UniPic2EditConsistencyReward, UniPic2EditScoreReward, UniPic2JPEGReward, UniPic2JudgeReward,
                            UniPic2ObjectReward, UniPic2PickScoreReward)

@@ -4,8 +4,8 @@ import logging
 
 from ..unipic_core import images
 from ..unipic_core.text_encoding import encode_prompts
-from . import host
-from .conditioning import to_conditioning, with_reference
+from .host import memory
+from .host.conditioning import to_conditioning, with_reference
 
 log = logging.getLogger("unipic2")
 
@@ -28,7 +28,7 @@ class UniPic2TextEncode:
         }}
 
     def encode(self, text_encoders, prompt, negative_prompt):
-        host.load_on_device(*text_encoders.patchers)
+        memory.load_on_device(*text_encoders.patchers)
         both = encode_prompts(text_encoders.encoders, [prompt, negative_prompt])
         positive = type(both)(both.tokens[:1], both.pooled[:1])
         negative = type(both)(both.tokens[1:], both.pooled[1:])

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from ..unipic_core import images
 from ..unipic_core.sampling import SAMPLERS
-from . import host
-from .conditioning import carries_reference, check_conditioning
-from .native_kontext import has_kontext_reference, with_kontext_reference
-from .native_sampling import FlowSDESampler, official_sigmas, sample_flow_sde
+from .host import progress
+from .host.conditioning import carries_reference, check_conditioning
+from .host.native_kontext import has_kontext_reference, with_kontext_reference
+from .host.native_sampling import FlowSDESampler, official_sigmas, sample_flow_sde
 
 log = logging.getLogger("unipic2")
 
@@ -113,6 +113,6 @@ class UniPic2Sampler:
         noise = comfy.sample.prepare_noise(raw, seed, latent.get("batch_index"))  # CPU, as KSampler draws it
         samples = comfy.sample.sample_custom(
             model, noise, guidance, ksampler, sigmas, positive, negative, raw, noise_mask=latent.get("noise_mask"),
-            callback=host.sampling_callback(model, len(sigmas) - 1),
+            callback=progress.sampling_callback(model, len(sigmas) - 1),
             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         return ({**latent, "samples": samples},)

@@ -133,7 +133,7 @@ def test_flow_sde_with_a_seed_gives_the_pack_samplers_flow_sde_image(host, nativ
 
 
 def test_each_step_is_the_engines_flow_sde_step_and_the_last_is_euler(host):
-    sample_flow_sde = host.module("nodes.native_sampling").sample_flow_sde
+    sample_flow_sde = host.module("nodes.host.native_sampling").sample_flow_sde
     x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     sigmas = torch.tensor([1.0, 0.6, 0.0])
     denoiser = (lambda x, sigma, **extra_args: 0.5 * x)  # any x0 estimate: the step is what is checked
@@ -165,6 +165,6 @@ def test_non_flow_models_and_schedules_are_refused_by_name(host, native, prompts
     with pytest.raises(ValueError, match="UniPic2 Flow-SDE Sampler: the model samples as .*EPS"):
         native_sample(eps, prompts, flow_sde(host, 0.7), official(host, native, 2), seed=0)
     with pytest.raises(ValueError, match="UniPic2 Flow-SDE Sampler: the sigmas must fall from at most 1 to 0"):
-        host.module("nodes.native_sampling").sample_flow_sde(None, torch.zeros(1, 16, 4, 4), torch.tensor([14.6, 1.0, 0.0]))
+        host.module("nodes.host.native_sampling").sample_flow_sde(None, torch.zeros(1, 16, 4, 4), torch.tensor([14.6, 1.0, 0.0]))
     required = host.nodes.NODE_CLASS_MAPPINGS["UniPic2Schedule"].INPUT_TYPES()["required"]
     assert required["steps"][1]["min"] == 1 and required["denoise"][1]["min"] > 0  # the host refuses 0 for both

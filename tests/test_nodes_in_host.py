@@ -206,7 +206,7 @@ def test_hub_download_progress_reaches_comfyuis_progress_bar(host, progress_hook
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     loading = host.module("unipic_core.loading")
-    loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.module("nodes.host").download_progress())
+    loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.module("nodes.host.progress").download_progress())
     assert [(value, total) for value, total, _ in progress_hook] == [(1, 3), (2, 3), (3, 3)]
 
 

@@ -10,8 +10,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..unipic_core.images import check_finite
-from ..unipic_core.sampling import PromptEmbeds
+from ...unipic_core.images import check_finite
+from ...unipic_core.sampling import PromptEmbeds
 
 log = logging.getLogger("unipic2")
 

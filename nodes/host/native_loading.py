@@ -14,8 +14,8 @@ import comfy.sd
 import torch
 from comfy.diffusers_convert import convert_vae_state_dict
 
-from ..unipic_core.loading import CheckpointError, check_keys, read_json, read_transformer_weights, read_weights
-from . import host
+from ...unipic_core.loading import CheckpointError, check_keys, read_json, read_transformer_weights, read_weights
+from . import memory
 from .native_kontext import with_kontext_reference
 
 SUPPORTED_SCHEDULER_KEYS = "shift (static: use_dynamic_shifting false)"
@@ -45,7 +45,7 @@ def load_native_dit(folder: Path, scheduler_config: dict, model_options: dict):
         raise CheckpointError(f"{folder / 'scheduler' / 'scheduler_config.json'} enables use_dynamic_shifting; "
                               f"UniPic2 supports {SUPPORTED_SCHEDULER_KEYS} -- use the official scheduler config")
     (model,) = ModelSamplingSD3().patch(with_kontext_reference(model), float(scheduler_config.get("shift", 1.0)))
-    model.model_options[host.CHECKPOINT_KEY] = folder.name
+    model.model_options[memory.CHECKPOINT_KEY] = folder.name
     return model
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import comfy.utils
 import torch
 
-from ..unipic_core.dit import TrainableDiT
-from ..unipic_core.grpo_training import TrainingModels
-from ..unipic_core.lora import PREFIX, TARGET_MODULES
-from . import host
+from ...unipic_core.dit import TrainableDiT
+from ...unipic_core.grpo_training import TrainingModels
+from ...unipic_core.lora import PREFIX, TARGET_MODULES
+from . import memory
 from .native_kontext import with_kontext_reference
 
 
@@ -91,9 +91,9 @@ class NativeDiT(TrainableDiT):
         (ComfyUI loading them to the GPU for training) would leave parameters torch can no longer use.
         """
         diffusion_model = self.patcher.model.diffusion_model
-        host.make_trainable(diffusion_model)
+        memory.make_trainable(diffusion_model)
         diffusion_model.requires_grad_(False)
-        host.load_models(self.patcher)
+        memory.load_models(self.patcher)
         return self
 
     @property
@@ -109,7 +109,7 @@ class NativeDiT(TrainableDiT):
                                                   unipic2_ref=cast(reference), transformer_options=options)
 
     def add_lora(self, rank: int, alpha: float) -> None:
-        device = host.device()
+        device = memory.device()
         pieces: dict[str, list] = {}
         for module, target in sorted(self.targets.items()):
             out_features, in_features = target.shape
@@ -175,10 +175,10 @@ def native_training_models(model, vae, condition) -> TrainingModels:
     """The loop's TrainingModels on a native MODEL and VAE, each placed by ComfyUI's memory manager when used."""
     dit = NativeDiT(model)
     native = dit.patcher.model
-    device = host.device()
+    device = memory.device()
 
     def encode_image(image: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():  # as ComfyUI's VAE Encode runs (see host.load_on_device)
+        with torch.inference_mode():  # as ComfyUI's VAE Encode runs (see memory.load_on_device)
             latent = native.process_latent_in(vae.encode(image[..., :3]))
         return latent.clone().to(device)  # a normal tensor again, for the training graph
 
@@ -195,5 +195,5 @@ def native_training_models(model, vae, condition) -> TrainingModels:
         scheduler_config={"shift": float(dit.patcher.get_model_object("model_sampling").shift)},
         latent_channels=native.latent_format.latent_channels,
         device=device,
-        base_model=host.checkpoint_name(model),
+        base_model=memory.checkpoint_name(model),
     )

@@ -5,8 +5,8 @@ import comfy.samplers
 import torch
 from tqdm.auto import trange
 
-from ..unipic_core.sampling import euler_step, flow_sde_step
-from ..unipic_core.schedule import denoise_sigmas
+from ...unipic_core.sampling import euler_step, flow_sde_step
+from ...unipic_core.schedule import denoise_sigmas
 
 FLOW_MODELS = "a flow-matching model such as SD3 / SD3.5 or UniPic2"
 
