@@ -163,16 +163,16 @@ class UniPic2GRPOTrainer:
         from ..unipic_core.curves import plot_curves, sample_grid
         from ..unipic_core.grpo_training import GRPOSettings, GRPOTrainer, Hooks
         from ..unipic_core.training_models import metaquery_condition, text_condition
-        from .host.native_training import carries_weight_patches, fp8_fast, native_training_models
+        from .host.native_training import native_training_models
 
         if (text_encoders is None) == (mllm is None):
             raise ValueError("UniPic2 GRPO Trainer: connect exactly one of 'text_encoders' (Kontext) or 'mllm' "
                              "(MetaQuery)")
-        if fp8_fast(model):
+        if memory.fp8_fast(model):
             raise ValueError("UniPic2 GRPO Trainer: the model was loaded with weight_dtype fp8_e4m3fn_fast, which "
                              "multiplies in fp8 and cannot carry a trainable LoRA -- load it with fp8_e4m3fn (same "
                              "memory) or default to train")
-        if carries_weight_patches(model):  # the KL reference and the saved LoRA would silently include it
+        if memory.carries_weight_patches(model):  # the KL reference and the saved LoRA would silently include it
             raise ValueError("UniPic2 GRPO Trainer: the model carries weight patches (a LoRA loader or Apply LoRA); "
                              "connect that LoRA to the trainer's 'lora' input instead, to continue training it")
         lora_file = Path(folders.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"

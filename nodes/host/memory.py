@@ -15,7 +15,7 @@ from comfy.patcher_extension import CallbacksMP
 from .partial_loading import make_castable, move_buffers, report_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CHECKPOINT_KEY = "unipic2_checkpoint"  # model_options entry: the checkpoint folder a UniPic2 loader read the MODEL from
+_CHECKPOINT_KEY = "unipic2_checkpoint"  # model_options entry: the checkpoint folder a UniPic2 loader read the MODEL from
 
 
 def pick_dtype(choice: str) -> torch.dtype:
@@ -50,10 +50,25 @@ def wrap(module: torch.nn.Module) -> ModelPatcher:
     return patcher
 
 
+def record_checkpoint(model: ModelPatcher, name: str) -> None:
+    """Record on a native MODEL the checkpoint folder a UniPic2 loader read it from (clones keep it)."""
+    model.model_options[_CHECKPOINT_KEY] = name
+
+
 def checkpoint_name(model: ModelPatcher) -> str:
     """The checkpoint folder name a UniPic2 loader recorded on a native MODEL (clones keep it); "" for a MODEL
     from another loader (Load Diffusion Model, a GGUF loader...)."""
-    return str(model.model_options.get(CHECKPOINT_KEY, ""))
+    return str(model.model_options.get(_CHECKPOINT_KEY, ""))
+
+
+def carries_weight_patches(model: ModelPatcher) -> bool:
+    """True when a LoRA loader (or any weight patch) changed the MODEL's weights."""
+    return bool(model.patches)
+
+
+def fp8_fast(model: ModelPatcher) -> bool:
+    """True for weight_dtype fp8_e4m3fn_fast: ComfyUI then multiplies in fp8, where no LoRA delta can be added."""
+    return bool(model.model.model_config.optimizations.get("fp8"))
 
 
 def device() -> torch.device:

@@ -45,7 +45,7 @@ def load_native_dit(folder: Path, scheduler_config: dict, model_options: dict):
         raise CheckpointError(f"{folder / 'scheduler' / 'scheduler_config.json'} enables use_dynamic_shifting; "
                               f"UniPic2 supports {SUPPORTED_SCHEDULER_KEYS} -- use the official scheduler config")
     (model,) = ModelSamplingSD3().patch(with_kontext_reference(model), float(scheduler_config.get("shift", 1.0)))
-    model.model_options[memory.CHECKPOINT_KEY] = folder.name
+    memory.record_checkpoint(model, folder.name)
     return model
 
 

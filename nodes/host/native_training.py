@@ -161,16 +161,6 @@ class NativeDiT(TrainableDiT):
         return None if target is None else target.shape
 
 
-def carries_weight_patches(model) -> bool:
-    """True when a LoRA loader (or any weight patch) changed the MODEL's weights."""
-    return bool(model.patches)
-
-
-def fp8_fast(model) -> bool:
-    """True for weight_dtype fp8_e4m3fn_fast: ComfyUI then multiplies in fp8, where no LoRA delta can be added."""
-    return bool(model.model.model_config.optimizations.get("fp8"))
-
-
 def native_training_models(model, vae, condition) -> TrainingModels:
     """The loop's TrainingModels on a native MODEL and VAE, each placed by ComfyUI's memory manager when used."""
     dit = NativeDiT(model)
