@@ -10,7 +10,7 @@ from .host.native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
 from .reward_nodes import (UniPic2AestheticReward, UniPic2CLIPScoreReward, UniPic2ColourReward, UniPic2CombineRewards,
                            UniPic2EditConsistencyReward, UniPic2EditScoreReward, UniPic2JPEGReward, UniPic2JudgeReward,
                            UniPic2ObjectReward, UniPic2PickScoreReward)
-from .sampler_node import UniPic2Sampler
+from .sampling_nodes import UniPic2Sampler
 from .training_nodes import UniPic2EditPairs, UniPic2GRPOTrainer, UniPic2PromptList
 
 register_routes()  # GET /unipic2/messages/<event>?clientId=: that client's training runs (web/ catches up with it)
