@@ -131,22 +131,3 @@ def _share_reference(executor, model, noise_shape, conds, *args, **kwargs):
     # reference's tokens exactly.
     noise_shape = [*noise_shape[:-2], 2 * noise_shape[-2], noise_shape[-1]]
     return executor(model, noise_shape, conds, *args, **kwargs)
-
-
-class UniPic2KontextReference:
-    CATEGORY = "UniPic2/model"
-    DESCRIPTION = ("Makes a native SD3.5-M MODEL edit as UniPic2-Kontext: the reference latent in the conditioning "
-                   "(ReferenceLatent or UniPic2 Edit Reference) is prepended to the image tokens; without one, the "
-                   "model is unchanged.")
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A UniPic2-Kontext DiT loaded natively (Load Diffusion Model on its "
-                                "transformer file, any weight_dtype), LoRAs and model patches included."}),
-        }}
-
-    def patch(self, model):
-        return (with_kontext_reference(model),)

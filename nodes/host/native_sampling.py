@@ -1,14 +1,29 @@
-"""The paper's schedule and sampler as native SIGMAS and SAMPLER, to mix with SamplerCustomAdvanced and its nodes."""
+"""UniPic2 Sampler's run through ComfyUI's own sampling, and the paper's schedule and sampler as native SIGMAS and
+SAMPLER, to mix with SamplerCustomAdvanced and its nodes."""
 
+import logging
+
+import comfy.model_base
 import comfy.model_sampling
+import comfy.sample
 import comfy.samplers
+import comfy.utils
 import torch
+import torch.nn.functional as F
 from tqdm.auto import trange
 
+from ...unipic_core import images
 from ...unipic_core.sampling import euler_step, flow_sde_step
 from ...unipic_core.schedule import denoise_sigmas
+from . import progress
+from .conditioning import carries_reference, check_conditioning
+from .native_kontext import has_kontext_reference, with_kontext_reference
+
+log = logging.getLogger("unipic2")
 
 FLOW_MODELS = "a flow-matching model such as SD3 / SD3.5 or UniPic2"
+SAMPLER_NODE = "UniPic2 Sampler"
+LATENT_CAUSE = "a VAE Encode of a broken image, or a failed earlier sampler"
 
 
 def _sampling_kind(model_sampling) -> str:
@@ -16,30 +31,6 @@ def _sampling_kind(model_sampling) -> str:
     names = [c.__name__ for c in type(model_sampling).__mro__
              if c.__module__ == comfy.model_sampling.__name__ and c.__name__ != "ModelSampling"]
     return " + ".join(names) or type(model_sampling).__name__
-
-
-class UniPic2Schedule:
-    CATEGORY = "UniPic2/sampling"
-    DESCRIPTION = ("The official UniPic2 / SD3 schedule as SIGMAS for SamplerCustomAdvanced: sigma linear from 1 to 0 "
-                   "over the steps, shifted by the model's shift (3.0 for UniPic2 and SD3.5; a ModelSamplingSD3 node "
-                   "before this one changes it), exactly as diffusers' FlowMatchEulerDiscreteScheduler computes it. "
-                   "ComfyUI's own simple / normal schedulers pick sigmas from a 1000-entry table and end higher, so "
-                   "they differ slightly from the official schedule.")
-    RETURN_TYPES = ("SIGMAS",)
-    FUNCTION = "schedule"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A flow-matching model (UniPic2, SD3 / SD3.5); its shift sets the "
-                                "schedule."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": "Denoising steps (official: 50)."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "Below 1, the "
-                                  "last steps of a steps/denoise schedule (img2img), as BasicScheduler does."}),
-        }}
-
-    def schedule(self, model, steps, denoise):
-        return (official_sigmas(model, steps, denoise, "UniPic2 Schedule"),)
 
 
 def official_sigmas(model, steps: int, denoise: float, node: str) -> torch.Tensor:
@@ -108,22 +99,73 @@ class FlowSDESampler(comfy.samplers.KSAMPLER):
         return super().sample(model_wrap, sigmas, *args, **kwargs)
 
 
-class UniPic2FlowSDESampler:
-    CATEGORY = "UniPic2/sampling"
-    DESCRIPTION = ("The UniPic2 paper's Flow-GRPO SDE sampler as a SAMPLER for SamplerCustomAdvanced: every step adds "
-                   "fresh noise scaled by noise_level (0 equals euler), and the last step to sigma 0 is an Euler "
-                   "step so no noise is left in the image. The step noise comes from the Noise input's seed, so "
-                   "the same seed gives the same image on any device, and UniPic2 Sampler's flow-sde image. For "
-                   "flow-matching models (UniPic2, SD3 / SD3.5).")
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
+def flow_sde_sampler(noise_level: float) -> FlowSDESampler:
+    """The flow-sde SAMPLER at SDE noise scale `noise_level` (0 equals euler)."""
+    return FlowSDESampler(sample_flow_sde, {"noise_level": noise_level})
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "noise_level": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "SDE noise "
-                                      "scale a (paper: 0.7); 0 equals euler."}),
-        }}
 
-    def get_sampler(self, noise_level):
-        return (FlowSDESampler(sample_flow_sde, {"noise_level": noise_level}),)
+def _grid_latent(raw: torch.Tensor, patch: int) -> torch.Tensor:
+    """The latent resized to the DiT's patch grid when its sides are not multiples of the patch size."""
+    height, width = raw.shape[-2:]
+    grid_h, grid_w = (max(patch, round(s / patch) * patch) for s in (height, width))
+    if (grid_h, grid_w) == (height, width):
+        return raw
+    log.warning("%s: latent %dx%d resized to %dx%d (sides must be multiples of %d latent pixels, i.e. images a "
+                "multiple of %d px)", SAMPLER_NODE, width, height, grid_w, grid_h, patch,
+                patch * images.LATENT_TO_IMAGE)
+    return F.interpolate(raw, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+
+
+def sampling_model(model, shift: float, has_reference: bool):
+    """The MODEL to sample with: refused unless it is an SD3 MMDiT (UniPic2-Kontext is one), shifted the
+    ModelSamplingSD3 way when shift > 0, and given the reference ability when a reference is attached but the
+    model (e.g. from Load Diffusion Model) lacks it."""
+    if not isinstance(model.model, comfy.model_base.SD3):
+        raise ValueError(f"{SAMPLER_NODE}: 'model' is a {type(model.model).__name__} model; UniPic2 Sampler runs "
+                         "UniPic2-Kontext (an SD3 / SD3.5 MMDiT) -- load it with Load UniPic2 Kontext, or use "
+                         "KSampler for other models")
+    if shift > 0:
+        from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+        (model,) = ModelSamplingSD3().patch(model, shift)
+    if has_reference and not has_kontext_reference(model):
+        model = with_kontext_reference(model)
+    return model
+
+
+def model_latent(model, raw: torch.Tensor) -> torch.Tensor:
+    """A LATENT's raw samples [B, C, H, W] as the MODEL's DiT takes them: checked for NaN, Empty Latent Image's 4
+    channels widened to the model's, sides resized to the patch grid, refused when the DiT's grid is too small."""
+    dit = model.get_model_object("diffusion_model")
+    images.check_latent(raw, f"{SAMPLER_NODE}: 'latent'", LATENT_CAUSE)
+    raw = comfy.sample.fix_empty_latent_channels(model, raw.float())  # Empty Latent Image's 4 -> 16 channels
+    channels = model.get_model_object("latent_format").latent_channels
+    if raw.shape[1] != channels:
+        raise ValueError(f"{SAMPLER_NODE}: 'latent' has {raw.shape[1]} channels; the model needs a {channels}-channel "
+                         "SD3 latent -- encode with the checkpoint's VAE (VAE Encode), or start from Empty "
+                         "Latent Image")
+    raw = _grid_latent(raw, dit.patch_size)
+    images.check_grid_size(raw, f"{SAMPLER_NODE}: 'latent'", dit.patch_size, dit.pos_embed_max_size)
+    return raw
+
+
+def sample_latent(model, positive, negative, latent: dict, seed: int, steps: int, guidance: float, sampler: str,
+                  noise_level: float, shift: float, denoise: float) -> dict:
+    """UniPic2 Sampler's work: `latent` denoised with the MODEL on the official schedule by ComfyUI's sample_custom,
+    so model patches, LoRAs, noise masks and the conditioning's timestep ranges, areas and masks apply as in
+    KSampler. Returns the LATENT with its other keys (batch_index, noise_mask) kept."""
+    model = sampling_model(model, shift, carries_reference(positive, negative))
+    raw = model_latent(model, latent["samples"])
+    dit = model.get_model_object("diffusion_model")
+    widths = (dit.context_embedder.in_features, dit.y_embedder.mlp[0].in_features)
+    check_conditioning(positive, SAMPLER_NODE, "positive", widths, raw.shape[0])
+    check_conditioning(negative, SAMPLER_NODE, "negative", widths, raw.shape[0])
+    sigmas = official_sigmas(model, steps, denoise, SAMPLER_NODE)
+    # flow-sde's step noise continues the seed's stream after the initial noise, as the pack always drew it
+    ksampler = comfy.samplers.ksampler("euler") if sampler == "euler" else flow_sde_sampler(noise_level)
+    noise = comfy.sample.prepare_noise(raw, seed, latent.get("batch_index"))  # CPU, as KSampler draws it
+    samples = comfy.sample.sample_custom(
+        model, noise, guidance, ksampler, sigmas, positive, negative, raw, noise_mask=latent.get("noise_mask"),
+        callback=progress.sampling_callback(model, len(sigmas) - 1),
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return {**latent, "samples": samples}
