@@ -1,5 +1,5 @@
 """ComfyUI node classes, one module per stage (*_nodes.py), and in host/ their ComfyUI side; the only package
-that imports the host (comfy, folder_paths)."""
+that imports the host (comfy, folder_paths). Node modules import host/ and unipic_core, never each other."""
 
 from .conditioning_nodes import UniPic2EditReference, UniPic2TextEncode
 from .host.messages import register_routes

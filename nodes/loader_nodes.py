@@ -7,7 +7,7 @@ import torch
 
 from ..unipic_core.folders import find_qwen_inside, is_kontext_folder, is_metaquery_folder, is_qwen25vl_folder
 from ..unipic_core.repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
-from .host import folders, memory, progress
+from .host import folders, memory
 from .host.bundles import UniPic2MLLM, UniPic2Text
 
 INSIDE = "(inside the checkpoint)"
@@ -47,25 +47,12 @@ def native_dit_and_vae(folder: Path, choice: str):
     return model, load_native_vae(folder, torch.float32 if choice == "fp32" else None)
 
 
-def local_folders(kinds: tuple[str, ...], accept) -> dict[str, Path]:
-    """Choice name -> folder for each subfolder of the registered model folders that `accept(path, kind)` takes;
-    folders outside models/unipic2 are named '<kind>/<name>'."""
-    found = {}
-    for kind in kinds:
-        for root in map(Path, folders.model_folders(kind)):
-            if root.is_dir():
-                for path in sorted(root.iterdir()):
-                    if accept(path, kind):
-                        found.setdefault(path.name if kind == folders.UNIPIC2_FOLDER else f"{kind}/{path.name}", path)
-    return found
-
-
 def kontext_folders() -> dict[str, Path]:
-    return local_folders(("unipic2", "diffusers"), lambda p, kind: is_kontext_folder(p, kind == "diffusers"))
+    return folders.local_folders(("unipic2", "diffusers"), lambda p, kind: is_kontext_folder(p, kind == "diffusers"))
 
 
 def metaquery_folders() -> dict[str, Path]:
-    return local_folders(("unipic2", "diffusers"), lambda p, kind: is_metaquery_folder(p))
+    return folders.local_folders(("unipic2", "diffusers"), lambda p, kind: is_metaquery_folder(p))
 
 
 def qwen_choices() -> dict[str, Path]:
@@ -73,37 +60,10 @@ def qwen_choices() -> dict[str, Path]:
     text encoder is this MLLM: no second copy needed)."""
     from ..unipic_core.qwen25vl import is_qwen25vl_file
 
-    found = local_folders(("unipic2", "LLM"), lambda p, kind: is_qwen25vl_folder(p))
+    found = folders.local_folders(("unipic2", "LLM"), lambda p, kind: is_qwen25vl_folder(p))
     found.update({f"text_encoders/{name}": path for name, path in folders.text_encoder_files().items()
                   if is_qwen25vl_file(path)})
     return found
-
-
-def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: str, fetch=None) -> Path:
-    """A local choice, or an official repo id: its models/unipic2/<name> copy, downloaded when absent (by
-    fetch(choice, destination) -> path; default: the whole hub repo)."""
-    if choice in local:
-        return local[choice]
-    if choice in repos:
-        name = choice.split("/")[-1]
-        if name in local:
-            return local[name]
-        if fetch is None:
-            from ..unipic_core.loading import download_repo
-
-            fetch = lambda repo, destination: download_repo(repo, destination, progress.download_progress())
-        return fetch(choice, Path(folders.unipic2_download_folder()) / name)
-    raise ValueError(f"UniPic2 Load: {what} '{choice}' not found; put it in "
-                     f"{folders.unipic2_download_folder()} or pick one of {', '.join(repos)}")
-
-
-def cached(key: tuple, load, cache: dict | None = None):
-    """load(), kept until a different key is asked of the same cache (by default the checkpoint loaders')."""
-    cache = _CACHE if cache is None else cache
-    if key not in cache:
-        cache.clear()  # free the previous checkpoint before loading the next
-        cache[key] = load()
-    return cache[key]
 
 
 class LoadUniPic2Kontext:
@@ -125,8 +85,9 @@ class LoadUniPic2Kontext:
         }}
 
     def load(self, checkpoint, dtype):
-        folder = resolve(checkpoint, kontext_folders(), KONTEXT_REPOS, "checkpoint")
-        return cached(("kontext", str(folder.resolve()), dtype), lambda: self._load(folder, dtype))
+        folder = folders.resolve(checkpoint, kontext_folders(), KONTEXT_REPOS, "checkpoint")
+        key = ("kontext", str(folder.resolve()), dtype)
+        return memory.cached(key, lambda: self._load(folder, dtype), _CACHE)
 
     @staticmethod
     def _load(folder: Path, choice: str):
@@ -166,17 +127,18 @@ class LoadUniPic2MetaQuery:
         }}
 
     def load(self, checkpoint, mllm, dtype, mllm_weights="default"):
-        folder = resolve(checkpoint, metaquery_folders(), METAQUERY_REPOS, "checkpoint")
+        folder = folders.resolve(checkpoint, metaquery_folders(), METAQUERY_REPOS, "checkpoint")
         if mllm == INSIDE:
             qwen = find_qwen_inside(folder)
             if qwen is None:
                 raise ValueError(f"UniPic2 Load MetaQuery: {folder} holds no Qwen2.5-VL folder; choose the MLLM "
                                  f"(a folder in models/LLM or models/unipic2, or {QWEN_REPO})")
         else:
-            qwen = resolve(mllm, qwen_choices(), (QWEN_REPO,), "MLLM")
+            qwen = folders.resolve(mllm, qwen_choices(), (QWEN_REPO,), "MLLM")
         key = ("metaquery", str(folder.resolve()), str(qwen.resolve()), dtype, mllm_weights)
         source = f"{qwen.name}, {dtype}, mllm_weights {mllm_weights}"
-        return cached(key, lambda: self._load(folder, qwen, dtype, MLLM_WEIGHTS[mllm_weights], source))
+        return memory.cached(key, lambda: self._load(folder, qwen, dtype, MLLM_WEIGHTS[mllm_weights], source),
+                             _CACHE)
 
     @staticmethod
     def _load(folder: Path, qwen: Path, choice: str, mllm_storage: torch.dtype | None, source: str):

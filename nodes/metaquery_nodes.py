@@ -8,8 +8,7 @@ from ..unipic_core.images import check_image
 from ..unipic_core.metaquery import answer_question, encode_metaquery
 from ..unipic_core.sampling import PromptEmbeds
 from .host import memory
-from .host.conditioning import to_conditioning
-from .conditioning_nodes import SIZE_INPUTS, attach_reference, sized_image
+from .host.conditioning import SIZE_INPUTS, attach_reference, sized_image, to_conditioning
 
 log = logging.getLogger("unipic2")
 

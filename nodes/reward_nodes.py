@@ -11,7 +11,6 @@ from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CL
                                  EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO,
                                  PROCESSOR_FILES)
 from .host import folders, memory, progress
-from .loader_nodes import cached, local_folders, resolve
 
 CATEGORY = "UniPic2/training/rewards"
 
@@ -116,7 +115,7 @@ _LOADED: dict[str, dict] = {}  # reward kind -> its most recent model, as the lo
 
 def unipic2_entries(accept) -> dict[str, Path]:
     """The folders (or files) in models/unipic2 that accept(path) recognises, by their listed name."""
-    return local_folders((folders.UNIPIC2_FOLDER,), lambda path, kind: accept(path))
+    return folders.local_folders((folders.UNIPIC2_FOLDER,), lambda path, kind: accept(path))
 
 
 def clip_folders():
@@ -143,10 +142,10 @@ def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: s
     folder, or of PickScore's processor input (laion's CLIP-H processor by default)."""
     from ..unipic_core.reward_models import load_clip_reward
 
-    folder = resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
+    folder = folders.resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
     processor = None
     if processor_choice is not None:
-        processor = resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
+        processor = folders.resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
                             hub_files(PROCESSOR_FILES))
 
     def load():
@@ -155,7 +154,7 @@ def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: s
         return clip, memory.wrap(clip.model)
 
     key = (str(folder.resolve()), str(processor.resolve()) if processor else "", dtype)
-    return cached(key, load, _LOADED.setdefault(kind, {}))
+    return memory.cached(key, load, _LOADED.setdefault(kind, {}))
 
 
 def model_reward(name: str, detail: str, patchers: list, score, needs_sources: bool = False,
@@ -244,7 +243,7 @@ class UniPic2AestheticReward:
         from ..unipic_core.reward_models import aesthetic_score, check_aesthetic_pair, load_aesthetic_mlp
 
         clip_model, clip_patcher = load_clip("aesthetic", clip, CLIP_L14_REPO, dtype)
-        path = resolve(mlp, aesthetic_files(), (AESTHETIC_CHOICE,), "aesthetic MLP",
+        path = folders.resolve(mlp, aesthetic_files(), (AESTHETIC_CHOICE,), "aesthetic MLP",
                        lambda choice, destination: download_file(AESTHETIC_URL, destination, progress.download_progress()))
 
         def load():
@@ -252,7 +251,8 @@ class UniPic2AestheticReward:
             check_aesthetic_pair(clip_model, head, clip, mlp)
             return head, memory.wrap(head)
 
-        head, head_patcher = cached((str(path.resolve()), clip, dtype), load, _LOADED.setdefault("aesthetic-mlp", {}))
+        head, head_patcher = memory.cached((str(path.resolve()), clip, dtype), load,
+                                           _LOADED.setdefault("aesthetic-mlp", {}))
         return (model_reward("aesthetic", f"{mlp} on {clip}, {dtype}", [clip_patcher, head_patcher],
                              lambda images, prompts: aesthetic_score(clip_model, head, images)),)
 
@@ -298,14 +298,15 @@ class UniPic2EditScoreReward:
             raise ValueError(f"UniPic2 EditScore Reward: 'mllm' was loaded from {encoder.mllm.lm_head.path.name}, "
                              "which has no output layer (lm_head), and EditScore answers in words. In Load UniPic2 "
                              "MetaQuery choose the Qwen2.5-VL-7B-Instruct folder (or repo id) as its mllm")
-        folder = resolve(adapter, adapter_folders(), (EDITSCORE_REPO,), "adapter", hub_files(EDITSCORE_FILES))
+        folder = folders.resolve(adapter, adapter_folders(), (EDITSCORE_REPO,), "adapter", hub_files(EDITSCORE_FILES))
 
         def load():
             return memory.patch_component_lora(mllm.mllm_patcher, read_qwen25vl_lora(folder, encoder.mllm,
                                                                                     EDITSCORE_REPO))
 
         # keyed by the MLLM module too: a reloaded MetaQuery needs its own clone; the cache holds the module alive
-        patcher = cached((str(folder.resolve()), id(encoder.mllm)), load, _LOADED.setdefault("editscore", {}))
+        patcher = memory.cached((str(folder.resolve()), id(encoder.mllm)), load,
+                                _LOADED.setdefault("editscore", {}))
 
         def score(images, prompts, sources):
             return editscore(encoder, sources, images, prompts, passes, seed).rewards
@@ -350,14 +351,14 @@ class UniPic2ObjectReward:
     def make(self, detector, score_threshold, counting_threshold, dtype):
         from ..unipic_core.object_reward import load_owlv2, object_scores
 
-        folder = resolve(detector, owlv2_folders(), (OWLV2_REPO,), "detector", hub_files(OWLV2_FILES))
+        folder = folders.resolve(detector, owlv2_folders(), (OWLV2_REPO,), "detector", hub_files(OWLV2_FILES))
 
         def load():
             owl = load_owlv2(folder, memory.DTYPES[dtype])
             owl.device = memory.device()
             return owl, memory.wrap(owl.model)
 
-        owl, patcher = cached((str(folder.resolve()), dtype), load, _LOADED.setdefault("object", {}))
+        owl, patcher = memory.cached((str(folder.resolve()), dtype), load, _LOADED.setdefault("object", {}))
 
         detail = f"{detector}, thresholds {score_threshold:g}/{counting_threshold:g}, {dtype}"
         return (model_reward("objects", detail, [patcher], lambda images, prompts, metadata: object_scores(

@@ -1,10 +1,13 @@
-"""ComfyUI's folders as the pack uses them: model folders (models/unipic2 registered here), the input folder the
-user's paths are relative to, LoRA files and the downloads folder."""
+"""ComfyUI's folders as the pack uses them: model folders (models/unipic2 registered here) and the choices a
+loader lists from them, official repos downloaded into models/unipic2, the input folder the user's paths are
+relative to, and LoRA files."""
 
 import os
 from pathlib import Path
 
 import folder_paths
+
+from .progress import download_progress
 
 UNIPIC2_FOLDER = "unipic2"
 folder_paths.add_model_folder_path(UNIPIC2_FOLDER, os.path.join(folder_paths.models_dir, UNIPIC2_FOLDER))
@@ -61,3 +64,34 @@ def lora_files() -> list[str]:
 
 def lora_path(name: str) -> str:
     return folder_paths.get_full_path("loras", name)
+
+
+def local_folders(kinds: tuple[str, ...], accept) -> dict[str, Path]:
+    """Choice name -> folder for each subfolder of the registered model folders that `accept(path, kind)` takes;
+    folders outside models/unipic2 are named '<kind>/<name>'."""
+    found = {}
+    for kind in kinds:
+        for root in map(Path, model_folders(kind)):
+            if root.is_dir():
+                for path in sorted(root.iterdir()):
+                    if accept(path, kind):
+                        found.setdefault(path.name if kind == UNIPIC2_FOLDER else f"{kind}/{path.name}", path)
+    return found
+
+
+def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: str, fetch=None) -> Path:
+    """A local choice, or an official repo id: its models/unipic2/<name> copy, downloaded when absent (by
+    fetch(choice, destination) -> path; default: the whole hub repo)."""
+    if choice in local:
+        return local[choice]
+    if choice in repos:
+        name = choice.split("/")[-1]
+        if name in local:
+            return local[name]
+        if fetch is None:
+            from ...unipic_core.loading import download_repo
+
+            fetch = lambda repo, destination: download_repo(repo, destination, download_progress())
+        return fetch(choice, Path(unipic2_download_folder()) / name)
+    raise ValueError(f"UniPic2 Load: {what} '{choice}' not found; put it in "
+                     f"{unipic2_download_folder()} or pick one of {', '.join(repos)}")

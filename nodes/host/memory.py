@@ -15,7 +15,7 @@ from comfy.patcher_extension import CallbacksMP
 from .partial_loading import make_castable, move_buffers, report_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_CHECKPOINT_KEY = "unipic2_checkpoint"  # model_options entry: the checkpoint folder a UniPic2 loader read the MODEL from
+_CHECKPOINT_KEY = "unipic2_checkpoint"  # model_options entry: the folder a UniPic2 loader read the MODEL from
 
 
 def pick_dtype(choice: str) -> torch.dtype:
@@ -141,3 +141,11 @@ def make_trainable(module: torch.nn.Module) -> None:
             for name, buffer in sub._buffers.items():
                 if buffer is not None and buffer.is_inference():
                     sub._buffers[name] = buffer.clone()
+
+
+def cached(key: tuple, load, cache: dict):
+    """load(), kept in `cache` until a different key is asked of it: one model per cache stays loaded."""
+    if key not in cache:
+        cache.clear()  # free the previous checkpoint before loading the next
+        cache[key] = load()
+    return cache[key]
