@@ -1,6 +1,6 @@
 """ComfyUI's progress bar (with latent previews) and its Cancel button, for sampling, training and downloads."""
 
-import comfy.model_management
+import comfy.model_management  # for the interrupt flag ComfyUI keeps there; the memory manager is memory.py's
 import comfy.utils
 
 
