@@ -64,6 +64,11 @@ def check_grid_size(raw: torch.Tensor, name: str, patch: int, pos_embed_max_size
             "-- use a smaller size (Empty Latent Image, or a lower longer_edge in UniPic2 Edit Reference)")
 
 
+def round_to_multiple(value: float, multiple: int) -> int:
+    """The multiple of `multiple` nearest to `value`, and at least `multiple`: a side never rounds to nothing."""
+    return max(multiple, round(value / multiple) * multiple)
+
+
 def longer_edge_size(width: int, height: int, longer_edge: int, multiple: int = 32) -> tuple[int, int]:
     """(width, height) with the longer side = longer_edge and the shorter rounded to a multiple, aspect kept.
 
@@ -72,8 +77,8 @@ def longer_edge_size(width: int, height: int, longer_edge: int, multiple: int = 
     if longer_edge % multiple:
         raise ValueError(f"longer edge {longer_edge} must be a multiple of {multiple}")
     if width >= height:
-        return longer_edge, max(multiple, round(height * longer_edge / width / multiple) * multiple)
-    return max(multiple, round(width * longer_edge / height / multiple) * multiple), longer_edge
+        return longer_edge, round_to_multiple(height * longer_edge / width, multiple)
+    return round_to_multiple(width * longer_edge / height, multiple), longer_edge
 
 
 def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

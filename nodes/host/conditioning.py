@@ -109,10 +109,10 @@ def sized_image(image, node: str, name: str, size_policy: str, longer_edge: int,
     images.check_image(image, f"{node}: '{name}'")
     height, width = image.shape[1:3]
     if size_policy == "longer edge":
-        edge = max(multiple_of, round(longer_edge / multiple_of) * multiple_of)
+        edge = images.round_to_multiple(longer_edge, multiple_of)
         new_w, new_h = images.longer_edge_size(width, height, edge, multiple_of)
     else:
-        new_w, new_h = (max(multiple_of, round(s / multiple_of) * multiple_of) for s in (width, height))
+        new_w, new_h = (images.round_to_multiple(side, multiple_of) for side in (width, height))
     if (new_w, new_h) != (width, height):
         log.warning("%s: '%s' resized from %dx%d to %dx%d (%s, multiple of %d)", node, name, width, height,
                     new_w, new_h, size_policy, multiple_of)

@@ -107,7 +107,7 @@ def flow_sde_sampler(noise_level: float) -> FlowSDESampler:
 def _grid_latent(raw: torch.Tensor, patch: int) -> torch.Tensor:
     """The latent resized to the DiT's patch grid when its sides are not multiples of the patch size."""
     height, width = raw.shape[-2:]
-    grid_h, grid_w = (max(patch, round(s / patch) * patch) for s in (height, width))
+    grid_h, grid_w = (images.round_to_multiple(side, patch) for side in (height, width))
     if (grid_h, grid_w) == (height, width):
         return raw
     log.warning("%s: latent %dx%d resized to %dx%d (sides must be multiples of %d latent pixels, i.e. images a "
