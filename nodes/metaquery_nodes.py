@@ -5,6 +5,7 @@ import logging
 import torch
 
 from ..unipic_core.images import check_image
+from ..unipic_core.latents import SD3
 from ..unipic_core.metaquery import answer_question, encode_metaquery
 from ..unipic_core.sampling import PromptEmbeds
 from .host import memory
@@ -63,8 +64,8 @@ class UniPic2MetaQueryEncode:
             return attach_reference(vae, sized[0], positive, negative)
         if image is not None:
             log.info("%s: no VAE connected, so the image conditions the MLLM only (no DiT reference)", node)
-        side = longer_edge // 8  # text-to-image: a square latent (16 SD3 latent channels) for convenience
-        return positive, negative, {"samples": torch.zeros(1, 16, side, side)}
+        # text-to-image: a square latent for convenience
+        return positive, negative, {"samples": SD3.empty(1, longer_edge, longer_edge)}
 
 
 class UniPic2Understand:

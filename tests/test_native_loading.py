@@ -183,21 +183,22 @@ def engine_sample(tiny_kontext, positive, negative, raw_shape, seed, steps, guid
                   reference=None):
     """The pack's previous sampler: unipic_core.sampling.sample with the diffusers transformer (raw latent out)."""
     from unipic_core.dit import DiffusersDiT
-    from unipic_core.images import model_to_raw, raw_to_model
+    from unipic_core.latents import LatentSpace
     from unipic_core.sampling import PromptEmbeds, sample
     from unipic_core.schedule import flow_sigmas
 
     def embeds(conditioning):
         return PromptEmbeds(conditioning[0][0], conditioning[0][1]["pooled_output"])
 
+    sd3 = LatentSpace(shift=0.0609, scale=1.5305)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(raw_shape, generator=generator, dtype=torch.float32)
-    ref = None if reference is None else raw_to_model(reference, 0.0609, 1.5305)
+    ref = None if reference is None else sd3.to_model(reference)
     with torch.no_grad():
         x = sample(DiffusersDiT(tiny_kontext.transformer), noise, flow_sigmas(steps, tiny_kontext.scheduler_config),
                    embeds(positive), embeds(negative), guidance=guidance, reference=ref, sampler=sampler,
                    noise_level=0.7, generator=generator)
-    return model_to_raw(x, 0.0609, 1.5305)
+    return sd3.to_raw(x)
 
 
 @pytest.mark.parametrize("case", ["euler-t2i", "euler-edit-cfg", "flow-sde-edit"])

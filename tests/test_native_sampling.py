@@ -5,12 +5,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from unipic_core.dit import DiffusersDiT
-from unipic_core.images import model_to_raw, raw_to_model
+from unipic_core.latents import LatentSpace
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.sampling import PromptEmbeds, euler_step, flow_sde_step, sample
 from unipic_core.schedule import denoise_sigmas, flow_sigmas
 
-SD3_VAE = (0.0609, 1.5305)  # shift, scale of ComfyUI's SD3 latent format (LATENT is raw VAE space)
+SD3_VAE = LatentSpace(shift=0.0609, scale=1.5305)  # ComfyUI's SD3 latent format (LATENT is raw VAE space)
 SHAPE = (2, 16, 16, 16)  # batch 2 of 128 x 128 px
 GUIDANCE = 3.5
 
@@ -62,7 +62,7 @@ def pack_sample(dit, prompts, sigmas, seed: int, **options) -> torch.Tensor:
     noise = torch.randn(SHAPE, generator=generator, dtype=torch.float32)
     with torch.no_grad():
         x = sample(DiffusersDiT(dit), noise, sigmas, *prompts, guidance=GUIDANCE, generator=generator, **options)
-    return model_to_raw(x, *SD3_VAE)
+    return SD3_VAE.to_raw(x)
 
 
 def euler():
@@ -128,7 +128,7 @@ def test_flow_sde_with_a_seed_gives_the_pack_samplers_flow_sde_image(host, nativ
     start = None if denoise == 1.0 else torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
     out = native_sample(native, prompts, flow_sde(host, 0.7), sigmas, seed=9, start=start)
     ours = pack_sample(dit, prompts, sigmas, seed=9, sampler="flow-sde", noise_level=0.7,
-                       start_latent=None if start is None else raw_to_model(start, *SD3_VAE))
+                       start_latent=None if start is None else SD3_VAE.to_model(start))
     assert (out - ours).abs().max() <= 1e-4
 
 

@@ -238,7 +238,7 @@ def test_set_latent_noise_mask_regenerates_only_the_masked_region(host, loaded, 
 def _expected_switch(dit, a, b, neg, latent, steps, guidance, switch_sigma):
     """An independent Euler loop on the diffusers DiT: CFG with prompt a while sigma > switch_sigma, then prompt b
     (raw latent out)."""
-    from unipic_core.images import model_to_raw
+    from unipic_core.latents import LatentSpace
     from unipic_core.schedule import flow_sigmas
 
     sigmas = flow_sigmas(steps, {"shift": 3.0})
@@ -254,7 +254,7 @@ def _expected_switch(dit, a, b, neg, latent, steps, guidance, switch_sigma):
         for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
             v_pos, v_neg = velocity(a if sigma > switch_sigma else b, sigma), velocity(neg, sigma)
             x = x + (sigma_next - sigma) * (v_neg + guidance * (v_pos - v_neg))
-    return model_to_raw(x, 0.0609, 1.5305)
+    return LatentSpace(shift=0.0609, scale=1.5305).to_raw(x)
 
 
 def test_timestep_ranges_switch_prompts_mid_sampling(host, loaded, tiny_kontext):

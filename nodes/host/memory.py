@@ -12,6 +12,7 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import CallbacksMP
 
+from ...unipic_core.latents import LatentSpace
 from .partial_loading import make_castable, move_buffers, report_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -69,6 +70,13 @@ def carries_weight_patches(model: ModelPatcher) -> bool:
 def fp8_fast(model: ModelPatcher) -> bool:
     """True for weight_dtype fp8_e4m3fn_fast: ComfyUI then multiplies in fp8, where no LoRA delta can be added."""
     return bool(model.model.model_config.optimizations.get("fp8"))
+
+
+def latent_space(model: ModelPatcher) -> LatentSpace:
+    """A native MODEL's latent conventions: its latent format's shift, scale and channels, its DiT's patch size."""
+    latent_format = model.get_model_object("latent_format")
+    return LatentSpace(latent_format.shift_factor, latent_format.scale_factor, latent_format.latent_channels,
+                       patch=model.get_model_object("diffusion_model").patch_size)
 
 
 def device() -> torch.device:

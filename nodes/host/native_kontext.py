@@ -16,7 +16,7 @@ import comfy.ops
 import comfy.patcher_extension
 import torch
 
-from ...unipic_core import images
+from ...unipic_core.latents import SD3
 from .conditioning import attached_references, reference_at_target
 
 log = logging.getLogger("unipic2")
@@ -64,7 +64,7 @@ def _extra_conds_with_reference(patched):
         references = kwargs.get("reference_latents")
         if references:
             (reference,) = references  # _share_reference refused more
-            images.check_latent(reference, f"{NODE}: the reference latent", REFERENCE_CAUSE)
+            SD3.check_latent(reference, f"{NODE}: the reference latent", REFERENCE_CAUSE)
             reference = reference_at_target(reference, kwargs["noise"].shape, NODE, warned_sizes)
             # raw VAE latent -> model space, once (the sampler does the same to the target latent)
             out[REFERENCE_COND] = comfy.conds.CONDNoiseShape(patched.model.process_latent_in(reference))

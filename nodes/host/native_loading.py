@@ -82,10 +82,11 @@ def load_native_vae(folder: Path, dtype: torch.dtype | None = None) -> comfy.sd.
     config = read_json(component / "config.json")
     sd3 = comfy.latent_formats.SD3()
     scaling, shift = config.get("scaling_factor"), config.get("shift_factor") or 0.0
-    if (scaling, shift) != (sd3.scale_factor, sd3.shift_factor) or config.get("latent_channels") != 16:
+    if (scaling, shift, config.get("latent_channels")) != (sd3.scale_factor, sd3.shift_factor, sd3.latent_channels):
         raise CheckpointError(f"{component / 'config.json'}: scaling_factor {scaling}, shift_factor {shift}, "
                               f"latent_channels {config.get('latent_channels')}; UniPic2's DiT reads SD3 latents "
-                              f"({sd3.scale_factor}, {sd3.shift_factor}, 16) -- use the checkpoint's own SD3 VAE")
+                              f"({sd3.scale_factor}, {sd3.shift_factor}, {sd3.latent_channels}) -- use the "
+                              "checkpoint's own SD3 VAE")
     if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
         raise CheckpointError(f"{component / 'config.json'}: a VAE with quant_conv layers is not SD3's VAE -- use "
                               "the checkpoint's own SD3 VAE")

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
-from ...unipic_core import images
+from ...unipic_core.latents import LatentSpace
 from ...unipic_core.sampling import euler_step, flow_sde_step
 from ...unipic_core.schedule import denoise_sigmas
-from . import progress
+from . import memory, progress
 from .conditioning import carries_reference, check_conditioning
 from .native_kontext import has_kontext_reference, with_kontext_reference
 
@@ -104,15 +104,15 @@ def flow_sde_sampler(noise_level: float) -> FlowSDESampler:
     return FlowSDESampler(sample_flow_sde, {"noise_level": noise_level})
 
 
-def _grid_latent(raw: torch.Tensor, patch: int) -> torch.Tensor:
+def _grid_latent(raw: torch.Tensor, space: LatentSpace) -> torch.Tensor:
     """The latent resized to the DiT's patch grid when its sides are not multiples of the patch size."""
     height, width = raw.shape[-2:]
-    grid_h, grid_w = (images.round_to_multiple(side, patch) for side in (height, width))
+    grid_h, grid_w = space.grid_size(raw)
     if (grid_h, grid_w) == (height, width):
         return raw
     log.warning("%s: latent %dx%d resized to %dx%d (sides must be multiples of %d latent pixels, i.e. images a "
-                "multiple of %d px)", SAMPLER_NODE, width, height, grid_w, grid_h, patch,
-                patch * images.LATENT_TO_IMAGE)
+                "multiple of %d px)", SAMPLER_NODE, width, height, grid_w, grid_h, space.patch,
+                space.patch * space.vae_factor)
     return F.interpolate(raw, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
 
 
@@ -136,16 +136,16 @@ def sampling_model(model, shift: float, has_reference: bool):
 def model_latent(model, raw: torch.Tensor) -> torch.Tensor:
     """A LATENT's raw samples [B, C, H, W] as the MODEL's DiT takes them: checked for NaN, Empty Latent Image's 4
     channels widened to the model's, sides resized to the patch grid, refused when the DiT's grid is too small."""
-    dit = model.get_model_object("diffusion_model")
-    images.check_latent(raw, f"{SAMPLER_NODE}: 'latent'", LATENT_CAUSE)
+    space = memory.latent_space(model)
+    space.check_latent(raw, f"{SAMPLER_NODE}: 'latent'", LATENT_CAUSE)
     raw = comfy.sample.fix_empty_latent_channels(model, raw.float())  # Empty Latent Image's 4 -> 16 channels
-    channels = model.get_model_object("latent_format").latent_channels
-    if raw.shape[1] != channels:
-        raise ValueError(f"{SAMPLER_NODE}: 'latent' has {raw.shape[1]} channels; the model needs a {channels}-channel "
-                         "SD3 latent -- encode with the checkpoint's VAE (VAE Encode), or start from Empty "
-                         "Latent Image")
-    raw = _grid_latent(raw, dit.patch_size)
-    images.check_grid_size(raw, f"{SAMPLER_NODE}: 'latent'", dit.patch_size, dit.pos_embed_max_size)
+    if raw.shape[1] != space.channels:
+        raise ValueError(f"{SAMPLER_NODE}: 'latent' has {raw.shape[1]} channels; the model needs a "
+                         f"{space.channels}-channel SD3 latent -- encode with the checkpoint's VAE (VAE Encode), or "
+                         "start from Empty Latent Image")
+    raw = _grid_latent(raw, space)
+    dit = model.get_model_object("diffusion_model")
+    space.check_grid_size(raw, f"{SAMPLER_NODE}: 'latent'", dit.pos_embed_max_size)
     return raw
 
 
