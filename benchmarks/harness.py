@@ -133,7 +133,7 @@ class NativeHost:
         pack = next(m for m in list(sys.modules.values())
                     if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
         self.pack = pack
-        self.with_kontext_reference = pack.nodes.native_kontext.with_kontext_reference
+        self.with_kontext_reference = pack.nodes.host.native_kontext.with_kontext_reference
         self.attention = comfy.ldm.modules.attention.optimized_attention.__name__
 
     def model(self, transformer, dtype):

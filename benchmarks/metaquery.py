@@ -57,7 +57,7 @@ class Managed:
     """An encoder's MLLM and conditioner under ComfyUI's memory manager, loaded with a budget for each leg."""
 
     def __init__(self, host, encoder, device):
-        wrap = host.pack.nodes.host.wrap
+        wrap = host.pack.nodes.host.memory.wrap
         encoder.device = device
         self.encoder, self.device = encoder, device
         self.patchers = [wrap(encoder.mllm), wrap(encoder.conditioner)]

@@ -1,16 +1,16 @@
-"""ComfyUI node classes; the only package that imports the host (comfy, folder_paths)."""
+"""ComfyUI node classes, one module per stage (*_nodes.py), and in host/ their ComfyUI side; the only package
+that imports the host (comfy, folder_paths). Node modules import host/ and unipic_core, never each other."""
 
 from .conditioning_nodes import UniPic2EditReference, UniPic2TextEncode
+from .host.messages import register_routes
 from .loader_nodes import LoadUniPic2Kontext, LoadUniPic2MetaQuery
 from .lora_nodes import UniPic2ApplyLoRA, UniPic2LoadLoRA, UniPic2SaveLoRA
-from .messages import register_routes
 from .metaquery_nodes import UniPic2MetaQueryEncode, UniPic2Understand
-from .native_kontext import UniPic2KontextReference
-from .native_sampling import UniPic2FlowSDESampler, UniPic2Schedule
+from .model_nodes import UniPic2KontextReference
 from .reward_nodes import (UniPic2AestheticReward, UniPic2CLIPScoreReward, UniPic2ColourReward, UniPic2CombineRewards,
                            UniPic2EditConsistencyReward, UniPic2EditScoreReward, UniPic2JPEGReward, UniPic2JudgeReward,
                            UniPic2ObjectReward, UniPic2PickScoreReward)
-from .sampler_node import UniPic2Sampler
+from .sampling_nodes import UniPic2FlowSDESampler, UniPic2Sampler, UniPic2Schedule
 from .training_nodes import UniPic2EditPairs, UniPic2GRPOTrainer, UniPic2PromptList
 
 register_routes()  # GET /unipic2/messages/<event>?clientId=: that client's training runs (web/ catches up with it)

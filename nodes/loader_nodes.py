@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from ..unipic_core import folders
+from ..unipic_core.folders import find_qwen_inside, is_kontext_folder, is_metaquery_folder, is_qwen25vl_folder
 from ..unipic_core.repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
-from . import host
-from .bundles import UniPic2MLLM, UniPic2Text
+from .host import folders, memory
+from .host.bundles import UniPic2MLLM, UniPic2Text
 
 INSIDE = "(inside the checkpoint)"
 # Load Diffusion Model's weight_dtype choices, plus plain precisions for the whole checkpoint.
@@ -35,37 +35,24 @@ _CACHE: dict[tuple, tuple] = {}  # (kind, folders, dtype) -> node outputs; the m
 
 def encoder_dtype(choice: str) -> torch.dtype:
     """The text encoders' / MLLM's precision for a dtype choice (fp8 is for the DiT only)."""
-    return host.pick_dtype(choice if choice in host.DTYPES else "auto")
+    return memory.pick_dtype(choice if choice in memory.DTYPES else "auto")
 
 
 def native_dit_and_vae(folder: Path, choice: str):
     """The folder's DiT as a native MODEL (Kontext reference ability, the checkpoint's shift) and its native VAE."""
     from ..unipic_core.loading import load_scheduler_config
-    from .native_loading import load_native_dit, load_native_vae
+    from .host.native_loading import load_native_dit, load_native_vae
 
     model = load_native_dit(folder, load_scheduler_config(folder), DIT_OPTIONS[choice])
     return model, load_native_vae(folder, torch.float32 if choice == "fp32" else None)
 
 
-def local_folders(kinds: tuple[str, ...], accept) -> dict[str, Path]:
-    """Choice name -> folder for each subfolder of the registered model folders that `accept(path, kind)` takes;
-    folders outside models/unipic2 are named '<kind>/<name>'."""
-    found = {}
-    for kind in kinds:
-        for root in map(Path, host.model_folders(kind)):
-            if root.is_dir():
-                for path in sorted(root.iterdir()):
-                    if accept(path, kind):
-                        found.setdefault(path.name if kind == host.UNIPIC2_FOLDER else f"{kind}/{path.name}", path)
-    return found
-
-
 def kontext_folders() -> dict[str, Path]:
-    return local_folders(("unipic2", "diffusers"), lambda p, kind: folders.is_kontext_folder(p, kind == "diffusers"))
+    return folders.local_folders(("unipic2", "diffusers"), lambda p, kind: is_kontext_folder(p, kind == "diffusers"))
 
 
 def metaquery_folders() -> dict[str, Path]:
-    return local_folders(("unipic2", "diffusers"), lambda p, kind: folders.is_metaquery_folder(p))
+    return folders.local_folders(("unipic2", "diffusers"), lambda p, kind: is_metaquery_folder(p))
 
 
 def qwen_choices() -> dict[str, Path]:
@@ -73,37 +60,10 @@ def qwen_choices() -> dict[str, Path]:
     text encoder is this MLLM: no second copy needed)."""
     from ..unipic_core.qwen25vl import is_qwen25vl_file
 
-    found = local_folders(("unipic2", "LLM"), lambda p, kind: folders.is_qwen25vl_folder(p))
-    found.update({f"text_encoders/{name}": path for name, path in host.text_encoder_files().items()
+    found = folders.local_folders(("unipic2", "LLM"), lambda p, kind: is_qwen25vl_folder(p))
+    found.update({f"text_encoders/{name}": path for name, path in folders.text_encoder_files().items()
                   if is_qwen25vl_file(path)})
     return found
-
-
-def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: str, fetch=None) -> Path:
-    """A local choice, or an official repo id: its models/unipic2/<name> copy, downloaded when absent (by
-    fetch(choice, destination) -> path; default: the whole hub repo)."""
-    if choice in local:
-        return local[choice]
-    if choice in repos:
-        name = choice.split("/")[-1]
-        if name in local:
-            return local[name]
-        if fetch is None:
-            from ..unipic_core.loading import download_repo
-
-            fetch = lambda repo, destination: download_repo(repo, destination, host.download_progress())
-        return fetch(choice, Path(host.unipic2_download_folder()) / name)
-    raise ValueError(f"UniPic2 Load: {what} '{choice}' not found; put it in "
-                     f"{host.unipic2_download_folder()} or pick one of {', '.join(repos)}")
-
-
-def cached(key: tuple, load, cache: dict | None = None):
-    """load(), kept until a different key is asked of the same cache (by default the checkpoint loaders')."""
-    cache = _CACHE if cache is None else cache
-    if key not in cache:
-        cache.clear()  # free the previous checkpoint before loading the next
-        cache[key] = load()
-    return cache[key]
 
 
 class LoadUniPic2Kontext:
@@ -125,17 +85,18 @@ class LoadUniPic2Kontext:
         }}
 
     def load(self, checkpoint, dtype):
-        folder = resolve(checkpoint, kontext_folders(), KONTEXT_REPOS, "checkpoint")
-        return cached(("kontext", str(folder.resolve()), dtype), lambda: self._load(folder, dtype))
+        folder = folders.resolve(checkpoint, kontext_folders(), KONTEXT_REPOS, "checkpoint")
+        key = ("kontext", str(folder.resolve()), dtype)
+        return memory.cached(key, lambda: self._load(folder, dtype), _CACHE)
 
     @staticmethod
     def _load(folder: Path, choice: str):
         from ..unipic_core.loading import load_kontext_text_encoders
 
         encoders = load_kontext_text_encoders(folder, encoder_dtype(choice))
-        encoders.device = host.device()
+        encoders.device = memory.device()
         model, vae = native_dit_and_vae(folder, choice)
-        return model, UniPic2Text(encoders, [host.wrap(m) for m in encoders.modules()]), vae
+        return model, UniPic2Text(encoders, [memory.wrap(m) for m in encoders.modules()]), vae
 
 
 class LoadUniPic2MetaQuery:
@@ -166,27 +127,28 @@ class LoadUniPic2MetaQuery:
         }}
 
     def load(self, checkpoint, mllm, dtype, mllm_weights="default"):
-        folder = resolve(checkpoint, metaquery_folders(), METAQUERY_REPOS, "checkpoint")
+        folder = folders.resolve(checkpoint, metaquery_folders(), METAQUERY_REPOS, "checkpoint")
         if mllm == INSIDE:
-            qwen = folders.find_qwen_inside(folder)
+            qwen = find_qwen_inside(folder)
             if qwen is None:
                 raise ValueError(f"UniPic2 Load MetaQuery: {folder} holds no Qwen2.5-VL folder; choose the MLLM "
                                  f"(a folder in models/LLM or models/unipic2, or {QWEN_REPO})")
         else:
-            qwen = resolve(mllm, qwen_choices(), (QWEN_REPO,), "MLLM")
+            qwen = folders.resolve(mllm, qwen_choices(), (QWEN_REPO,), "MLLM")
         key = ("metaquery", str(folder.resolve()), str(qwen.resolve()), dtype, mllm_weights)
         source = f"{qwen.name}, {dtype}, mllm_weights {mllm_weights}"
-        return cached(key, lambda: self._load(folder, qwen, dtype, MLLM_WEIGHTS[mllm_weights], source))
+        return memory.cached(key, lambda: self._load(folder, qwen, dtype, MLLM_WEIGHTS[mllm_weights], source),
+                             _CACHE)
 
     @staticmethod
     def _load(folder: Path, qwen: Path, choice: str, mllm_storage: torch.dtype | None, source: str):
         from ..unipic_core.fp8_weights import quantize_linears
         from ..unipic_core.loading import load_metaquery_encoder
 
-        encoder = load_metaquery_encoder(folder, qwen, encoder_dtype(choice), host.qwen25_tokenizer_folder())
-        encoder.device = host.device()
+        encoder = load_metaquery_encoder(folder, qwen, encoder_dtype(choice), folders.qwen25_tokenizer_folder())
+        encoder.device = memory.device()
         if mllm_storage is not None:  # the output layer stays exact: it decides Understand's words and Judge's P(yes)
             quantize_linears(encoder.mllm, mllm_storage, keep=(encoder.mllm.lm_head,))
         model, vae = native_dit_and_vae(folder, choice)
-        return model, UniPic2MLLM(encoder, host.wrap(encoder.mllm), host.wrap(encoder.conditioner),
+        return model, UniPic2MLLM(encoder, memory.wrap(encoder.mllm), memory.wrap(encoder.conditioner),
                                   source), vae

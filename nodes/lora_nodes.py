@@ -1,13 +1,16 @@
 """UniPic2 LoRAs in the graph: save, load from models/loras, and apply as removable ModelPatcher weight patches."""
 
 import itertools
+import logging
 import math
 import os
 import re
 
 from ..unipic_core.atomic_files import NameTaken
 from ..unipic_core.lora import LoRAError, check_lora_fits, load_lora, save_lora
-from . import host
+from .host import folders, memory
+
+log = logging.getLogger("unipic2")
 
 LORA = ("UNIPIC2_LORA", {"tooltip": "From UniPic2 GRPO Trainer or UniPic2 Load LoRA."})
 # Characters some file system cannot hold in a name; '/' separates folders on every system.
@@ -60,7 +63,7 @@ class UniPic2SaveLoRA:
 
     def save(self, lora, filename_prefix):
         prefix = checked_prefix(filename_prefix)
-        root = os.path.abspath(os.path.dirname(host.lora_folder()))
+        root = os.path.abspath(os.path.dirname(folders.lora_folder()))
         for path in numbered_paths(root, prefix):
             try:
                 return {"ui": {"text": [str(save_lora(lora, path, replace=False))]}}
@@ -76,10 +79,10 @@ class UniPic2LoadLoRA:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"lora_name": (host.lora_files(), {"tooltip": "A .safetensors in models/loras."})}}
+        return {"required": {"lora_name": (folders.lora_files(), {"tooltip": "A .safetensors in models/loras."})}}
 
     def load(self, lora_name):
-        return (load_lora(host.lora_path(lora_name)),)
+        return (load_lora(folders.lora_path(lora_name)),)
 
 
 class UniPic2ApplyLoRA:
@@ -97,7 +100,7 @@ class UniPic2ApplyLoRA:
                                                     "tooltip": "1 = as trained; 0 = the base model exactly."})}}
 
     def apply(self, model, lora, strength):
-        from .native_training import lora_targets
+        from .host.native_training import lora_targets
 
         if not math.isfinite(strength):
             raise ValueError(f"UniPic2 Apply LoRA: strength is {strength}; give a finite number (1 = as trained, "
@@ -107,11 +110,11 @@ class UniPic2ApplyLoRA:
             check_lora_fits(lora, shapes.get)
         except LoRAError as e:
             raise LoRAError(f"UniPic2 Apply LoRA: {e}") from e
-        patched, placed = host.patch_lora(model, lora.tensors, strength)
+        patched, placed = memory.patch_lora(model, lora.tensors, strength)
         if placed != len(lora.modules()):  # the host skips a key it cannot place with a log line only
             raise ValueError(f"UniPic2 Apply LoRA: ComfyUI placed patches for {placed} of the LoRA's "
                              f"{len(lora.modules())} modules; the model's weights are not where the LoRA expects them")
-        base, name = lora.info.get("base_model"), host.checkpoint_name(model)
+        base, name = lora.info.get("base_model"), memory.checkpoint_name(model)
         if base and name and base != name:
-            host.log.warning("UniPic2 Apply LoRA: LoRA trained on '%s', applied to '%s'", base, name)
+            log.warning("UniPic2 Apply LoRA: LoRA trained on '%s', applied to '%s'", base, name)
         return (patched,)

@@ -5,11 +5,11 @@ import logging
 import torch
 
 from ..unipic_core.images import check_image
+from ..unipic_core.latents import SD3
 from ..unipic_core.metaquery import answer_question, encode_metaquery
 from ..unipic_core.sampling import PromptEmbeds
-from . import host
-from .conditioning import to_conditioning
-from .conditioning_nodes import SIZE_INPUTS, attach_reference, sized_image
+from .host import memory
+from .host.conditioning import SIZE_INPUTS, attach_reference, sized_image, to_conditioning
 
 log = logging.getLogger("unipic2")
 
@@ -56,7 +56,7 @@ class UniPic2MetaQueryEncode:
         node = "UniPic2 MetaQuery Encode"
         sized = [sized_image(first_of_batch(img, node, name), node, name, size_policy, longer_edge, multiple_of)
                  for name, img in (("image", image), ("image2", image2)) if img is not None]
-        host.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher)
+        memory.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher)
         both = encode_metaquery(mllm.encoder, [prompt, negative_prompt], [img[0] for img in sized])
         positive = to_conditioning(PromptEmbeds(both.tokens[:1], both.pooled[:1]))
         negative = to_conditioning(PromptEmbeds(both.tokens[1:], both.pooled[1:]))
@@ -64,8 +64,8 @@ class UniPic2MetaQueryEncode:
             return attach_reference(vae, sized[0], positive, negative)
         if image is not None:
             log.info("%s: no VAE connected, so the image conditions the MLLM only (no DiT reference)", node)
-        side = longer_edge // 8  # text-to-image: a square latent (16 SD3 latent channels) for convenience
-        return positive, negative, {"samples": torch.zeros(1, 16, side, side)}
+        # text-to-image: a square latent for convenience
+        return positive, negative, {"samples": SD3.empty(1, longer_edge, longer_edge)}
 
 
 class UniPic2Understand:
@@ -105,7 +105,7 @@ class UniPic2Understand:
             if img is not None:
                 check_image(img, f"{node}: '{name}'")
                 pictures.append(first_of_batch(img, node, name)[0])
-        host.load_on_device(mllm.mllm_patcher)
+        memory.load_on_device(mllm.mllm_patcher)
         text = answer_question(mllm.encoder, pictures, question, max_new_tokens, do_sample, temperature, top_p,
                                seed % 2**63)
         return {"ui": {"text": [text]}, "result": (text,)}

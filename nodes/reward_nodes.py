@@ -5,12 +5,12 @@ LoRA on the MetaQuery's MLLM, a patched clone of its ModelPatcher (one copy of t
 
 from pathlib import Path
 
-from ..unipic_core import folders, rewards
+from ..unipic_core import rewards
+from ..unipic_core.folders import is_clip_folder, is_clip_processor_folder, is_owlv2_folder
 from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
                                  EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO,
                                  PROCESSOR_FILES)
-from . import host
-from .loader_nodes import cached, local_folders, resolve
+from .host import folders, memory, progress
 
 CATEGORY = "UniPic2/training/rewards"
 
@@ -80,7 +80,7 @@ class UniPic2JudgeReward:
         from ..unipic_core.metaquery import yes_probability
 
         def probability_of_yes(images, question):
-            host.load_on_device(mllm.mllm_patcher)
+            memory.load_on_device(mllm.mllm_patcher)
             return yes_probability(mllm.encoder, images, question)
 
         return (rewards.judge_reward(probability_of_yes),)
@@ -115,15 +115,15 @@ _LOADED: dict[str, dict] = {}  # reward kind -> its most recent model, as the lo
 
 def unipic2_entries(accept) -> dict[str, Path]:
     """The folders (or files) in models/unipic2 that accept(path) recognises, by their listed name."""
-    return local_folders((host.UNIPIC2_FOLDER,), lambda path, kind: accept(path))
+    return folders.local_folders((folders.UNIPIC2_FOLDER,), lambda path, kind: accept(path))
 
 
 def clip_folders():
-    return unipic2_entries(folders.is_clip_folder)
+    return unipic2_entries(is_clip_folder)
 
 
 def processor_folders():
-    return unipic2_entries(folders.is_clip_processor_folder)
+    return unipic2_entries(is_clip_processor_folder)
 
 
 def aesthetic_files():
@@ -134,7 +134,7 @@ def hub_files(patterns: tuple[str, ...]):
     """Download only these files of a hub repo: its weights in one format, not all of them."""
     from ..unipic_core.loading import download_repo
 
-    return lambda repo, destination: download_repo(repo, destination, host.download_progress(), patterns)
+    return lambda repo, destination: download_repo(repo, destination, progress.download_progress(), patterns)
 
 
 def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: str | None = None):
@@ -142,19 +142,19 @@ def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: s
     folder, or of PickScore's processor input (laion's CLIP-H processor by default)."""
     from ..unipic_core.reward_models import load_clip_reward
 
-    folder = resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
+    folder = folders.resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
     processor = None
     if processor_choice is not None:
-        processor = resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
+        processor = folders.resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
                             hub_files(PROCESSOR_FILES))
 
     def load():
-        clip = load_clip_reward(folder, processor, host.DTYPES[dtype], repo, PICKSCORE_PROCESSOR_REPO)
-        clip.device = host.device()
-        return clip, host.wrap(clip.model)
+        clip = load_clip_reward(folder, processor, memory.DTYPES[dtype], repo, PICKSCORE_PROCESSOR_REPO)
+        clip.device = memory.device()
+        return clip, memory.wrap(clip.model)
 
     key = (str(folder.resolve()), str(processor.resolve()) if processor else "", dtype)
-    return cached(key, load, _LOADED.setdefault(kind, {}))
+    return memory.cached(key, load, _LOADED.setdefault(kind, {}))
 
 
 def model_reward(name: str, detail: str, patchers: list, score, needs_sources: bool = False,
@@ -164,7 +164,7 @@ def model_reward(name: str, detail: str, patchers: list, score, needs_sources: b
     prompts' metadata (needs_metadata) -- e.g. score(images, prompts, sources) or score(images, prompts, metadata)."""
 
     def scored(images, prompts, sources, *metadata):  # Reward.score passes metadata to needs_metadata terms only
-        host.load_on_device(*patchers)
+        memory.load_on_device(*patchers)
         return score(images, prompts, *((sources,) if needs_sources else ()), *metadata)
 
     return rewards.Reward([rewards.RewardTerm(name, 1.0, scored, needs_sources, needs_metadata, detail)])
@@ -243,15 +243,16 @@ class UniPic2AestheticReward:
         from ..unipic_core.reward_models import aesthetic_score, check_aesthetic_pair, load_aesthetic_mlp
 
         clip_model, clip_patcher = load_clip("aesthetic", clip, CLIP_L14_REPO, dtype)
-        path = resolve(mlp, aesthetic_files(), (AESTHETIC_CHOICE,), "aesthetic MLP",
-                       lambda choice, destination: download_file(AESTHETIC_URL, destination, host.download_progress()))
+        path = folders.resolve(mlp, aesthetic_files(), (AESTHETIC_CHOICE,), "aesthetic MLP",
+                       lambda choice, destination: download_file(AESTHETIC_URL, destination, progress.download_progress()))
 
         def load():
             head = load_aesthetic_mlp(path)
             check_aesthetic_pair(clip_model, head, clip, mlp)
-            return head, host.wrap(head)
+            return head, memory.wrap(head)
 
-        head, head_patcher = cached((str(path.resolve()), clip, dtype), load, _LOADED.setdefault("aesthetic-mlp", {}))
+        head, head_patcher = memory.cached((str(path.resolve()), clip, dtype), load,
+                                           _LOADED.setdefault("aesthetic-mlp", {}))
         return (model_reward("aesthetic", f"{mlp} on {clip}, {dtype}", [clip_patcher, head_patcher],
                              lambda images, prompts: aesthetic_score(clip_model, head, images)),)
 
@@ -297,14 +298,15 @@ class UniPic2EditScoreReward:
             raise ValueError(f"UniPic2 EditScore Reward: 'mllm' was loaded from {encoder.mllm.lm_head.path.name}, "
                              "which has no output layer (lm_head), and EditScore answers in words. In Load UniPic2 "
                              "MetaQuery choose the Qwen2.5-VL-7B-Instruct folder (or repo id) as its mllm")
-        folder = resolve(adapter, adapter_folders(), (EDITSCORE_REPO,), "adapter", hub_files(EDITSCORE_FILES))
+        folder = folders.resolve(adapter, adapter_folders(), (EDITSCORE_REPO,), "adapter", hub_files(EDITSCORE_FILES))
 
         def load():
-            return host.patch_component_lora(mllm.mllm_patcher, read_qwen25vl_lora(folder, encoder.mllm,
+            return memory.patch_component_lora(mllm.mllm_patcher, read_qwen25vl_lora(folder, encoder.mllm,
                                                                                     EDITSCORE_REPO))
 
         # keyed by the MLLM module too: a reloaded MetaQuery needs its own clone; the cache holds the module alive
-        patcher = cached((str(folder.resolve()), id(encoder.mllm)), load, _LOADED.setdefault("editscore", {}))
+        patcher = memory.cached((str(folder.resolve()), id(encoder.mllm)), load,
+                                _LOADED.setdefault("editscore", {}))
 
         def score(images, prompts, sources):
             return editscore(encoder, sources, images, prompts, passes, seed).rewards
@@ -314,7 +316,7 @@ class UniPic2EditScoreReward:
 
 
 def owlv2_folders():
-    return unipic2_entries(folders.is_owlv2_folder)
+    return unipic2_entries(is_owlv2_folder)
 
 
 class UniPic2ObjectReward:
@@ -349,14 +351,14 @@ class UniPic2ObjectReward:
     def make(self, detector, score_threshold, counting_threshold, dtype):
         from ..unipic_core.object_reward import load_owlv2, object_scores
 
-        folder = resolve(detector, owlv2_folders(), (OWLV2_REPO,), "detector", hub_files(OWLV2_FILES))
+        folder = folders.resolve(detector, owlv2_folders(), (OWLV2_REPO,), "detector", hub_files(OWLV2_FILES))
 
         def load():
-            owl = load_owlv2(folder, host.DTYPES[dtype])
-            owl.device = host.device()
-            return owl, host.wrap(owl.model)
+            owl = load_owlv2(folder, memory.DTYPES[dtype])
+            owl.device = memory.device()
+            return owl, memory.wrap(owl.model)
 
-        owl, patcher = cached((str(folder.resolve()), dtype), load, _LOADED.setdefault("object", {}))
+        owl, patcher = memory.cached((str(folder.resolve()), dtype), load, _LOADED.setdefault("object", {}))
 
         detail = f"{detector}, thresholds {score_threshold:g}/{counting_threshold:g}, {dtype}"
         return (model_reward("objects", detail, [patcher], lambda images, prompts, metadata: object_scores(

@@ -1,27 +1,10 @@
 """GRPO training in the graph: prompt lists, edit pairs and the UniPic2 GRPO Trainer."""
 
-import logging
-import math
 from pathlib import Path
 
 from ..unipic_core import training_data
 from ..unipic_core.grpo import ALGORITHMS
-from . import host, messages
-
-log = logging.getLogger("unipic2")
-
-TRAINING_EVENT = "unipic2.grpo"  # one message per training step; web/unipic2_training.js draws it on the node
-
-
-def json_safe(value):
-    """JSON has no NaN: non-finite numbers (a skipped group's reward) travel as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+from .host import folders, memory
 
 
 class UniPic2PromptList:
@@ -43,7 +26,7 @@ class UniPic2PromptList:
                                                  "after the box's prompts."})}}
 
     def make(self, prompts, file=""):
-        path = host.input_path(file, "UniPic2 Prompt List", "file") if file.strip() else None
+        path = folders.input_path(file, "UniPic2 Prompt List", "file") if file.strip() else None
         return (training_data.read_prompts(prompts, path),)
 
 
@@ -67,7 +50,7 @@ class UniPic2EditPairs:
         if (images is None) == (not folder.strip()):
             raise ValueError("UniPic2 Edit Pairs: connect 'images' or give a 'folder', exactly one of them")
         sources = (list(images) if images is not None else training_data.read_folder_images(
-            host.input_path(folder, "UniPic2 Edit Pairs", "folder"), within=host.input_folder()))
+            folders.input_path(folder, "UniPic2 Edit Pairs", "folder"), within=folders.input_folder()))
         return (training_data.edit_pairs(sources, training_data.prompt_lines(instructions)),)
 
 
@@ -159,76 +142,32 @@ class UniPic2GRPOTrainer:
     def train(self, model, vae, prompts, reward, lora_name, steps, group_size, prompts_per_step, sampling_steps,
               noise_level, guidance, beta, learning_rate, lora_rank, lora_alpha, clip_range, timestep_fraction,
               advantage_std, resolution, micro_batch, updates_per_step, seed, save_every, resume, negative_prompt,
-              algorithm, sde_window, nft_beta, nft_kl, gradient_checkpointing, text_encoders=None, mllm=None, lora=None, node_id=None):
-        from ..unipic_core.curves import plot_curves, sample_grid
+              algorithm, sde_window, nft_beta, nft_kl, gradient_checkpointing, text_encoders=None, mllm=None, lora=None,
+              node_id=None):
+        # imported on first use: a graph that never trains need not load the training stack
         from ..unipic_core.grpo_settings import GRPOSettings
-        from ..unipic_core.grpo_trainer import GRPOTrainer, Hooks
-        from ..unipic_core.training_models import metaquery_condition, text_condition
-        from .native_training import carries_weight_patches, fp8_fast, native_training_models
+        from .host.native_training import train_lora
 
         if (text_encoders is None) == (mllm is None):
             raise ValueError("UniPic2 GRPO Trainer: connect exactly one of 'text_encoders' (Kontext) or 'mllm' "
                              "(MetaQuery)")
-        if fp8_fast(model):
+        if memory.fp8_fast(model):
             raise ValueError("UniPic2 GRPO Trainer: the model was loaded with weight_dtype fp8_e4m3fn_fast, which "
                              "multiplies in fp8 and cannot carry a trainable LoRA -- load it with fp8_e4m3fn (same "
                              "memory) or default to train")
-        if carries_weight_patches(model):  # the KL reference and the saved LoRA would silently include it
+        if memory.carries_weight_patches(model):  # the KL reference and the saved LoRA would silently include it
             raise ValueError("UniPic2 GRPO Trainer: the model carries weight patches (a LoRA loader or Apply LoRA); "
                              "connect that LoRA to the trainer's 'lora' input instead, to continue training it")
-        lora_file = Path(host.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"
+        lora_file = Path(folders.lora_folder()) / f"{self.check_lora_name(lora_name)}.safetensors"
         settings = GRPOSettings(
             steps=steps, algorithm=algorithm, sde_window=sde_window, nft_beta=nft_beta, nft_kl=nft_kl,
-            gradient_checkpointing=gradient_checkpointing, group_size=group_size, prompts_per_step=prompts_per_step, sampling_steps=sampling_steps,
-            noise_level=noise_level, guidance=guidance, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, clip_range=clip_range, batch_std=advantage_std == "batch",
-            timestep_fraction=timestep_fraction, resolution=resolution, micro_batch=micro_batch,
-            updates_per_step=updates_per_step, seed=seed,
-            negative_prompt=negative_prompt, save_every=save_every)
-
-        def text_encoders_on_device():
-            host.load_on_device(*text_encoders.patchers)
-            return text_encoders.encoders
-
-        def mllm_on_device():
-            host.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher)
-            return mllm.encoder
-
-        condition = (text_condition(text_encoders_on_device, negative_prompt) if text_encoders is not None
-                     else metaquery_condition(mllm_on_device, negative_prompt))
-        progress = host.StepProgress(steps)
-
-        def on_step(report):
-            total = report.rewards["total"]
-            log.info("UniPic2 GRPO step %d/%d: reward %.4f (std %.4f), loss %.3g, kl %.3g, clipped %.2f, %.1fs",
-                     report.step, report.total_steps, total[0], total[1], report.loss, report.kl,
-                     report.clip_fraction, report.elapsed)
-            progress.update(report.step, report.total_steps)  # samples travel with the chart, not as a preview
-            grid = sample_grid(report.samples, columns=len(report.samples))[0]
-            # This step's point only: the page appends it (a reloaded page fetches what it missed).
-            messages.send_step(TRAINING_EVENT, node_id, start_step, report.total_steps,
-                               json_safe(trainer.history[-1]), messages.jpeg_data_url(grid))
-
-        with host.training_mode():
-            models = native_training_models(model, vae, condition)
-            try:
-                trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
-            except ValueError as e:  # a refusal before training: bad settings, a name clash, another run's state
-                raise ValueError(f"UniPic2 GRPO Trainer: {e}") from e
-            start_step = trainer.step  # 0, or the step of the checkpoint it resumed
-            try:
-                result = trainer.run(Hooks(on_step=on_step, cancel_requested=host.cancel_requested))
-            finally:
-                trainer.close()
-        if result.cancelled:
-            log.info("UniPic2 GRPO Trainer: cancelled after step %d; checkpoint kept in %s", trainer.step, lora_file)
-            host.check_cancel()
-        log.info("UniPic2 GRPO Trainer: LoRA written to %s", lora_file)
-        history = result.history
-        first, last = history[0]["rewards"]["total"][0], history[-1]["rewards"]["total"][0]
-        summary = (f"UniPic2 GRPO: {trainer.step} steps, mean reward {first:.4f} (step 1) -> {last:.4f} (step "
-                   f"{trainer.step}); LoRA {lora_file}")
-        return result.lora, plot_curves(history), sample_grid(result.samples), summary
+            gradient_checkpointing=gradient_checkpointing, group_size=group_size, prompts_per_step=prompts_per_step,
+            sampling_steps=sampling_steps, noise_level=noise_level, guidance=guidance, beta=beta,
+            learning_rate=learning_rate, lora_rank=lora_rank, lora_alpha=lora_alpha, clip_range=clip_range,
+            batch_std=advantage_std == "batch", timestep_fraction=timestep_fraction, resolution=resolution,
+            micro_batch=micro_batch, updates_per_step=updates_per_step, seed=seed, negative_prompt=negative_prompt,
+            save_every=save_every)
+        return train_lora(model, vae, prompts, reward, settings, lora_file, resume, lora, text_encoders, mllm, node_id)
 
     @classmethod
     def check_lora_name(cls, lora_name: str) -> str:

@@ -101,7 +101,7 @@ class InProcessHost:
         return self.nodes.NODE_CLASS_MAPPINGS[name]()
 
     def module(self, name: str):
-        """A module of the pack as the host imported it, e.g. module("nodes.native_training")."""
+        """A module of the pack as the host imported it, e.g. module("nodes.host.native_training")."""
         return importlib.import_module(f"{self.pack.__name__}.{name}")
 
     def execute(self, prompt: dict) -> tuple[bool, list]:

@@ -239,27 +239,27 @@ def test_the_node_patches_the_loaded_mllm_as_peft_merges_and_restores_it(editsco
     patcher = editscore_patcher(editscore_host)
     assert patcher.model is mllm.mllm_patcher.model  # a clone: the same weights, no second copy
     assert len(patcher.patches) == 38
-    base = editscore_host.module("nodes.host").load_on_device(mllm.mllm_patcher)[0]
+    base = editscore_host.module("nodes.host.memory").load_on_device(mllm.mllm_patcher)[0]
     original = module_weights(base)
-    (patched,) = editscore_host.module("nodes.host").load_on_device(patcher)
+    (patched,) = editscore_host.module("nodes.host.memory").load_on_device(patcher)
     assert patched is base
     reference = merged_qwen.state_dict()
     ours = module_weights(patched)
     assert ours.keys() == reference.keys()
     assert largest_difference([ours[k] for k in ours], [reference[k] for k in ours]) <= 1e-5
     assert largest_difference([ours[k] for k in ours], [original[k] for k in ours]) > 1e-3  # the LoRA does change it
-    editscore_host.module("nodes.host").load_on_device(mllm.mllm_patcher)  # the MetaQuery encoder's turn
+    editscore_host.module("nodes.host.memory").load_on_device(mllm.mllm_patcher)  # the MetaQuery encoder's turn
     assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
 
 
 def test_a_lora_naming_a_layer_the_model_lacks_is_refused_not_half_applied(editscore_host, mllm, adapter_dir):
-    host_module = editscore_host.module("nodes.host")
+    memory = editscore_host.module("nodes.host.memory")
     lora = editscore_host.module("unipic_core.qwen25vl_lora").read_qwen25vl_lora(adapter_dir, mllm.encoder.mllm,
                                                                                  EDITSCORE_REPO)
-    assert len(host_module.patch_component_lora(mllm.mllm_patcher, lora).patches) == len(lora)
+    assert len(memory.patch_component_lora(mllm.mllm_patcher, lora).patches) == len(lora)
     lora["model.language_model.layers.9.self_attn.q_proj"] = next(iter(lora.values()))
     with pytest.raises(ValueError, match=r"adapts 39 layers, but only 38 were patched .*layers\.9\.self_attn"):
-        host_module.patch_component_lora(mllm.mllm_patcher, lora)
+        memory.patch_component_lora(mllm.mllm_patcher, lora)
 
 
 def reference_answer(model, processor, images: list[torch.Tensor], prompt: str, seed: int, max_new_tokens: int) -> str:
@@ -286,7 +286,7 @@ def test_answers_and_scores_equal_the_published_pipeline_on_the_same_weights(edi
     from unipic_core.editscore import editscore
 
     editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 2, 7)
-    editscore_host.module("nodes.host").load_on_device(editscore_patcher(editscore_host))
+    editscore_host.module("nodes.host.memory").load_on_device(editscore_patcher(editscore_host))
     sources, edited = pictures(2, 0), pictures(2, 1, 72, 112)
     ours = editscore(mllm.encoder, sources, edited, INSTRUCTIONS, passes=2, seed=7, max_new_tokens=24)
     processor = AutoProcessor.from_pretrained(str(qwen_dir))
@@ -309,7 +309,7 @@ def test_a_partially_loaded_patched_mllm_answers_as_a_full_load(editscore_host, 
 
     editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)
     patcher = editscore_patcher(editscore_host)
-    editscore_host.module("nodes.host").load_on_device(patcher)
+    editscore_host.module("nodes.host.memory").load_on_device(patcher)
     sources, edited = pictures(1, 2), pictures(1, 3)
     full = editscore(mllm.encoder, sources, edited, INSTRUCTIONS[:1], max_new_tokens=24)
     patcher.detach()
@@ -317,7 +317,7 @@ def test_a_partially_loaded_patched_mllm_answers_as_a_full_load(editscore_host, 
         assert offloaded_modules(patcher) > 0
         partial = editscore(mllm.encoder, sources, edited, INSTRUCTIONS[:1], max_new_tokens=24)
     assert partial.answers == full.answers and torch.equal(partial.rewards, full.rewards)
-    editscore_host.module("nodes.host").load_on_device(mllm.mllm_patcher)
+    editscore_host.module("nodes.host.memory").load_on_device(mllm.mllm_patcher)
     assert editscore(mllm.encoder, sources, edited, INSTRUCTIONS[:1], max_new_tokens=24).answers != full.answers
 
 
@@ -359,7 +359,7 @@ def test_the_hub_choice_downloads_only_the_adapter_files(editscore_host, mllm, a
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     editscore_host.node("UniPic2EditScoreReward").make(mllm, EDITSCORE_REPO, 1, 42)
     assert fetched == {EDITSCORE_REPO: {"adapter_config.json", "adapter_model.safetensors"}}
-    download = Path(editscore_host.module("nodes.host").unipic2_download_folder()) / "EditScore-7B"
+    download = Path(editscore_host.module("nodes.host.folders").unipic2_download_folder()) / "EditScore-7B"
     assert (download / "adapter_model.safetensors").is_file()
     shutil.rmtree(download)
 

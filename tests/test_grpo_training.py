@@ -35,7 +35,7 @@ def models(request, tiny_kontext_dir):
     models = models_on_device(load_kontext(tiny_kontext_dir), tiny_kontext_dir, torch.device("cpu"))
     if request.param == "native":
         host = request.getfixturevalue("host")  # puts ComfyUI on sys.path
-        native = host.module("nodes.native_training").NativeDiT(native_tiny_dit(tiny_kontext_dir))
+        native = host.module("nodes.host.native_training").NativeDiT(native_tiny_dit(tiny_kontext_dir))
         models = dataclasses.replace(models, dit=native.on_device)
     return models
 

@@ -19,7 +19,7 @@ def model(host):
 @pytest.fixture(scope="module")
 def targets(host, model):
     """The model's adapted modules (diffusers names) and their (out, in) shapes."""
-    return host.module("nodes.native_training").lora_targets(model)
+    return host.module("nodes.host.native_training").lora_targets(model)
 
 
 def lora_for(targets, extra_in: int = 0, rank: int = 4) -> LoRAWeights:

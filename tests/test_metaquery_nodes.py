@@ -36,10 +36,10 @@ def test_loader_gives_the_native_model_and_vae(host, loaded):
     import comfy.model_base
     import comfy.sd
 
-    nodes_host = host.module("nodes.host")
+    memory = host.module("nodes.host.memory")
     assert isinstance(loaded[0].model, comfy.model_base.SD3) and isinstance(loaded[2], comfy.sd.VAE)
-    assert host.module("nodes.native_kontext").has_kontext_reference(loaded[0])
-    assert nodes_host.checkpoint_name(loaded[0]) == MQ
+    assert host.module("nodes.host.native_kontext").has_kontext_reference(loaded[0])
+    assert memory.checkpoint_name(loaded[0]) == MQ
 
 
 def test_mllm_and_conditioner_have_their_own_patchers(loaded):

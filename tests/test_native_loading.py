@@ -16,7 +16,7 @@ SAMPLING_TOLERANCE = 1e-4
 
 
 def native_loading(host):
-    return host.module("nodes.native_loading")
+    return host.module("nodes.host.native_loading")
 
 
 def model_sampling_sd3(model, shift):
@@ -31,20 +31,20 @@ def test_loader_gives_a_native_sd3_model_that_edits_with_the_checkpoints_shift(h
 
     model, _, vae = loaded
     assert isinstance(model.model, comfy.model_base.SD3) and isinstance(vae, comfy.sd.VAE)
-    assert host.module("nodes.native_kontext").has_kontext_reference(model)
+    assert host.module("nodes.host.native_kontext").has_kontext_reference(model)
     assert model.get_model_object("model_sampling").shift == tiny_kontext.scheduler_config["shift"] == 3.0
     assert model.model.diffusion_model.x_embedder.proj.weight.dtype == torch.float32
 
 
 def test_the_checkpoint_name_is_recorded_and_survives_clones(host, loaded):
-    checkpoint_name = host.module("nodes.host").checkpoint_name
+    checkpoint_name = host.module("nodes.host.memory").checkpoint_name
     assert checkpoint_name(loaded[0]) == TINY
     assert checkpoint_name(model_sampling_sd3(loaded[0], 2.0)) == TINY
-    assert checkpoint_name(host.module("nodes.native_kontext").with_kontext_reference(loaded[0].clone())) == TINY
+    assert checkpoint_name(host.module("nodes.host.native_kontext").with_kontext_reference(loaded[0].clone())) == TINY
 
 
 def test_a_model_from_another_loader_has_no_checkpoint_name(host, native_model):
-    assert host.module("nodes.host").checkpoint_name(native_model) == ""
+    assert host.module("nodes.host.memory").checkpoint_name(native_model) == ""
 
 
 def test_native_dit_weights_equal_the_official_transformer(loaded, tiny_kontext):
@@ -183,21 +183,22 @@ def engine_sample(tiny_kontext, positive, negative, raw_shape, seed, steps, guid
                   reference=None):
     """The pack's previous sampler: unipic_core.sampling.sample with the diffusers transformer (raw latent out)."""
     from unipic_core.dit import DiffusersDiT
-    from unipic_core.images import model_to_raw, raw_to_model
+    from unipic_core.latents import LatentSpace
     from unipic_core.sampling import PromptEmbeds, sample
     from unipic_core.schedule import flow_sigmas
 
     def embeds(conditioning):
         return PromptEmbeds(conditioning[0][0], conditioning[0][1]["pooled_output"])
 
+    sd3 = LatentSpace(shift=0.0609, scale=1.5305)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(raw_shape, generator=generator, dtype=torch.float32)
-    ref = None if reference is None else raw_to_model(reference, 0.0609, 1.5305)
+    ref = None if reference is None else sd3.to_model(reference)
     with torch.no_grad():
         x = sample(DiffusersDiT(tiny_kontext.transformer), noise, flow_sigmas(steps, tiny_kontext.scheduler_config),
                    embeds(positive), embeds(negative), guidance=guidance, reference=ref, sampler=sampler,
                    noise_level=0.7, generator=generator)
-    return model_to_raw(x, 0.0609, 1.5305)
+    return sd3.to_raw(x)
 
 
 @pytest.mark.parametrize("case", ["euler-t2i", "euler-edit-cfg", "flow-sde-edit"])

@@ -35,7 +35,7 @@ def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_lo
     (test_native_kontext checks the partial load without a LoRA.)"""
     from unipic_core.lora import adapter_tensors, lora_weights
 
-    plain = host.module("nodes.native_kontext").with_kontext_reference(native_model)
+    plain = host.module("nodes.host.native_kontext").with_kontext_reference(native_model)
     add_lora(fresh_dit, 4, 8, seed=0)
     randomise_lora_b(fresh_dit, 0.3)
     patcher = host.node("UniPic2ApplyLoRA").apply(plain, lora_weights(adapter_tensors(fresh_dit), 4, 8, {}), 0.8)[0]
@@ -53,14 +53,14 @@ def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_lo
 
 
 def test_training_gradients_under_a_partial_load_equal_a_full_load(host, native_model):
-    dit = host.module("nodes.native_training").NativeDiT(native_model)
+    dit = host.module("nodes.host.native_training").NativeDiT(native_model)
     add_lora(dit, 4, 8, seed=0)
     randomise_lora_b(dit, 0.3)
     args = edit_inputs(dit.patcher)
     grads = []
     for fraction in (None, 0.3):
         with loaded_with_budget(dit.patcher, fraction), torch.inference_mode(False), torch.enable_grad():
-            host.module("nodes.host").make_trainable(dit.patcher.model.diffusion_model)
+            host.module("nodes.host.memory").make_trainable(dit.patcher.model.diffusion_model)
             assert (offloaded_modules(dit.patcher) > 0) == (fraction is not None)
             (dit(*args).float() ** 2).mean().backward()
         grads.append({k: p.grad.clone() for k, p in dit.adapter_parameters().items()})
@@ -76,7 +76,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_gradien
     """The trainer's update runs under dit.checkpointing() by default: each block runs again in the backward pass
     (that is what saves the activation memory) and the adapter's gradients are unchanged."""
     if kind == "native":
-        dit = host.module("nodes.native_training").NativeDiT(native_model)
+        dit = host.module("nodes.host.native_training").NativeDiT(native_model)
         add_lora(dit, 4, 8, seed=0)
         dit.on_device()
         block = dit.patcher.model.diffusion_model.joint_blocks[0].x_block.attn.qkv

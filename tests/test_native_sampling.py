@@ -5,12 +5,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from unipic_core.dit import DiffusersDiT
-from unipic_core.images import model_to_raw, raw_to_model
+from unipic_core.latents import LatentSpace
 from unipic_core.kontext_transformer import KontextSD3Transformer
 from unipic_core.sampling import PromptEmbeds, euler_step, flow_sde_step, sample
 from unipic_core.schedule import denoise_sigmas, flow_sigmas
 
-SD3_VAE = (0.0609, 1.5305)  # shift, scale of ComfyUI's SD3 latent format (LATENT is raw VAE space)
+SD3_VAE = LatentSpace(shift=0.0609, scale=1.5305)  # ComfyUI's SD3 latent format (LATENT is raw VAE space)
 SHAPE = (2, 16, 16, 16)  # batch 2 of 128 x 128 px
 GUIDANCE = 3.5
 
@@ -62,7 +62,7 @@ def pack_sample(dit, prompts, sigmas, seed: int, **options) -> torch.Tensor:
     noise = torch.randn(SHAPE, generator=generator, dtype=torch.float32)
     with torch.no_grad():
         x = sample(DiffusersDiT(dit), noise, sigmas, *prompts, guidance=GUIDANCE, generator=generator, **options)
-    return model_to_raw(x, *SD3_VAE)
+    return SD3_VAE.to_raw(x)
 
 
 def euler():
@@ -128,12 +128,12 @@ def test_flow_sde_with_a_seed_gives_the_pack_samplers_flow_sde_image(host, nativ
     start = None if denoise == 1.0 else torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
     out = native_sample(native, prompts, flow_sde(host, 0.7), sigmas, seed=9, start=start)
     ours = pack_sample(dit, prompts, sigmas, seed=9, sampler="flow-sde", noise_level=0.7,
-                       start_latent=None if start is None else raw_to_model(start, *SD3_VAE))
+                       start_latent=None if start is None else SD3_VAE.to_model(start))
     assert (out - ours).abs().max() <= 1e-4
 
 
 def test_each_step_is_the_engines_flow_sde_step_and_the_last_is_euler(host):
-    sample_flow_sde = host.module("nodes.native_sampling").sample_flow_sde
+    sample_flow_sde = host.module("nodes.host.native_sampling").sample_flow_sde
     x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     sigmas = torch.tensor([1.0, 0.6, 0.0])
     denoiser = (lambda x, sigma, **extra_args: 0.5 * x)  # any x0 estimate: the step is what is checked
@@ -165,6 +165,6 @@ def test_non_flow_models_and_schedules_are_refused_by_name(host, native, prompts
     with pytest.raises(ValueError, match="UniPic2 Flow-SDE Sampler: the model samples as .*EPS"):
         native_sample(eps, prompts, flow_sde(host, 0.7), official(host, native, 2), seed=0)
     with pytest.raises(ValueError, match="UniPic2 Flow-SDE Sampler: the sigmas must fall from at most 1 to 0"):
-        host.module("nodes.native_sampling").sample_flow_sde(None, torch.zeros(1, 16, 4, 4), torch.tensor([14.6, 1.0, 0.0]))
+        host.module("nodes.host.native_sampling").sample_flow_sde(None, torch.zeros(1, 16, 4, 4), torch.tensor([14.6, 1.0, 0.0]))
     required = host.nodes.NODE_CLASS_MAPPINGS["UniPic2Schedule"].INPUT_TYPES()["required"]
     assert required["steps"][1]["min"] == 1 and required["denoise"][1]["min"] > 0  # the host refuses 0 for both

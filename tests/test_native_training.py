@@ -1,4 +1,4 @@
-"""The GRPO loop on a native ComfyUI MODEL (nodes/native_training.py) equals the loop on the diffusers DiT."""
+"""The GRPO loop on a native ComfyUI MODEL (nodes/host/native_training.py) equals the loop on the diffusers DiT."""
 
 import dataclasses
 
@@ -18,8 +18,8 @@ from conftest import load_lora_in_diffusers, randomise_lora_b
 
 @pytest.fixture
 def native_training(host):
-    """The pack's nodes/native_training module as the host imported it."""
-    return host.module("nodes.native_training")
+    """The pack's nodes/host/native_training module as the host imported it."""
+    return host.module("nodes.host.native_training")
 
 
 @pytest.fixture

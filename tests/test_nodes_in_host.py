@@ -208,7 +208,7 @@ def test_hub_download_progress_reaches_comfyuis_progress_bar(host, progress_hook
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     loading = host.module("unipic_core.loading")
-    loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.module("nodes.host").download_progress())
+    loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.module("nodes.host.progress").download_progress())
     assert [(value, total) for value, total, _ in progress_hook] == [(1, 3), (2, 3), (3, 3)]
 
 
@@ -240,7 +240,7 @@ def test_set_latent_noise_mask_regenerates_only_the_masked_region(host, loaded, 
 def _expected_switch(dit, a, b, neg, latent, steps, guidance, switch_sigma):
     """An independent Euler loop on the diffusers DiT: CFG with prompt a while sigma > switch_sigma, then prompt b
     (raw latent out)."""
-    from unipic_core.images import model_to_raw
+    from unipic_core.latents import LatentSpace
     from unipic_core.schedule import flow_sigmas
 
     sigmas = flow_sigmas(steps, {"shift": 3.0})
@@ -256,7 +256,7 @@ def _expected_switch(dit, a, b, neg, latent, steps, guidance, switch_sigma):
         for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
             v_pos, v_neg = velocity(a if sigma > switch_sigma else b, sigma), velocity(neg, sigma)
             x = x + (sigma_next - sigma) * (v_neg + guidance * (v_pos - v_neg))
-    return model_to_raw(x, 0.0609, 1.5305)
+    return LatentSpace(shift=0.0609, scale=1.5305).to_raw(x)
 
 
 def test_timestep_ranges_switch_prompts_mid_sampling(host, loaded, tiny_kontext):

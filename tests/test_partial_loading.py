@@ -69,7 +69,7 @@ def test_the_mllm_reports_the_compute_device_whatever_stays_offloaded(host):
     layer._parameters[name] = torch.nn.Parameter(stored.to("meta"), requires_grad=False)  # as if left elsewhere
     try:
         assert next(mllm.parameters()).device.type == "meta"
-        assert mllm.device == host.module("nodes.host").device()
+        assert mllm.device == host.module("nodes.host.memory").device()
     finally:
         layer._parameters[name] = stored
 

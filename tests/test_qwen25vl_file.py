@@ -24,7 +24,7 @@ def qwen_files(host, tmp_path_factory):
     from unipic_core.tiny_qwen import write_qwen25vl_file, write_qwen25vl_folder
 
     root = tmp_path_factory.mktemp("models")
-    folder = write_qwen25vl_folder(root / "unipic2" / FOLDER, tokenizer_folder=host.module("nodes.host")
+    folder = write_qwen25vl_folder(root / "unipic2" / FOLDER, tokenizer_folder=host.module("nodes.host.folders")
                                    .qwen25_tokenizer_folder())
     file = write_qwen25vl_file(root / "text_encoders" / "qwen_2.5_vl_tiny.safetensors", folder)
     state = load_file(str(file))
@@ -70,7 +70,7 @@ def test_the_7b_file_shapes_give_the_published_config(host):
     """The real file's shapes (Qwen2.5-VL-7B-Instruct) -> its published config.json values."""
     from transformers import Qwen2TokenizerFast
 
-    tokenizer = Qwen2TokenizerFast.from_pretrained(str(host.module("nodes.host").qwen25_tokenizer_folder()))
+    tokenizer = Qwen2TokenizerFast.from_pretrained(str(host.module("nodes.host.folders").qwen25_tokenizer_folder()))
     shapes = {"model.embed_tokens.weight": (152064, 3584), "model.layers.0.mlp.gate_proj.weight": (18944, 3584),
               "model.layers.0.self_attn.k_proj.bias": (512,), "visual.patch_embed.proj.weight": (1280, 3, 2, 14, 14),
               "visual.blocks.0.mlp.gate_proj.weight": (3420, 1280)}
@@ -110,5 +110,5 @@ def test_an_fp8_scaled_file_keeps_fp8_weights_and_applies_their_scales(host, qwe
     q_proj = loaded.mllm.model.language_model.layers[0].self_attn.q_proj
     assert q_proj.weight.dtype == torch.float8_e4m3fn and q_proj.weight_scale not in (0, 1)
     reference = load_metaquery_encoder(tiny_metaquery_dir, qwen_files / "dequantized.safetensors", torch.float32,
-                                       host.module("nodes.host").qwen25_tokenizer_folder())
+                                       host.module("nodes.host.folders").qwen25_tokenizer_folder())
     assert largest_difference(metaquery_outputs(loaded), metaquery_outputs(reference)) <= 1e-5

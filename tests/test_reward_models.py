@@ -297,7 +297,7 @@ def test_official_choices_download_only_what_the_reward_needs(reward_host, monke
     assert reward.score(pictures(2), PROMPTS[:2], None)["pickscore"].shape == (2,)
     assert "model.safetensors" in fetched[PICKSCORE_REPO] and "pytorch_model.bin" not in fetched[PICKSCORE_REPO]
     assert not any("safetensors" in name for name in fetched[PICKSCORE_PROCESSOR_REPO])  # processor files only
-    download_folder = Path(reward_host.module("nodes.host").unipic2_download_folder())
+    download_folder = Path(reward_host.module("nodes.host.folders").unipic2_download_folder())
     assert (download_folder / "PickScore_v1" / "model.safetensors").is_file()
     for name in ("PickScore_v1", "CLIP-ViT-H-14-laion2B-s32B-b79K"):
         shutil.rmtree(download_folder / name)

@@ -19,8 +19,8 @@ TRAINER = "12"  # the trainer's node id in that workflow
 
 
 def messages_module():
-    """nodes/messages.py imports nothing from ComfyUI: load it alone, without the pack's package (which does)."""
-    spec = importlib.util.spec_from_file_location("unipic2_messages", PACK_DIR / "nodes" / "messages.py")
+    """nodes/host/messages.py imports nothing from ComfyUI: load it alone, without the pack's package (which does)."""
+    spec = importlib.util.spec_from_file_location("unipic2_messages", PACK_DIR / "nodes" / "host" / "messages.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

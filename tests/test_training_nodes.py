@@ -85,7 +85,7 @@ def test_apply_lora_patches_weights_at_the_trained_scale(host, kontext, trained)
     model = kontext[0]
     lora = trained[0]
     module = "transformer_blocks.1.attn.to_k"  # rows 128..255 of the MMDiT's fused qkv weight
-    target = host.module("nodes.native_training").lora_targets(model)[module]
+    target = host.module("nodes.host.native_training").lora_targets(model)[module]
     down, up = lora.pair(module)
 
     def weight(patcher):

@@ -2,7 +2,7 @@
 
 Two implementations share this contract: `DiffusersDiT` below (diffusers' KontextSD3Transformer with a peft
 adapter, for plain scripts and torchrun) and the trainer node's DiT on a native ComfyUI MODEL
-(nodes/native_training.py: the adapter as ModelPatcher weight wrappers). The loop never sees which one it drives.
+(nodes/host/native_training.py: the adapter as ModelPatcher weight wrappers). The loop never sees which one it drives.
 """
 
 from abc import ABC, abstractmethod

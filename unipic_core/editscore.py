@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import to_pil
+from .images import round_to_multiple, to_pil
 from .metaquery import MetaQueryMLLM, seeded_answer
 
 SCORE_RANGE = 25  # what EditScore-7B was trained and published with (their scripts' --score_range 25)
@@ -222,7 +222,7 @@ def vision_size(height: int, width: int) -> tuple[int, int]:
         raise ValueError(f"EditScore: an image of {width}x{height} is too elongated for Qwen2.5-VL (aspect ratio over "
                          f"{MAX_ASPECT}); crop it")
     f = IMAGE_FACTOR
-    h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
+    h, w = round_to_multiple(height, f), round_to_multiple(width, f)
     if h * w > MAX_PIXELS:
         beta = math.sqrt(height * width / MAX_PIXELS)
         h, w = math.floor(height / beta / f) * f, math.floor(width / beta / f) * f

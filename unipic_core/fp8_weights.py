@@ -2,7 +2,7 @@
 values q as its weight and a float `weight_scale` s, the weight being q * s. The scale spreads each tensor over fp8's
 whole range, so small weights (an LLM's are ~0.02) keep their 3 mantissa bits instead of falling into fp8's
 subnormals. Such a layer runs anywhere (it dequantizes per forward); under ComfyUI its weights may also stream from
-the offload device (nodes/partial_loading.py).
+the offload device (nodes/host/partial_loading.py).
 """
 
 import torch

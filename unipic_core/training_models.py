@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from .dit import DiffusersDiT, TrainableDiT
-from .images import model_to_raw, raw_to_model, vae_decode, vae_encode, vae_scaling
+from .images import vae_decode, vae_encode
+from .latents import LatentSpace
 from .loading import KontextComponents, MetaQueryComponents
 from .metaquery import MetaQueryMLLM, encode_metaquery
 from .sampling import PromptEmbeds
@@ -68,14 +69,14 @@ def metaquery_condition(mllm_on_device: Callable[[], MetaQueryMLLM], negative_pr
 def training_models(dit_on_device: Callable[[], TrainableDiT], vae_on_device: Callable[[], torch.nn.Module],
                     condition, scheduler_config: dict, device: torch.device, base_model: str) -> TrainingModels:
     vae = vae_on_device()
-    shift, scale = vae_scaling(vae)
+    space = LatentSpace.from_vae_config(vae.config)
     return TrainingModels(
         dit=dit_on_device,
         condition=condition,
-        encode_image=lambda image: raw_to_model(vae_encode(vae_on_device(), image), shift, scale).to(device),
-        decode=lambda latents: vae_decode(vae_on_device(), model_to_raw(latents, shift, scale)),
+        encode_image=lambda image: space.to_model(vae_encode(vae_on_device(), image)).to(device),
+        decode=lambda latents: vae_decode(vae_on_device(), space.to_raw(latents)),
         scheduler_config=scheduler_config,
-        latent_channels=vae.config.latent_channels,
+        latent_channels=space.channels,
         device=device,
         base_model=base_model,
     )

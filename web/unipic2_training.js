@@ -1,6 +1,6 @@
 // Live GRPO training chart on the "UniPic2 GRPO Trainer" node: mean reward per term and loss per step, and the
 // latest samples. The server sends each training step's new point, only to the client that queued the run
-// (nodes/messages.py). The chart lives in node.properties, so it survives a page reload (the frontend restores the
+// (nodes/host/messages.py). The chart lives in node.properties, so it survives a page reload (the frontend restores the
 // workflow) and is saved with the workflow. A workflow records the prompt ids it queued (graph.extra) and takes
 // points only from those runs: another workflow with a trainer of the same node id never gets them. A chart belongs
 // to one run (node.properties.unipic2_prompt): a later run of the node keeps its points up to the step it started at

@@ -4,6 +4,7 @@ A run's messages go only to the client that queued its prompt, and `GET /unipic2
 answers only that client's runs: on a shared server nobody sees another user's curves or samples.
 """
 
+import math
 import sys
 import threading
 from collections import deque
@@ -71,16 +72,28 @@ def _server():
     return getattr(getattr(module, "PromptServer", None), "instance", None)
 
 
+def json_safe(value):
+    """JSON has no NaN: non-finite numbers (a skipped group's reward) travel as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def send_step(event: str, node_id: str, start_step: int, total: int, point: dict, preview: str | None = None) -> None:
-    """One training step's new point (JSON-safe dict with a 'step') to the client that queued the running prompt
-    (web/ appends it to the node's chart); kept for that client's catch-up. `start_step` is the step this run began
-    at (0, or the resumed checkpoint's): the page keeps a chart's earlier points up to it, an older run's later
-    ones go. Both hosts set the running prompt's id (`last_prompt_id`) and client (`client_id`) on the server
-    before executing it. Without a server or a client (in-process tests, a script, a prompt queued without
+    """One training step's new point (a dict with a 'step', sent json_safe) to the client that queued the running
+    prompt (web/ appends it to the node's chart); kept for that client's catch-up. `start_step` is the step this
+    run began at (0, or the resumed checkpoint's): the page keeps a chart's earlier points up to it, an older run's
+    later ones go. Both hosts set the running prompt's id (`last_prompt_id`) and client (`client_id`) on the
+    server before executing it. Without a server or a client (in-process tests, a script, a prompt queued without
     client_id) there is no one to tell."""
     server = _server()
     if server is None or server.client_id is None:
         return
+    point = json_safe(point)
     prompt = getattr(server, "last_prompt_id", None)
     if prompt is not None:
         _RUNS.add(event, server.client_id, prompt, node_id, start_step, total, point, preview)
@@ -109,7 +122,7 @@ def jpeg_data_url(image, height: int = 96) -> str:
     import base64
     import io
 
-    from ..unipic_core.images import to_pil
+    from ...unipic_core.images import to_pil
 
     picture = to_pil(image)
     picture = picture.resize((max(1, round(picture.width * height / picture.height)), height))

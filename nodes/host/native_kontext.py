@@ -16,7 +16,7 @@ import comfy.ops
 import comfy.patcher_extension
 import torch
 
-from ..unipic_core import images
+from ...unipic_core.latents import SD3
 from .conditioning import attached_references, reference_at_target
 
 log = logging.getLogger("unipic2")
@@ -64,7 +64,7 @@ def _extra_conds_with_reference(patched):
         references = kwargs.get("reference_latents")
         if references:
             (reference,) = references  # _share_reference refused more
-            images.check_latent(reference, f"{NODE}: the reference latent", REFERENCE_CAUSE)
+            SD3.check_latent(reference, f"{NODE}: the reference latent", REFERENCE_CAUSE)
             reference = reference_at_target(reference, kwargs["noise"].shape, NODE, warned_sizes)
             # raw VAE latent -> model space, once (the sampler does the same to the target latent)
             out[REFERENCE_COND] = comfy.conds.CONDNoiseShape(patched.model.process_latent_in(reference))
@@ -131,22 +131,3 @@ def _share_reference(executor, model, noise_shape, conds, *args, **kwargs):
     # reference's tokens exactly.
     noise_shape = [*noise_shape[:-2], 2 * noise_shape[-2], noise_shape[-1]]
     return executor(model, noise_shape, conds, *args, **kwargs)
-
-
-class UniPic2KontextReference:
-    CATEGORY = "UniPic2/model"
-    DESCRIPTION = ("Makes a native SD3.5-M MODEL edit as UniPic2-Kontext: the reference latent in the conditioning "
-                   "(ReferenceLatent or UniPic2 Edit Reference) is prepended to the image tokens; without one, the "
-                   "model is unchanged.")
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A UniPic2-Kontext DiT loaded natively (Load Diffusion Model on its "
-                                "transformer file, any weight_dtype), LoRAs and model patches included."}),
-        }}
-
-    def patch(self, model):
-        return (with_kontext_reference(model),)

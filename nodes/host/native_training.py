@@ -1,4 +1,5 @@
-"""The GRPO trainer's DiT on a native ComfyUI MODEL (unipic_core.dit.TrainableDiT): no second copy of the DiT.
+"""The GRPO trainer's DiT on a native ComfyUI MODEL (unipic_core.dit.TrainableDiT): no second copy of the DiT; and
+the trainer node's run of the engine's loop on it (train_lora).
 
 The adapter lives in ModelPatcher weight wrappers on a clone of the user's MODEL: each adapted weight W becomes
 W + scale * B @ A when ComfyUI casts it for a forward, so fp8 storage, partial loading and offloading work as in
@@ -7,17 +8,28 @@ qkv weight; its own SD3 key map (the one its LoRA loaders use) says which rows e
 adapter keeps the LoRA file's diffusers names.
 """
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import comfy.utils
 import torch
 
-from ..unipic_core.dit import TrainableDiT
-from ..unipic_core.lora import PREFIX, TARGET_MODULES
-from ..unipic_core.training_models import TrainingModels
-from . import host
+from ...unipic_core.curves import plot_curves, sample_grid
+from ...unipic_core.dit import TrainableDiT
+from ...unipic_core.grpo_settings import GRPOSettings
+from ...unipic_core.grpo_trainer import GRPOTrainer, Hooks
+from ...unipic_core.lora import PREFIX, TARGET_MODULES, LoRAWeights
+from ...unipic_core.rewards import Reward
+from ...unipic_core.training_models import TrainingModels, metaquery_condition, text_condition
+from . import memory, messages, progress
+from .bundles import UniPic2MLLM, UniPic2Text
 from .native_kontext import with_kontext_reference
+
+log = logging.getLogger("unipic2")
+
+TRAINING_EVENT = "unipic2.grpo"  # one message per training step; web/unipic2_training.js draws it on the node
 
 
 @dataclass(frozen=True)
@@ -91,9 +103,9 @@ class NativeDiT(TrainableDiT):
         (ComfyUI loading them to the GPU for training) would leave parameters torch can no longer use.
         """
         diffusion_model = self.patcher.model.diffusion_model
-        host.make_trainable(diffusion_model)
+        memory.make_trainable(diffusion_model)
         diffusion_model.requires_grad_(False)
-        host.load_models(self.patcher)
+        memory.load_models(self.patcher)
         return self
 
     @property
@@ -109,7 +121,7 @@ class NativeDiT(TrainableDiT):
                                                   unipic2_ref=cast(reference), transformer_options=options)
 
     def add_lora(self, rank: int, alpha: float) -> None:
-        device = host.device()
+        device = memory.device()
         pieces: dict[str, list] = {}
         for module, target in sorted(self.targets.items()):
             out_features, in_features = target.shape
@@ -161,24 +173,14 @@ class NativeDiT(TrainableDiT):
         return None if target is None else target.shape
 
 
-def carries_weight_patches(model) -> bool:
-    """True when a LoRA loader (or any weight patch) changed the MODEL's weights."""
-    return bool(model.patches)
-
-
-def fp8_fast(model) -> bool:
-    """True for weight_dtype fp8_e4m3fn_fast: ComfyUI then multiplies in fp8, where no LoRA delta can be added."""
-    return bool(model.model.model_config.optimizations.get("fp8"))
-
-
 def native_training_models(model, vae, condition) -> TrainingModels:
     """The loop's TrainingModels on a native MODEL and VAE, each placed by ComfyUI's memory manager when used."""
     dit = NativeDiT(model)
     native = dit.patcher.model
-    device = host.device()
+    device = memory.device()
 
     def encode_image(image: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():  # as ComfyUI's VAE Encode runs (see host.load_on_device)
+        with torch.inference_mode():  # as ComfyUI's VAE Encode runs (see memory.load_on_device)
             latent = native.process_latent_in(vae.encode(image[..., :3]))
         return latent.clone().to(device)  # a normal tensor again, for the training graph
 
@@ -193,7 +195,74 @@ def native_training_models(model, vae, condition) -> TrainingModels:
         encode_image=encode_image,
         decode=decode,
         scheduler_config={"shift": float(dit.patcher.get_model_object("model_sampling").shift)},
-        latent_channels=native.latent_format.latent_channels,
+        latent_channels=memory.latent_space(dit.patcher).channels,
         device=device,
-        base_model=host.checkpoint_name(model),
+        base_model=memory.checkpoint_name(model),
     )
+
+
+def prompt_condition(text_encoders: UniPic2Text | None, mllm: UniPic2MLLM | None, negative_prompt: str):
+    """The loop's condition on whichever encoders the trainer got, each put on the device by ComfyUI when it
+    encodes."""
+    if text_encoders is not None:
+        def text_encoders_on_device():
+            memory.load_on_device(*text_encoders.patchers)
+            return text_encoders.encoders
+
+        return text_condition(text_encoders_on_device, negative_prompt)
+
+    def mllm_on_device():
+        memory.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher)
+        return mllm.encoder
+
+    return metaquery_condition(mllm_on_device, negative_prompt)
+
+
+def step_reporter(trainer: GRPOTrainer, node_id: str | None, total_steps: int):
+    """Hooks.on_step: each step in the log, on the progress bar, and to the browser as the trainer node's chart
+    point with the step's samples."""
+    start_step = trainer.step  # 0, or the step of the checkpoint it resumed
+    bar = progress.progress_bar(total_steps)
+
+    def on_step(report):
+        total = report.rewards["total"]
+        log.info("UniPic2 GRPO step %d/%d: reward %.4f (std %.4f), loss %.3g, kl %.3g, clipped %.2f, %.1fs",
+                 report.step, report.total_steps, total[0], total[1], report.loss, report.kl,
+                 report.clip_fraction, report.elapsed)
+        bar.update_absolute(report.step, report.total_steps)  # samples travel with the chart, not as a preview
+        grid = sample_grid(report.samples, columns=len(report.samples))[0]
+        # This step's point only: the page appends it (a reloaded page fetches what it missed).
+        messages.send_step(TRAINING_EVENT, node_id, start_step, report.total_steps, trainer.history[-1],
+                           messages.jpeg_data_url(grid))
+
+    return on_step
+
+
+def train_lora(model, vae, prompts: list, reward: Reward, settings: GRPOSettings, lora_file: Path, resume: bool,
+               lora: LoRAWeights | None, text_encoders: UniPic2Text | None, mllm: UniPic2MLLM | None,
+               node_id: str | None):
+    """The GRPO Trainer node's run on a native MODEL and VAE, conditioned by text_encoders or mllm: trains (or
+    resumes) the LoRA at lora_file, writing it as the settings say, on Cancel and when a step fails. Returns
+    (LoRA, curves IMAGE, samples IMAGE, summary); raises the host's interrupt after writing when cancelled."""
+    condition = prompt_condition(text_encoders, mllm, settings.negative_prompt)
+    with memory.training_mode():
+        models = native_training_models(model, vae, condition)
+        try:
+            trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
+        except ValueError as e:  # a refusal before training: bad settings, a name clash, another run's state
+            raise ValueError(f"UniPic2 GRPO Trainer: {e}") from e
+        hooks = Hooks(on_step=step_reporter(trainer, node_id, settings.steps),
+                      cancel_requested=progress.cancel_requested)
+        try:
+            result = trainer.run(hooks)
+        finally:
+            trainer.close()
+    if result.cancelled:
+        log.info("UniPic2 GRPO Trainer: cancelled after step %d; checkpoint kept in %s", trainer.step, lora_file)
+        progress.check_cancel()
+    log.info("UniPic2 GRPO Trainer: LoRA written to %s", lora_file)
+    history = result.history
+    first, last = history[0]["rewards"]["total"][0], history[-1]["rewards"]["total"][0]
+    summary = (f"UniPic2 GRPO: {trainer.step} steps, mean reward {first:.4f} (step 1) -> {last:.4f} (step "
+               f"{trainer.step}); LoRA {lora_file}")
+    return result.lora, plot_curves(history), sample_grid(result.samples), summary

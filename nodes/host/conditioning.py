@@ -2,7 +2,8 @@
 
 ComfyUI's SD3 shape: [[tokens [B, L, D_joint], {"pooled_output": [B, D_pooled], "reference_latents": [raw latents]}]],
 the same keys native CLIPTextEncode (SD3) and ReferenceLatent use, so our nodes and theirs interoperate. Timestep
-ranges, areas, masks and strengths of the entries are ComfyUI's own business: its sampling honours them.
+ranges, areas, masks and strengths of the entries are ComfyUI's own business: its sampling honours them. A reference
+image is sized by the size policy that Edit Reference and MetaQuery Encode both offer (SIZE_INPUTS).
 """
 
 import logging
@@ -10,8 +11,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..unipic_core.images import check_finite
-from ..unipic_core.sampling import PromptEmbeds
+from ...unipic_core import images
+from ...unipic_core.images import check_finite
+from ...unipic_core.sampling import PromptEmbeds
 
 log = logging.getLogger("unipic2")
 
@@ -90,3 +92,35 @@ def reference_at_target(reference: torch.Tensor, target: torch.Size, node: str, 
                         "reference at the output size (UniPic2 Edit Reference does)", node, *sizes)
         reference = F.interpolate(reference.float(), size=(height, width), mode="bilinear")
     return reference
+
+
+SIZE_INPUTS = {
+    "size_policy": (["longer edge", "keep size"], {"default": "longer edge", "tooltip": "longer edge: scale so the "
+                    "longer side is 'longer_edge' (official: 512). keep size: only round to the grid."}),
+    "longer_edge": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip": "Target length of the "
+                            "longer side with the 'longer edge' policy."}),
+    "multiple_of": ("INT", {"default": 32, "min": 16, "max": 128, "step": 16, "tooltip": "Both sides are rounded to "
+                            "a multiple of this (16 is the DiT's patch grid; official: 32)."}),
+}
+
+
+def sized_image(image, node: str, name: str, size_policy: str, longer_edge: int, multiple_of: int):
+    """The IMAGE resized by the size policy (the official editing scripts' rule by default); says when it resized."""
+    images.check_image(image, f"{node}: '{name}'")
+    height, width = image.shape[1:3]
+    if size_policy == "longer edge":
+        edge = images.round_to_multiple(longer_edge, multiple_of)
+        new_w, new_h = images.longer_edge_size(width, height, edge, multiple_of)
+    else:
+        new_w, new_h = (images.round_to_multiple(side, multiple_of) for side in (width, height))
+    if (new_w, new_h) != (width, height):
+        log.warning("%s: '%s' resized from %dx%d to %dx%d (%s, multiple of %d)", node, name, width, height,
+                    new_w, new_h, size_policy, multiple_of)
+    return images.resize_image(image, new_w, new_h)
+
+
+def attach_reference(vae, image, positive, negative):
+    """Both conditionings with the image's raw VAE latent (native VAE Encode's) attached, and the empty LATENT of
+    the same size."""
+    raw = vae.encode(image[..., :3]).float()
+    return with_reference(positive, raw), with_reference(negative, raw), {"samples": raw.new_zeros(raw.shape)}

@@ -1,42 +1,22 @@
-"""The one place that touches the ComfyUI host: model folders, memory manager, progress bar and Cancel (messages to
-the browser: messages.py).
+"""The one place that touches ComfyUI's memory manager: the pack's own modules wrapped in ModelPatchers and loaded
+where ComfyUI decides, LoRAs as weight patches, autograd back for training, and what other modules need to know of
+a ModelPatcher's insides, as named functions.
 
 Written against ComfyUI 0.3.75, the minimum version the pack supports (docs/architecture.md §7).
 """
 
 import contextlib
-import logging
-import os
-from pathlib import Path
 
 import comfy.model_management as mm
-import comfy.utils
-import folder_paths
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import CallbacksMP
 
+from ...unipic_core.latents import LatentSpace
 from .partial_loading import make_castable, move_buffers, report_device
 
-log = logging.getLogger("unipic2")
-
-UNIPIC2_FOLDER = "unipic2"
-folder_paths.add_model_folder_path(UNIPIC2_FOLDER, os.path.join(folder_paths.models_dir, UNIPIC2_FOLDER))
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CHECKPOINT_KEY = "unipic2_checkpoint"  # model_options entry: the checkpoint folder a UniPic2 loader read the MODEL from
-
-
-def model_folders(kind: str) -> list[str]:
-    """The registered folders of a model kind ("unipic2", "diffusers"); none when the host lacks the kind."""
-    try:
-        return folder_paths.get_folder_paths(kind)
-    except KeyError:
-        return []
-
-
-def unipic2_download_folder() -> str:
-    return model_folders(UNIPIC2_FOLDER)[0]
+_CHECKPOINT_KEY = "unipic2_checkpoint"  # model_options entry: the folder a UniPic2 loader read the MODEL from
 
 
 def pick_dtype(choice: str) -> torch.dtype:
@@ -71,10 +51,32 @@ def wrap(module: torch.nn.Module) -> ModelPatcher:
     return patcher
 
 
+def record_checkpoint(model: ModelPatcher, name: str) -> None:
+    """Record on a native MODEL the checkpoint folder a UniPic2 loader read it from (clones keep it)."""
+    model.model_options[_CHECKPOINT_KEY] = name
+
+
 def checkpoint_name(model: ModelPatcher) -> str:
     """The checkpoint folder name a UniPic2 loader recorded on a native MODEL (clones keep it); "" for a MODEL
     from another loader (Load Diffusion Model, a GGUF loader...)."""
-    return str(model.model_options.get(CHECKPOINT_KEY, ""))
+    return str(model.model_options.get(_CHECKPOINT_KEY, ""))
+
+
+def carries_weight_patches(model: ModelPatcher) -> bool:
+    """True when a LoRA loader (or any weight patch) changed the MODEL's weights."""
+    return bool(model.patches)
+
+
+def fp8_fast(model: ModelPatcher) -> bool:
+    """True for weight_dtype fp8_e4m3fn_fast: ComfyUI then multiplies in fp8, where no LoRA delta can be added."""
+    return bool(model.model.model_config.optimizations.get("fp8"))
+
+
+def latent_space(model: ModelPatcher) -> LatentSpace:
+    """A native MODEL's latent conventions: its latent format's shift, scale and channels, its DiT's patch size."""
+    latent_format = model.get_model_object("latent_format")
+    return LatentSpace(latent_format.shift_factor, latent_format.scale_factor, latent_format.latent_channels,
+                       patch=model.get_model_object("diffusion_model").patch_size)
 
 
 def device() -> torch.device:
@@ -95,47 +97,6 @@ def load_on_device(*patchers: ModelPatcher) -> list[torch.nn.Module]:
     with torch.inference_mode():
         load_models(*patchers)
     return [p.model.module for p in patchers]
-
-
-def input_folder() -> Path:
-    return Path(folder_paths.get_input_directory()).resolve()
-
-
-def input_path(text: str, node: str, name: str) -> Path:
-    """A file or folder the user named, relative to ComfyUI's input folder, with links resolved; anything that
-    ends up outside that folder is refused (a shared server must not read files its users may not)."""
-    root = input_folder()
-    path = (root / text.strip()).resolve()
-    if path != root and root not in path.parents:
-        raise ValueError(f"{node}: '{name}' is '{text.strip()}', which is outside ComfyUI's input folder; put it in "
-                         f"{root} (a subfolder is fine) and give its path relative to that folder")
-    return path
-
-
-def lora_folder() -> str:
-    """Where the trainer writes LoRAs: models/loras/unipic2 (listed by every LoRA loader)."""
-    return os.path.join(folder_paths.get_folder_paths("loras")[0], UNIPIC2_FOLDER)
-
-
-def text_encoder_files() -> dict[str, Path]:
-    """The .safetensors files in models/text_encoders (and the folders registered for it), by their listed name."""
-    return {name: Path(folder_paths.get_full_path("text_encoders", name))
-            for name in folder_paths.get_filename_list("text_encoders") if name.endswith(".safetensors")}
-
-
-def qwen25_tokenizer_folder() -> Path:
-    """The Qwen2.5 tokenizer ComfyUI ships for its Qwen-Image text encoder (vocab.json, merges.txt)."""
-    import comfy.sd
-
-    return Path(comfy.sd.__file__).parent / "text_encoders" / "qwen25_tokenizer"
-
-
-def lora_files() -> list[str]:
-    return [name for name in folder_paths.get_filename_list("loras") if name.endswith(".safetensors")]
-
-
-def lora_path(name: str) -> str:
-    return folder_paths.get_full_path("loras", name)
 
 
 def patch_lora(model: ModelPatcher, tensors: dict[str, torch.Tensor], strength: float) -> tuple[ModelPatcher, int]:
@@ -190,55 +151,9 @@ def make_trainable(module: torch.nn.Module) -> None:
                     sub._buffers[name] = buffer.clone()
 
 
-def cancel_requested() -> bool:
-    return mm.processing_interrupted()
-
-
-def download_progress():
-    """A tqdm class for hub downloads: the console bar as usual, mirrored on ComfyUI's progress bar."""
-    from tqdm.auto import tqdm
-
-    class ComfyProgress(tqdm):
-        def update(self, n=1):
-            shown = super().update(n)
-            total = max(int(self.total or 0), int(self.n), 1)
-            if not hasattr(self, "comfy_bar"):
-                self.comfy_bar = comfy.utils.ProgressBar(total)
-            self.comfy_bar.update_absolute(int(self.n), total)
-            return shown
-
-    return ComfyProgress
-
-
-def check_cancel() -> None:
-    """Raise the host's interrupt exception if the user pressed Cancel."""
-    mm.throw_exception_if_processing_interrupted()
-
-
-def sampling_callback(model: ModelPatcher, steps: int):
-    """ComfyUI's sampler callback (progress bar with latent previews, as KSampler's) that also stops at the end of
-    the step during which the user pressed Cancel."""
-    import latent_preview
-
-    show = latent_preview.prepare_callback(model, steps)
-
-    def callback(step, x0, x, total_steps):
-        show(step, x0, x, total_steps)
-        check_cancel()
-
-    return callback
-
-
-class StepProgress:
-    """ComfyUI progress bar with an optional RGB preview [h, w, 3] per step."""
-
-    def __init__(self, total: int):
-        self.bar = comfy.utils.ProgressBar(total)
-
-    def update(self, done: int, total: int, preview_rgb: torch.Tensor | None = None) -> None:
-        preview = None
-        if preview_rgb is not None:
-            from ..unipic_core.images import to_pil
-
-            preview = ("JPEG", to_pil(preview_rgb), 512)
-        self.bar.update_absolute(done, total, preview)
+def cached(key: tuple, load, cache: dict):
+    """load(), kept in `cache` until a different key is asked of it: one model per cache stays loaded."""
+    if key not in cache:
+        cache.clear()  # free the previous checkpoint before loading the next
+        cache[key] = load()
+    return cache[key]

@@ -14,8 +14,8 @@ import comfy.sd
 import torch
 from comfy.diffusers_convert import convert_vae_state_dict
 
-from ..unipic_core.loading import CheckpointError, check_keys, read_json, read_transformer_weights, read_weights
-from . import host
+from ...unipic_core.loading import CheckpointError, check_keys, read_json, read_transformer_weights, read_weights
+from . import memory
 from .native_kontext import with_kontext_reference
 
 SUPPORTED_SCHEDULER_KEYS = "shift (static: use_dynamic_shifting false)"
@@ -45,7 +45,7 @@ def load_native_dit(folder: Path, scheduler_config: dict, model_options: dict):
         raise CheckpointError(f"{folder / 'scheduler' / 'scheduler_config.json'} enables use_dynamic_shifting; "
                               f"UniPic2 supports {SUPPORTED_SCHEDULER_KEYS} -- use the official scheduler config")
     (model,) = ModelSamplingSD3().patch(with_kontext_reference(model), float(scheduler_config.get("shift", 1.0)))
-    model.model_options[host.CHECKPOINT_KEY] = folder.name
+    memory.record_checkpoint(model, folder.name)
     return model
 
 
@@ -82,10 +82,11 @@ def load_native_vae(folder: Path, dtype: torch.dtype | None = None) -> comfy.sd.
     config = read_json(component / "config.json")
     sd3 = comfy.latent_formats.SD3()
     scaling, shift = config.get("scaling_factor"), config.get("shift_factor") or 0.0
-    if (scaling, shift) != (sd3.scale_factor, sd3.shift_factor) or config.get("latent_channels") != 16:
+    if (scaling, shift, config.get("latent_channels")) != (sd3.scale_factor, sd3.shift_factor, sd3.latent_channels):
         raise CheckpointError(f"{component / 'config.json'}: scaling_factor {scaling}, shift_factor {shift}, "
                               f"latent_channels {config.get('latent_channels')}; UniPic2's DiT reads SD3 latents "
-                              f"({sd3.scale_factor}, {sd3.shift_factor}, 16) -- use the checkpoint's own SD3 VAE")
+                              f"({sd3.scale_factor}, {sd3.shift_factor}, {sd3.latent_channels}) -- use the "
+                              "checkpoint's own SD3 VAE")
     if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
         raise CheckpointError(f"{component / 'config.json'}: a VAE with quant_conv layers is not SD3's VAE -- use "
                               "the checkpoint's own SD3 VAE")
