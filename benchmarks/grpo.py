@@ -118,7 +118,7 @@ def learning(size: str, algorithms: list[str], sde_window: int, device: torch.de
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_kontext_folder(f"{tmp}/{size}", size)
         for algorithm in algorithms:
-            rises, times = [], []
+            rises, times, reached_at = [], [], []
             for seed in range(seeds):
                 models = models_on_device(load_kontext(folder), folder, device)
                 models.decode = lambda latents: torch.sigmoid(latents[:, :3].float()).movedim(1, -1)
@@ -136,8 +136,10 @@ def learning(size: str, algorithms: list[str], sde_window: int, device: torch.de
                 rises.append(smooth[-1] - smooth[0])
                 first = next((i for i, m in enumerate(smooth) if m - smooth[0] >= target), None)
                 times.append(float("nan") if first is None else sum(elapsed[:first + 3]))
+                reached_at.append("-" if first is None else str(first + 3))
             reached[algorithm] = sum(times) / len(times)
-            print(f"{algorithm:>15}: +{target} reached after {', '.join(f'{t:.1f}' for t in times)} s "
+            print(f"{algorithm:>15}: +{target} reached after {', '.join(reached_at)} steps, "
+                  f"{', '.join(f'{t:.1f}' for t in times)} s "
                   f"| time / {algorithms[0]} {reached[algorithm] / reached[algorithms[0]]:.2f} "
                   f"| rise over {steps} steps {', '.join(f'{r:.3f}' for r in rises)}")
 
