@@ -79,9 +79,9 @@ def bench(name: str, models: TrainingModels, settings: GRPOSettings, repeats: in
             phases.new_step()
             trainer.train_step(phases)
         positive, negative = models.condition([PROMPTS[0].prompt], [None])
-        size = settings.resolution // 8
-        noise = torch.randn(settings.group_size, models.latent_channels, size, size).to(models.device)
-        sigmas = flow_sigmas(settings.sampling_steps, models.scheduler_config, (size // 2) ** 2)
+        side = settings.resolution
+        noise = torch.randn(settings.group_size, *models.latents.shape(side, side)).to(models.device)
+        sigmas = flow_sigmas(settings.sampling_steps, models.scheduler_config, models.latents.image_tokens(side, side))
         generator = torch.Generator().manual_seed(0)
 
         def generate():

@@ -167,7 +167,7 @@ class GRPOTrainer:
         chunks = plan_chunks(s, self.rank, self.world)
         with phase("sampling"):
             self.dit = self.models.dit()
-            sample_chunks(self.dit, self.old_adapter, chunks, inputs, s, self.models.latent_channels)
+            sample_chunks(self.dit, self.old_adapter, chunks, inputs, s, self.models.latents)
         with phase("decoding"):
             for chunk in chunks:
                 chunk.images = self.models.decode(chunk.trajectory.final)

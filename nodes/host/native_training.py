@@ -195,7 +195,7 @@ def native_training_models(model, vae, condition) -> TrainingModels:
         encode_image=encode_image,
         decode=decode,
         scheduler_config={"shift": float(dit.patcher.get_model_object("model_sampling").shift)},
-        latent_channels=memory.latent_space(dit.patcher).channels,
+        latents=memory.latent_space(dit.patcher),
         device=device,
         base_model=memory.checkpoint_name(model),
     )
