@@ -125,6 +125,20 @@ def host(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir, tiny_metaquery_dir)
 
 
+def tiny_server(work: Path, tiny_kontext_dir: Path, tiny_metaquery_dir: Path):
+    """A ComfyUI server starting on 127.0.0.1 with the pack, the tiny checkpoints under the names the demo's
+    workflows choose, and the sample image in its input folder; the caller adds what else it needs, then
+    wait_ready()s."""
+    from tools.comfyui_runner import Server, prepare_host
+    from tools.demo import SAMPLE_IMAGE, TINY
+
+    server = Server(prepare_host(work), work)
+    for loader, folder in (("LoadUniPic2Kontext", tiny_kontext_dir), ("LoadUniPic2MetaQuery", tiny_metaquery_dir)):
+        (server.models / "unipic2" / TINY[loader, "checkpoint"]).symlink_to(folder, target_is_directory=True)
+    (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
+    return server
+
+
 def native_tiny_dit(tiny_kontext_dir: Path, **model_options):
     """The tiny DiT as ComfyUI's Load Diffusion Model loads it (model_options: its weight_dtype's, e.g. dtype)."""
     import comfy.sd
