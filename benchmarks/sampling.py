@@ -1,5 +1,5 @@
-"""Benchmark (not a test): the engine's host-free sampling loop (unipic_core.sampling.sample, as the GRPO trainer and
-torchrun sample) and ComfyUI's native sampling (the path UniPic2 Sampler and SamplerCustomAdvanced take) against a
+"""Benchmark (not a test): the engine's host-free sampling loop (unipic_core.inference.sampling.sample, as the GRPO
+trainer and torchrun sample) and ComfyUI's native sampling (the path UniPic2 Sampler and SamplerCustomAdvanced take) against a
 reference loop, same process, same weights and inputs.
 
     python -m benchmarks.sampling [--sizes tiny mid] [--steps 8] [--resolution 512] [--device cpu|cuda] [--full-size]
@@ -26,11 +26,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from benchmarks.harness import NativeHost, benchmark_parser, compare, full_size_dit, random_prompt_embeds, ratios
-from unipic_core.dit import DiffusersDiT
-from unipic_core.latents import SD3
-from unipic_core.loading import load_kontext
-from unipic_core.sampling import PromptEmbeds, sample
-from unipic_core.schedule import flow_sigmas
+from unipic_core.inference.latents import SD3
+from unipic_core.inference.sampling import PromptEmbeds, sample
+from unipic_core.inference.schedule import flow_sigmas
+from unipic_core.models.dit import DiffusersDiT
+from unipic_core.models.loading import load_kontext
 from unipic_core.tiny import write_kontext_folder
 
 SCHEDULER = {"shift": 3.0}

@@ -27,7 +27,7 @@ def tiny_kontext_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_kontext(tiny_kontext_dir):
-    from unipic_core.loading import load_kontext
+    from unipic_core.models.loading import load_kontext
 
     return load_kontext(tiny_kontext_dir, torch.float32)
 
@@ -41,7 +41,7 @@ def tiny_metaquery_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_metaquery(tiny_metaquery_dir):
-    from unipic_core.loading import load_metaquery
+    from unipic_core.models.loading import load_metaquery
 
     return load_metaquery(tiny_metaquery_dir, dtype=torch.float32)
 
@@ -168,9 +168,9 @@ def conditioning(host, loaded):
 @pytest.fixture
 def fresh_dit(tiny_kontext_dir):
     """A tiny diffusers DiT of its own, for tests that put a LoRA into it."""
-    from unipic_core.dit import DiffusersDiT
-    from unipic_core.kontext_transformer import KontextSD3Transformer
-    from unipic_core.loading import load_pretrained
+    from unipic_core.models.dit import DiffusersDiT
+    from unipic_core.models.kontext_transformer import KontextSD3Transformer
+    from unipic_core.models.loading import load_pretrained
 
     return DiffusersDiT(load_pretrained(KontextSD3Transformer, tiny_kontext_dir / "transformer", torch.float32))
 
@@ -205,7 +205,7 @@ def edit_picture() -> torch.Tensor:
 
 def metaquery_outputs(encoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query hidden states, and the conditioner's tokens and pooled embedding, of an edit prompt pair."""
-    from unipic_core.metaquery import encode_metaquery, query_hidden_states, query_inputs
+    from unipic_core.models.metaquery import encode_metaquery, query_hidden_states, query_inputs
 
     hidden = query_hidden_states(encoder, query_inputs(encoder, METAQUERY_PROMPTS, [edit_picture()]))
     embeds = encode_metaquery(encoder, METAQUERY_PROMPTS, [edit_picture()])

@@ -100,7 +100,7 @@ def test_understand_workflow_is_deterministic_per_seed(server):
 
 @pytest.mark.parametrize("name", sorted(GRPO_WORKFLOWS))
 def test_grpo_workflow_trains_and_writes_its_lora_and_curves(server, name):
-    from unipic_core.lora import load_lora
+    from unipic_core.models.lora import load_lora
 
     loras, image_count = GRPO_WORKFLOWS[name]
     entry = run_workflow(server, PACK_DIR / "workflows" / name)

@@ -5,15 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .dit import TrainableDiT
+from ..inference.images import resize_image
+from ..inference.latents import LatentSpace
+from ..inference.sampling import GuidedVelocity, PromptEmbeds
+from ..inference.schedule import flow_sigmas
+from ..models.dit import TrainableDiT
+from ..rewards import Reward
 from .grpo import sample_trajectory, step_rule
 from .grpo_settings import GRPOSettings
-from .images import resize_image
-from .latents import LatentSpace
 from .nft import old_policy
-from .rewards import Reward
-from .sampling import GuidedVelocity, PromptEmbeds
-from .schedule import flow_sigmas
 from .training_data import TrainingItem
 from .training_models import TrainingModels
 from .training_plan import Chunk, choose_items, stochastic_steps, step_generator, target_size

@@ -10,13 +10,13 @@ from typing import Callable
 
 import torch
 
-from .dit import DiffusersDiT, TrainableDiT
-from .images import vae_decode, vae_encode
-from .latents import LatentSpace
-from .loading import KontextComponents, MetaQueryComponents
-from .metaquery import MetaQueryMLLM, encode_metaquery
-from .sampling import PromptEmbeds
-from .text_encoding import SD3TextEncoders, encode_prompts
+from ..inference.images import vae_decode, vae_encode
+from ..inference.latents import LatentSpace
+from ..inference.sampling import PromptEmbeds
+from ..models.dit import DiffusersDiT, TrainableDiT
+from ..models.loading import KontextComponents, MetaQueryComponents
+from ..models.metaquery import MetaQueryMLLM, encode_metaquery
+from ..models.text_encoding import SD3TextEncoders, encode_prompts
 
 
 @dataclass
