@@ -26,17 +26,17 @@ import time
 import torch
 
 from benchmarks.harness import PeakMemory, benchmark_parser, full_size_dit, measure, random_prompt_embeds, ratios
-from unipic_core.dit import DiffusersDiT
-from unipic_core.grpo import ALGORITHMS
-from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_trainer import GRPOTrainer
-from unipic_core.loading import load_kontext
+from unipic_core.inference.sampling import PromptEmbeds, sample
+from unipic_core.inference.schedule import flow_sigmas
+from unipic_core.models.dit import DiffusersDiT
+from unipic_core.models.loading import load_kontext
 from unipic_core.rewards import colour_reward, jpeg_reward
-from unipic_core.sampling import PromptEmbeds, sample
-from unipic_core.schedule import flow_sigmas
 from unipic_core.tiny import SD3_VAE_CHANNELS, SD3_VAE_LAYERS, random_vae, write_kontext_folder
-from unipic_core.training_data import TrainingItem
-from unipic_core.training_models import TrainingModels, models_on_device, training_models
+from unipic_core.training.grpo import ALGORITHMS
+from unipic_core.training.grpo_settings import GRPOSettings
+from unipic_core.training.grpo_trainer import GRPOTrainer
+from unipic_core.training.training_data import TrainingItem
+from unipic_core.training.training_models import TrainingModels, models_on_device, training_models
 
 PROMPTS = [TrainingItem("a photo of a red apple on a wooden table")]
 
@@ -79,9 +79,9 @@ def bench(name: str, models: TrainingModels, settings: GRPOSettings, repeats: in
             phases.new_step()
             trainer.train_step(phases)
         positive, negative = models.condition([PROMPTS[0].prompt], [None])
-        size = settings.resolution // 8
-        noise = torch.randn(settings.group_size, models.latent_channels, size, size).to(models.device)
-        sigmas = flow_sigmas(settings.sampling_steps, models.scheduler_config, (size // 2) ** 2)
+        side = settings.resolution
+        noise = torch.randn(settings.group_size, *models.latents.shape(side, side)).to(models.device)
+        sigmas = flow_sigmas(settings.sampling_steps, models.scheduler_config, models.latents.image_tokens(side, side))
         generator = torch.Generator().manual_seed(0)
 
         def generate():

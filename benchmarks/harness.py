@@ -18,8 +18,8 @@ import psutil
 import torch
 
 from tools.comfyui_runner import PACK_NAME, prepare_host
-from unipic_core.kontext_transformer import KontextSD3Transformer
-from unipic_core.sampling import PromptEmbeds
+from unipic_core.inference.sampling import PromptEmbeds
+from unipic_core.models.kontext_transformer import KontextSD3Transformer
 from unipic_core.tiny import SD35M_TRANSFORMER
 
 

@@ -21,10 +21,10 @@ import tempfile
 import torch
 
 from benchmarks.harness import NativeHost, benchmark_parser, compare, ratios
-from unipic_core.fp8_weights import quantize_linears
-from unipic_core.images import to_pil
-from unipic_core.loading import load_metaquery_encoder
-from unipic_core.metaquery import encode_metaquery, mllm_pixels, query_chat_text
+from unipic_core.inference.images import to_pil
+from unipic_core.models.fp8_weights import quantize_linears
+from unipic_core.models.loading import load_metaquery_encoder
+from unipic_core.models.metaquery import encode_metaquery, mllm_pixels, query_chat_text
 from unipic_core.tiny import write_metaquery_folder
 
 

@@ -1,5 +1,5 @@
-"""Benchmark (not a test): the engine's host-free sampling loop (unipic_core.sampling.sample, as the GRPO trainer and
-torchrun sample) and ComfyUI's native sampling (the path UniPic2 Sampler and SamplerCustomAdvanced take) against a
+"""Benchmark (not a test): the engine's host-free sampling loop (unipic_core.inference.sampling.sample, as the GRPO
+trainer and torchrun sample) and ComfyUI's native sampling (the path UniPic2 Sampler and SamplerCustomAdvanced take) against a
 reference loop, same process, same weights and inputs.
 
     python -m benchmarks.sampling [--sizes tiny mid] [--steps 8] [--resolution 512] [--device cpu|cuda] [--full-size]
@@ -26,10 +26,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from benchmarks.harness import NativeHost, benchmark_parser, compare, full_size_dit, random_prompt_embeds, ratios
-from unipic_core.dit import DiffusersDiT
-from unipic_core.loading import load_kontext
-from unipic_core.sampling import PromptEmbeds, sample
-from unipic_core.schedule import flow_sigmas
+from unipic_core.inference.latents import SD3
+from unipic_core.inference.sampling import PromptEmbeds, sample
+from unipic_core.inference.schedule import flow_sigmas
+from unipic_core.models.dit import DiffusersDiT
+from unipic_core.models.loading import load_kontext
 from unipic_core.tiny import write_kontext_folder
 
 SCHEDULER = {"shift": 3.0}
@@ -81,9 +82,9 @@ def bench(name, transformer, native, device, dtype, resolution, steps, guidance=
     cfg = transformer.config
     dit = DiffusersDiT(transformer)
     g = torch.Generator().manual_seed(0)
-    side = resolution // 8
-    noise = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype)
-    ref = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype)
+    shape = SD3.shape(resolution, resolution)
+    noise = torch.randn(1, *shape, generator=g).to(device, dtype)
+    ref = torch.randn(1, *shape, generator=g).to(device, dtype)
     pos, neg = (PromptEmbeds(e.tokens.to(device, dtype), e.pooled.to(device, dtype))
                 for e in random_prompt_embeds(cfg, g))
     sigmas = flow_sigmas(steps, SCHEDULER)
@@ -91,7 +92,7 @@ def bench(name, transformer, native, device, dtype, resolution, steps, guidance=
         **SCHEDULER), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
         tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
-    pipe.vae_scale_factor = 8
+    pipe.vae_scale_factor = SD3.vae_factor
 
     cases = {
         "t2i": dict(

@@ -2,7 +2,7 @@
 
 import logging
 
-from ..unipic_core.text_encoding import encode_prompts
+from ..unipic_core.models.text_encoding import encode_prompts
 from .host import memory
 from .host.conditioning import SIZE_INPUTS, attach_reference, sized_image, to_conditioning
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from ..unipic_core.folders import find_qwen_inside, is_kontext_folder, is_metaquery_folder, is_qwen25vl_folder
-from ..unipic_core.repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
+from ..unipic_core.models.folders import find_qwen_inside, is_kontext_folder, is_metaquery_folder, is_qwen25vl_folder
+from ..unipic_core.models.repos import KONTEXT_REPOS, METAQUERY_REPOS, QWEN_REPO
 from .host import folders, memory
 from .host.bundles import UniPic2MLLM, UniPic2Text
 
@@ -40,7 +40,7 @@ def encoder_dtype(choice: str) -> torch.dtype:
 
 def native_dit_and_vae(folder: Path, choice: str):
     """The folder's DiT as a native MODEL (Kontext reference ability, the checkpoint's shift) and its native VAE."""
-    from ..unipic_core.loading import load_scheduler_config
+    from ..unipic_core.models.loading import load_scheduler_config
     from .host.native_loading import load_native_dit, load_native_vae
 
     model = load_native_dit(folder, load_scheduler_config(folder), DIT_OPTIONS[choice])
@@ -58,7 +58,7 @@ def metaquery_folders() -> dict[str, Path]:
 def qwen_choices() -> dict[str, Path]:
     """Qwen2.5-VL folders in models/unipic2 and models/LLM, and single files in models/text_encoders (Qwen-Image's
     text encoder is this MLLM: no second copy needed)."""
-    from ..unipic_core.qwen25vl import is_qwen25vl_file
+    from ..unipic_core.models.qwen25vl import is_qwen25vl_file
 
     found = folders.local_folders(("unipic2", "LLM"), lambda p, kind: is_qwen25vl_folder(p))
     found.update({f"text_encoders/{name}": path for name, path in folders.text_encoder_files().items()
@@ -91,7 +91,7 @@ class LoadUniPic2Kontext:
 
     @staticmethod
     def _load(folder: Path, choice: str):
-        from ..unipic_core.loading import load_kontext_text_encoders
+        from ..unipic_core.models.loading import load_kontext_text_encoders
 
         encoders = load_kontext_text_encoders(folder, encoder_dtype(choice))
         encoders.device = memory.device()
@@ -142,8 +142,8 @@ class LoadUniPic2MetaQuery:
 
     @staticmethod
     def _load(folder: Path, qwen: Path, choice: str, mllm_storage: torch.dtype | None, source: str):
-        from ..unipic_core.fp8_weights import quantize_linears
-        from ..unipic_core.loading import load_metaquery_encoder
+        from ..unipic_core.models.fp8_weights import quantize_linears
+        from ..unipic_core.models.loading import load_metaquery_encoder
 
         encoder = load_metaquery_encoder(folder, qwen, encoder_dtype(choice), folders.qwen25_tokenizer_folder())
         encoder.device = memory.device()

@@ -7,7 +7,7 @@ import os
 import re
 
 from ..unipic_core.atomic_files import NameTaken
-from ..unipic_core.lora import LoRAError, check_lora_fits, load_lora, save_lora
+from ..unipic_core.models.lora import LoRAError, check_lora_fits, load_lora, save_lora
 from .host import folders, memory
 
 log = logging.getLogger("unipic2")

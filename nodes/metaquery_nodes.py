@@ -4,10 +4,10 @@ import logging
 
 import torch
 
-from ..unipic_core.images import check_image
-from ..unipic_core.latents import SD3
-from ..unipic_core.metaquery import answer_question, encode_metaquery
-from ..unipic_core.sampling import PromptEmbeds
+from ..unipic_core.inference.images import check_image
+from ..unipic_core.inference.latents import SD3
+from ..unipic_core.inference.sampling import PromptEmbeds
+from ..unipic_core.models.metaquery import answer_question, encode_metaquery
 from .host import memory
 from .host.conditioning import SIZE_INPUTS, attach_reference, sized_image, to_conditioning
 

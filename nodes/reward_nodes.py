@@ -6,10 +6,10 @@ LoRA on the MetaQuery's MLLM, a patched clone of its ModelPatcher (one copy of t
 from pathlib import Path
 
 from ..unipic_core import rewards
-from ..unipic_core.folders import is_clip_folder, is_clip_processor_folder, is_owlv2_folder
-from ..unipic_core.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
-                                 EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO,
-                                 PROCESSOR_FILES)
+from ..unipic_core.models.folders import is_clip_folder, is_clip_processor_folder, is_owlv2_folder
+from ..unipic_core.models.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
+                                        EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO,
+                                        PICKSCORE_REPO, PROCESSOR_FILES)
 from .host import folders, memory, progress
 
 CATEGORY = "UniPic2/training/rewards"
@@ -77,7 +77,7 @@ class UniPic2JudgeReward:
         return {"required": {"mllm": ("UNIPIC2_MLLM", {"tooltip": "From Load UniPic2 MetaQuery."})}}
 
     def make(self, mllm):
-        from ..unipic_core.metaquery import yes_probability
+        from ..unipic_core.models.metaquery import yes_probability
 
         def probability_of_yes(images, question):
             memory.load_on_device(mllm.mllm_patcher)
@@ -132,7 +132,7 @@ def aesthetic_files():
 
 def hub_files(patterns: tuple[str, ...]):
     """Download only these files of a hub repo: its weights in one format, not all of them."""
-    from ..unipic_core.loading import download_repo
+    from ..unipic_core.models.loading import download_repo
 
     return lambda repo, destination: download_repo(repo, destination, progress.download_progress(), patterns)
 
@@ -140,7 +140,7 @@ def hub_files(patterns: tuple[str, ...]):
 def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: str | None = None):
     """(CLIPReward on ComfyUI's device, its ModelPatcher) for a model choice, with the processor of the model's
     folder, or of PickScore's processor input (laion's CLIP-H processor by default)."""
-    from ..unipic_core.reward_models import load_clip_reward
+    from ..unipic_core.rewards.reward_models import load_clip_reward
 
     folder = folders.resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
     processor = None
@@ -190,7 +190,7 @@ class UniPic2PickScoreReward:
         }}
 
     def make(self, model, processor, dtype):
-        from ..unipic_core.reward_models import pickscore
+        from ..unipic_core.rewards.reward_models import pickscore
 
         clip, patcher = load_clip("pickscore", model, PICKSCORE_REPO, dtype, processor)
         return (model_reward("pickscore", f"{model} with {processor}, {dtype}", [patcher],
@@ -213,7 +213,7 @@ class UniPic2CLIPScoreReward:
         }}
 
     def make(self, model, dtype):
-        from ..unipic_core.reward_models import clip_score
+        from ..unipic_core.rewards.reward_models import clip_score
 
         clip, patcher = load_clip("clipscore", model, CLIP_L14_REPO, dtype)
         return (model_reward("clipscore", f"{model}, {dtype}", [patcher],
@@ -239,8 +239,8 @@ class UniPic2AestheticReward:
         }}
 
     def make(self, clip, mlp, dtype):
-        from ..unipic_core.loading import download_file
-        from ..unipic_core.reward_models import aesthetic_score, check_aesthetic_pair, load_aesthetic_mlp
+        from ..unipic_core.models.loading import download_file
+        from ..unipic_core.rewards.reward_models import aesthetic_score, check_aesthetic_pair, load_aesthetic_mlp
 
         clip_model, clip_patcher = load_clip("aesthetic", clip, CLIP_L14_REPO, dtype)
         path = folders.resolve(mlp, aesthetic_files(), (AESTHETIC_CHOICE,), "aesthetic MLP",
@@ -258,7 +258,7 @@ class UniPic2AestheticReward:
 
 
 def adapter_folders():
-    from ..unipic_core.qwen25vl_lora import is_adapter_folder
+    from ..unipic_core.models.qwen25vl_lora import is_adapter_folder
 
     return unipic2_entries(is_adapter_folder)
 
@@ -289,9 +289,9 @@ class UniPic2EditScoreReward:
         }}
 
     def make(self, mllm, adapter, passes, seed):
-        from ..unipic_core.editscore import editscore
-        from ..unipic_core.qwen25vl import MissingOutputLayer
-        from ..unipic_core.qwen25vl_lora import read_qwen25vl_lora
+        from ..unipic_core.models.qwen25vl import MissingOutputLayer
+        from ..unipic_core.models.qwen25vl_lora import read_qwen25vl_lora
+        from ..unipic_core.rewards.editscore import editscore
 
         encoder = mllm.encoder
         if isinstance(encoder.mllm.lm_head, MissingOutputLayer):
@@ -331,7 +331,7 @@ class UniPic2ObjectReward:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..unipic_core.object_reward import COUNTING_THRESHOLD, SCORE_THRESHOLD
+        from ..unipic_core.rewards.object_reward import COUNTING_THRESHOLD, SCORE_THRESHOLD
 
         threshold = lambda default, text: ("FLOAT", {"default": default, "min": 0.01, "max": 0.99, "step": 0.01,
                                                      "tooltip": text})
@@ -349,7 +349,7 @@ class UniPic2ObjectReward:
         }}
 
     def make(self, detector, score_threshold, counting_threshold, dtype):
-        from ..unipic_core.object_reward import load_owlv2, object_scores
+        from ..unipic_core.rewards.object_reward import load_owlv2, object_scores
 
         folder = folders.resolve(detector, owlv2_folders(), (OWLV2_REPO,), "detector", hub_files(OWLV2_FILES))
 

@@ -1,7 +1,7 @@
 """Sampling: UniPic2 Sampler, and the official schedule and the paper's sampler as native SIGMAS and SAMPLER for
 SamplerCustomAdvanced."""
 
-from ..unipic_core.sampling import SAMPLERS
+from ..unipic_core.inference.sampling import SAMPLERS
 from .host.native_sampling import flow_sde_sampler, official_sigmas, sample_latent
 
 

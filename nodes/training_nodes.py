@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from ..unipic_core import training_data
-from ..unipic_core.grpo import ALGORITHMS
+from ..unipic_core.training import training_data
+from ..unipic_core.training.grpo import ALGORITHMS
 from .host import folders, memory
 
 
@@ -145,7 +145,7 @@ class UniPic2GRPOTrainer:
               algorithm, sde_window, nft_beta, nft_kl, gradient_checkpointing, text_encoders=None, mllm=None, lora=None,
               node_id=None):
         # imported on first use: a graph that never trains need not load the training stack
-        from ..unipic_core.grpo_settings import GRPOSettings
+        from ..unipic_core.training.grpo_settings import GRPOSettings
         from .host.native_training import train_lora
 
         if (text_encoders is None) == (mllm is None):

@@ -27,7 +27,7 @@ def tiny_kontext_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_kontext(tiny_kontext_dir):
-    from unipic_core.loading import load_kontext
+    from unipic_core.models.loading import load_kontext
 
     return load_kontext(tiny_kontext_dir, torch.float32)
 
@@ -41,7 +41,7 @@ def tiny_metaquery_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_metaquery(tiny_metaquery_dir):
-    from unipic_core.loading import load_metaquery
+    from unipic_core.models.loading import load_metaquery
 
     return load_metaquery(tiny_metaquery_dir, dtype=torch.float32)
 
@@ -125,6 +125,20 @@ def host(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
     return InProcessHost(tmp_path_factory.mktemp("host"), tiny_kontext_dir, tiny_metaquery_dir)
 
 
+def tiny_server(work: Path, tiny_kontext_dir: Path, tiny_metaquery_dir: Path):
+    """A ComfyUI server starting on 127.0.0.1 with the pack, the tiny checkpoints under the names the demo's
+    workflows choose, and the sample image in its input folder; the caller adds what else it needs, then
+    wait_ready()s."""
+    from tools.comfyui_runner import Server, prepare_host
+    from tools.demo import SAMPLE_IMAGE, TINY
+
+    server = Server(prepare_host(work), work)
+    for loader, folder in (("LoadUniPic2Kontext", tiny_kontext_dir), ("LoadUniPic2MetaQuery", tiny_metaquery_dir)):
+        (server.models / "unipic2" / TINY[loader, "checkpoint"]).symlink_to(folder, target_is_directory=True)
+    (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
+    return server
+
+
 def native_tiny_dit(tiny_kontext_dir: Path, **model_options):
     """The tiny DiT as ComfyUI's Load Diffusion Model loads it (model_options: its weight_dtype's, e.g. dtype)."""
     import comfy.sd
@@ -154,9 +168,9 @@ def conditioning(host, loaded):
 @pytest.fixture
 def fresh_dit(tiny_kontext_dir):
     """A tiny diffusers DiT of its own, for tests that put a LoRA into it."""
-    from unipic_core.dit import DiffusersDiT
-    from unipic_core.kontext_transformer import KontextSD3Transformer
-    from unipic_core.loading import load_pretrained
+    from unipic_core.models.dit import DiffusersDiT
+    from unipic_core.models.kontext_transformer import KontextSD3Transformer
+    from unipic_core.models.loading import load_pretrained
 
     return DiffusersDiT(load_pretrained(KontextSD3Transformer, tiny_kontext_dir / "transformer", torch.float32))
 
@@ -191,7 +205,7 @@ def edit_picture() -> torch.Tensor:
 
 def metaquery_outputs(encoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query hidden states, and the conditioner's tokens and pooled embedding, of an edit prompt pair."""
-    from unipic_core.metaquery import encode_metaquery, query_hidden_states, query_inputs
+    from unipic_core.models.metaquery import encode_metaquery, query_hidden_states, query_inputs
 
     hidden = query_hidden_states(encoder, query_inputs(encoder, METAQUERY_PROMPTS, [edit_picture()]))
     embeds = encode_metaquery(encoder, METAQUERY_PROMPTS, [edit_picture()])

@@ -24,8 +24,10 @@ from PIL import Image
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
-from tools.comfyui_runner import PACK_DIR, PACK_NAME, Server, prepare_host
-from tools.demo import MODEL_INPUTS, SAMPLE_IMAGE, TINY, model_choice
+from tools.comfyui_runner import PACK_DIR, PACK_NAME
+from tools.demo import MODEL_INPUTS, TINY, model_choice
+
+from conftest import tiny_server
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless in a closed network: no background connections, no GPU, a throwaway profile (as root: no sandbox).
@@ -39,13 +41,9 @@ THUMBNAIL_WIDTH, THUMBNAIL_QUALITY, THUMBNAIL_MARGIN = 512, 80, 24  # margin: sc
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
-    work = tmp_path_factory.mktemp("browser")
-    server = Server(prepare_host(work), work)
-    for loader, folder in (("LoadUniPic2Kontext", tiny_kontext_dir), ("LoadUniPic2MetaQuery", tiny_metaquery_dir)):
-        (server.models / "unipic2" / TINY[loader, "checkpoint"]).symlink_to(folder, target_is_directory=True)
+    server = tiny_server(tmp_path_factory.mktemp("browser"), tiny_kontext_dir, tiny_metaquery_dir)
     for node, name in MODEL_INPUTS:  # the reward models' stand-ins, before the server lists its model folders
         model_choice(node, name, server.models / "none", server.models / "unipic2")
-    (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
     server.wait_ready()
     # As a returning user (a first visit opens the frontend's template browser over the canvas), without the canvas
     # info (fps etc.) in the pictures' corner.

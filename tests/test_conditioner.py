@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unipic_core.conditioner import MetaQueryConditioner
+from unipic_core.models.conditioner import MetaQueryConditioner
 
 OFFICIAL = dict(connector_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=24,
                                       num_attention_heads=24, _attn_implementation="flash_attention_2"),
@@ -71,7 +71,7 @@ def test_conditioner_is_the_official_recipe():
 def test_conditioner_loads_strictly_and_names_a_wrong_key(tmp_path, change, words):
     from safetensors.torch import load_file, save_file
 
-    from unipic_core.loading import CheckpointError, load_pretrained
+    from unipic_core.models.loading import CheckpointError, load_pretrained
     from unipic_core.tiny import SIZES, write_conditioner
 
     write_conditioner(tmp_path / "conditioner", SIZES["tiny"])

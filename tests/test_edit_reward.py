@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from unipic_core.editscore import (chat_text, overall_score, parse_judgement, pq_prompt, reward_from_passes,
-                                   sc_prompt, vision_size)
-from unipic_core.loading import CheckpointError
-from unipic_core.qwen25vl_lora import read_qwen25vl_lora
-from unipic_core.repos import EDITSCORE_REPO
+from unipic_core.models.loading import CheckpointError
+from unipic_core.models.qwen25vl_lora import read_qwen25vl_lora
+from unipic_core.models.repos import EDITSCORE_REPO
+from unipic_core.rewards.editscore import (chat_text, overall_score, parse_judgement, pq_prompt, reward_from_passes,
+                                           sc_prompt, vision_size)
 from unipic_core.tiny_rewards import write_editscore_adapter
 
 TINY_ADAPTER = "EditScore-tiny"
@@ -254,7 +254,7 @@ def test_the_node_patches_the_loaded_mllm_as_peft_merges_and_restores_it(editsco
 
 def test_a_lora_naming_a_layer_the_model_lacks_is_refused_not_half_applied(editscore_host, mllm, adapter_dir):
     memory = editscore_host.module("nodes.host.memory")
-    lora = editscore_host.module("unipic_core.qwen25vl_lora").read_qwen25vl_lora(adapter_dir, mllm.encoder.mllm,
+    lora = editscore_host.module("unipic_core.models.qwen25vl_lora").read_qwen25vl_lora(adapter_dir, mllm.encoder.mllm,
                                                                                  EDITSCORE_REPO)
     assert len(memory.patch_component_lora(mllm.mllm_patcher, lora).patches) == len(lora)
     lora["model.language_model.layers.9.self_attn.q_proj"] = next(iter(lora.values()))
@@ -266,7 +266,7 @@ def reference_answer(model, processor, images: list[torch.Tensor], prompt: str, 
     """EditScore's RL pipeline in transformers, written out: their chat text, qwen_vl_utils' resize (PIL bicubic to
     sides rounded to 28), the processor, the seed set just before sampling with their vLLM backbone's published
     SamplingParams (temperature 0.7, top-p 0.9, top-k 20, vLLM's repetition penalty 1.0)."""
-    from unipic_core.images import to_pil
+    from unipic_core.inference.images import to_pil
 
     text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             + "".join(f"<img{i}>: <|vision_start|><|image_pad|><|vision_end|>" for i in range(1, len(images) + 1))
@@ -283,7 +283,7 @@ def reference_answer(model, processor, images: list[torch.Tensor], prompt: str, 
 
 def test_answers_and_scores_equal_the_published_pipeline_on_the_same_weights(editscore_host, mllm, merged_qwen,
                                                                               qwen_dir):
-    from unipic_core.editscore import editscore
+    from unipic_core.rewards.editscore import editscore
 
     editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 2, 7)
     editscore_host.module("nodes.host.memory").load_on_device(editscore_patcher(editscore_host))
@@ -305,7 +305,7 @@ def test_answers_and_scores_equal_the_published_pipeline_on_the_same_weights(edi
 
 def test_a_partially_loaded_patched_mllm_answers_as_a_full_load(editscore_host, mllm):
     from conftest import loaded_with_budget, offloaded_modules
-    from unipic_core.editscore import editscore
+    from unipic_core.rewards.editscore import editscore
 
     editscore_host.node("UniPic2EditScoreReward").make(mllm, TINY_ADAPTER, 1, 42)
     patcher = editscore_patcher(editscore_host)
@@ -336,7 +336,7 @@ def test_the_node_scores_edit_pairs_end_to_end(editscore_host, mllm):
 
 
 def test_an_mllm_without_output_layer_is_refused(editscore_host, mllm):
-    MissingOutputLayer = editscore_host.module("unipic_core.qwen25vl").MissingOutputLayer  # the host's copy
+    MissingOutputLayer = editscore_host.module("unipic_core.models.qwen25vl").MissingOutputLayer  # the host's copy
     qwen, head = mllm.encoder.mllm, mllm.encoder.mllm.lm_head
     qwen.lm_head = MissingOutputLayer(Path("qwen_2.5_vl_7b.safetensors"))  # as the text-encoder file loads
     try:
@@ -365,7 +365,7 @@ def test_the_hub_choice_downloads_only_the_adapter_files(editscore_host, mllm, a
 
 
 def test_an_mllm_with_fp8_weights_is_refused(adapter_dir, qwen_dir):
-    from unipic_core.fp8_weights import quantize_linears
+    from unipic_core.models.fp8_weights import quantize_linears
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_dir), dtype=torch.float32)
     quantize_linears(model, torch.float8_e4m3fn)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import randomise_lora_b
-from unipic_core.grpo import (CPS_STEP, group_advantages, grpo_loss, sample_trajectory, sde_window, step_policy,
-                              trained_steps)
-from unipic_core.lora import add_lora
-from unipic_core.sampling import (GuidedVelocity, PromptEmbeds, cps_log_prob, cps_mean, flow_sde_mean, flow_sde_step,
-                                  step_log_prob)
-from unipic_core.schedule import flow_sigmas
+from unipic_core.inference.sampling import (GuidedVelocity, PromptEmbeds, cps_log_prob, cps_mean, flow_sde_mean,
+                                            flow_sde_step, step_log_prob)
+from unipic_core.inference.schedule import flow_sigmas
+from unipic_core.models.lora import add_lora
+from unipic_core.training.grpo import (CPS_STEP, group_advantages, grpo_loss, sample_trajectory, sde_window,
+                                       step_policy, trained_steps)
 
 
 def test_log_prob_equals_an_independent_gaussian_log_density():

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import ROOT
-from unipic_core.lora import load_lora
+from unipic_core.models.lora import load_lora
 
 SETTINGS = ["--steps", "2", "--group-size", "4", "--sampling-steps", "3", "--resolution", "64", "--lora-rank", "4",
             "--lora-alpha", "8", "--learning-rate", "0.01", "--reward", "brightness", "--dtype", "fp32"]
@@ -15,7 +15,7 @@ SETTINGS = ["--steps", "2", "--group-size", "4", "--sampling-steps", "3", "--res
 
 def run(launcher: list[str], checkpoint, prompts, output):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    command = launcher + ["-m", "unipic_core.grpo_torchrun", "--checkpoint", str(checkpoint), "--prompts",
+    command = launcher + ["-m", "unipic_core.training.grpo_torchrun", "--checkpoint", str(checkpoint), "--prompts",
                           str(prompts), "--output", str(output), *SETTINGS]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

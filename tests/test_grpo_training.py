@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from unipic_core.atomic_files import WriteError
-from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_trainer import GRPOTrainer, Hooks
-from unipic_core.loading import load_kontext
-from unipic_core.lora import LoRAError, load_lora, save_lora
+from unipic_core.models.loading import load_kontext
+from unipic_core.models.lora import LoRAError, load_lora, save_lora
 from unipic_core.rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward
-from unipic_core.training_data import TrainingItem, check_reward_inputs, edit_pairs, read_prompts
-from unipic_core.training_models import models_on_device
-from unipic_core.training_state import load_state
+from unipic_core.training.grpo_settings import GRPOSettings
+from unipic_core.training.grpo_trainer import GRPOTrainer, Hooks
+from unipic_core.training.training_data import TrainingItem, check_reward_inputs, edit_pairs, read_prompts
+from unipic_core.training.training_models import models_on_device
+from unipic_core.training.training_state import load_state
 
 from conftest import native_tiny_dit
 
@@ -160,7 +160,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(models, tmp_path, monkey
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("unipic_core.training_state.torch.save", disk_full)
+    monkeypatch.setattr("unipic_core.training.training_state.torch.save", disk_full)
     with pytest.raises(WriteError, match="No space left"):
         train(models, small(steps=2), checkpoint=path, resume=True)
     assert path.with_suffix(".training-state").read_bytes() == state and path.read_bytes() == lora
@@ -205,9 +205,9 @@ def test_diffusion_nft_raises_the_brightness_reward(models):
 
 
 def test_flow_grpo_fast_resumes_exactly_and_trains_only_its_window(models, tmp_path, monkeypatch):
-    from unipic_core import grpo_trainer
-    from unipic_core.grpo import sde_window
-    from unipic_core.training_plan import step_generator
+    from unipic_core.training import grpo_trainer
+    from unipic_core.training.grpo import sde_window
+    from unipic_core.training.training_plan import step_generator
 
     trained = {}
     terms = grpo_trainer.flow_grpo_terms
@@ -257,7 +257,7 @@ def test_diffusion_nft_resumes_exactly_with_its_old_policy(models, tmp_path):
 
 
 def test_metaquery_model_trains_on_prompts_and_edit_pairs(tiny_metaquery_dir):
-    from unipic_core.loading import load_metaquery
+    from unipic_core.models.loading import load_metaquery
 
     models = models_on_device(load_metaquery(tiny_metaquery_dir), tiny_metaquery_dir, torch.device("cpu"))
     _, t2i = train(models, small(steps=1))
@@ -276,7 +276,7 @@ def test_the_clip_acts_only_from_the_second_update_of_a_step(models):
 
 
 def test_any_seed_the_widget_allows_works(models):
-    from unipic_core.training_plan import step_generator
+    from unipic_core.training.training_plan import step_generator
 
     assert not torch.equal(torch.randn(3, generator=step_generator(2**31 - 1, 7, 2)),
                            torch.randn(3, generator=step_generator(2**31 - 1, 7, 3)))
@@ -404,7 +404,7 @@ def test_requeue_of_a_finished_run_returns_its_lora_curves_and_samples(models, t
 
 
 def test_curves_plot_the_union_of_reward_names():
-    from unipic_core.curves import COLOURS, plot_curves
+    from unipic_core.training.curves import COLOURS, plot_curves
 
     def step(n, **rewards):
         return {"step": n, "rewards": {name: (mean, 0.0) for name, mean in rewards.items()}, "loss": 0.1, "kl": 0.0}
@@ -487,7 +487,7 @@ def test_a_failing_checkpoint_write_does_not_hide_the_error(models, tmp_path, mo
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("unipic_core.training_state.torch.save", disk_full)
+    monkeypatch.setattr("unipic_core.training.training_state.torch.save", disk_full)
     with pytest.raises(RuntimeError, match="reward server down") as raised:
         train(models, small(steps=3), reward=failing_reward(2, []), checkpoint=path)
     assert any("checkpoint of step 1 could not be written either" in note and "No space left" in note

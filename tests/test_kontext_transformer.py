@@ -1,7 +1,7 @@
 import torch
 from diffusers import SD3Transformer2DModel
 
-from unipic_core.kontext_transformer import KontextSD3Transformer, unpatchify
+from unipic_core.models.kontext_transformer import KontextSD3Transformer, unpatchify
 
 
 def _inputs(transformer, batch=2, side=8, seed=0):

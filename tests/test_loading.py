@@ -5,8 +5,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from unipic_core.kontext_transformer import KontextSD3Transformer
-from unipic_core.loading import CheckpointError, load_kontext
+from unipic_core.models.kontext_transformer import KontextSD3Transformer
+from unipic_core.models.loading import CheckpointError, load_kontext
 from unipic_core.tiny import SD35M_TRANSFORMER
 
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
@@ -85,7 +85,7 @@ def test_dtype_is_applied_to_every_component(tiny_kontext_dir):
 
 
 def test_offline_download_gives_a_clear_error(tmp_path, monkeypatch):
-    from unipic_core.loading import download_repo
+    from unipic_core.models.loading import download_repo
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as constants

@@ -16,11 +16,10 @@ import torch
 from safetensors.torch import safe_open, save_file
 
 from conftest import load_lora_in_diffusers, randomise_lora_b
-import unipic_core.lora as lora_module
+import unipic_core.models.lora as lora_module
 from unipic_core.atomic_files import NameTaken, WriteError, atomic_write
-from unipic_core.lora import (TARGET_MODULES, LoRAError, LoRAWeights, add_lora, adapter_tensors,
-                              load_into_adapter, load_lora, lora_weights, save_lora,
-                              set_adapter_tensors)
+from unipic_core.models.lora import (TARGET_MODULES, LoRAError, LoRAWeights, add_lora, adapter_tensors,
+                                     load_into_adapter, load_lora, lora_weights, save_lora, set_adapter_tensors)
 
 
 def _forward(transformer):
@@ -115,7 +114,7 @@ def test_unwritable_folder_keeps_the_previous_file(fresh_dit, tmp_path, monkeypa
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("unipic_core.lora.save_file", disk_full)
+    monkeypatch.setattr("unipic_core.models.lora.save_file", disk_full)
     with pytest.raises(WriteError, match="No space left.*previous file there is unchanged"):
         save_lora(lora_weights(adapter_tensors(fresh_dit), 4, 8, {"steps": 2}), path)
     assert path.read_bytes() == before

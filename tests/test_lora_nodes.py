@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_nodes_in_host import TINY
-from unipic_core.lora import LoRAWeights
+from unipic_core.models.lora import LoRAWeights
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_apply_lora_refuses_nan_strength(host, model, targets, strength):
 
 @pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links (FAT)"])
 def test_save_lora_never_overwrites_a_file_created_meanwhile(host, monkeypatch, hard_links):
-    lora_module = host.module("unipic_core.lora")
+    lora_module = host.module("unipic_core.models.lora")
     folder = host.loras / f"race_{hard_links}"
     theirs = folder / "mine_00001.safetensors"
     real_save_file = lora_module.save_file

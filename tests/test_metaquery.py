@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from unipic_core.metaquery import (answer_question, encode_metaquery, query_chat_text, query_hidden_states,
-                                   query_inputs)
+from unipic_core.models.metaquery import (answer_question, encode_metaquery, query_chat_text, query_hidden_states,
+                                          query_inputs)
 
 NUM_QUERIES = 256
 
@@ -119,7 +119,7 @@ def test_understanding_answers_deterministically_per_seed(tiny_metaquery):
 # --- loading -------------------------------------------------------------------------------------------------
 
 def test_external_qwen_folder_and_hidden_size_mismatch(tiny_metaquery_dir, tmp_path):
-    from unipic_core.loading import CheckpointError, load_metaquery
+    from unipic_core.models.loading import CheckpointError, load_metaquery
     from unipic_core.tiny_qwen import write_qwen25vl_folder
 
     wide = write_qwen25vl_folder(tmp_path / "Qwen-wide", hidden_size=256)
@@ -131,7 +131,7 @@ def test_external_qwen_folder_and_hidden_size_mismatch(tiny_metaquery_dir, tmp_p
 
 
 def test_qwen_folder_without_processor_files_is_named(tiny_metaquery_dir, tmp_path):
-    from unipic_core.loading import CheckpointError, load_metaquery
+    from unipic_core.models.loading import CheckpointError, load_metaquery
 
     qwen = shutil.copytree(tiny_metaquery_dir / "Qwen2.5-VL-tiny", tmp_path / "Qwen-no-processor")
     (qwen / "preprocessor_config.json").unlink()
@@ -143,7 +143,7 @@ def test_qwen_folder_without_processor_files_is_named(tiny_metaquery_dir, tmp_pa
 
 
 def test_metaquery_folder_without_conditioner_is_named(tiny_metaquery_dir, tmp_path):
-    from unipic_core.loading import CheckpointError, load_metaquery
+    from unipic_core.models.loading import CheckpointError, load_metaquery
 
     copy = shutil.copytree(tiny_metaquery_dir, tmp_path / "mq")
     shutil.rmtree(copy / "conditioner")

@@ -49,7 +49,7 @@ def ksampler(host, model, positive, negative, latent, steps=2, seed=4):
 
 def official_sigmas(tiny_kontext, steps: int) -> torch.Tensor:
     """The schedule UniPic2 Sampler uses (shift from the checkpoint's scheduler config), as a native SIGMAS."""
-    from unipic_core.schedule import denoise_sigmas
+    from unipic_core.inference.schedule import denoise_sigmas
 
     return denoise_sigmas(steps, 1.0, dict(tiny_kontext.scheduler_config))
 

@@ -77,7 +77,7 @@ def test_a_sharded_transformer_loads_the_same_weights(host, loaded, tiny_kontext
 
 
 def test_a_transformer_comfyui_does_not_detect_as_sd3_is_refused(host, tmp_path):
-    from unipic_core.kontext_transformer import KontextSD3Transformer
+    from unipic_core.models.kontext_transformer import KontextSD3Transformer
 
     folder = tmp_path / "not-sd3"  # hidden 128 with 3 layers: ComfyUI's MMDiT needs hidden = 64 x depth
     KontextSD3Transformer(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
@@ -181,11 +181,12 @@ def test_a_vae_that_is_not_sd3s_latent_space_is_refused(host, tiny_kontext_dir, 
 
 def engine_sample(tiny_kontext, positive, negative, raw_shape, seed, steps, guidance, sampler="euler",
                   reference=None):
-    """The pack's previous sampler: unipic_core.sampling.sample with the diffusers transformer (raw latent out)."""
-    from unipic_core.dit import DiffusersDiT
-    from unipic_core.latents import LatentSpace
-    from unipic_core.sampling import PromptEmbeds, sample
-    from unipic_core.schedule import flow_sigmas
+    """The pack's previous sampler: unipic_core.inference.sampling.sample with the diffusers transformer (raw latent
+    out)."""
+    from unipic_core.inference.latents import LatentSpace
+    from unipic_core.inference.sampling import PromptEmbeds, sample
+    from unipic_core.inference.schedule import flow_sigmas
+    from unipic_core.models.dit import DiffusersDiT
 
     def embeds(conditioning):
         return PromptEmbeds(conditioning[0][0], conditioning[0][1]["pooled_output"])

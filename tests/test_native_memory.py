@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 
-from unipic_core.lora import add_lora
+from unipic_core.models.lora import add_lora
 
 from conftest import loaded_with_budget, offloaded_modules, randomise_lora_b
 
@@ -33,7 +33,7 @@ def test_a_partially_loaded_edit_model_with_lora_patches_computes_what_a_full_lo
                                                                                        fresh_dit):
     """LoRA patches on offloaded weights are applied per forward (LowVramPatch): the same output as merged ones.
     (test_native_kontext checks the partial load without a LoRA.)"""
-    from unipic_core.lora import adapter_tensors, lora_weights
+    from unipic_core.models.lora import adapter_tensors, lora_weights
 
     plain = host.module("nodes.host.native_kontext").with_kontext_reference(native_model)
     add_lora(fresh_dit, 4, 8, seed=0)

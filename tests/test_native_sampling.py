@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from unipic_core.dit import DiffusersDiT
-from unipic_core.latents import LatentSpace
-from unipic_core.kontext_transformer import KontextSD3Transformer
-from unipic_core.sampling import PromptEmbeds, euler_step, flow_sde_step, sample
-from unipic_core.schedule import denoise_sigmas, flow_sigmas
+from unipic_core.inference.latents import LatentSpace
+from unipic_core.inference.sampling import PromptEmbeds, euler_step, flow_sde_step, sample
+from unipic_core.inference.schedule import denoise_sigmas, flow_sigmas
+from unipic_core.models.dit import DiffusersDiT
+from unipic_core.models.kontext_transformer import KontextSD3Transformer
 
 SD3_VAE = LatentSpace(shift=0.0609, scale=1.5305)  # ComfyUI's SD3 latent format (LATENT is raw VAE space)
 SHAPE = (2, 16, 16, 16)  # batch 2 of 128 x 128 px

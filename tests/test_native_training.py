@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_trainer import GRPOTrainer
-from unipic_core.loading import load_kontext
-from unipic_core.lora import adapter_tensors, add_lora, set_adapter_tensors
+from unipic_core.models.loading import load_kontext
+from unipic_core.models.lora import adapter_tensors, add_lora, set_adapter_tensors
 from unipic_core.rewards import colour_reward
-from unipic_core.training_data import TrainingItem
-from unipic_core.training_models import models_on_device
+from unipic_core.training.grpo_settings import GRPOSettings
+from unipic_core.training.grpo_trainer import GRPOTrainer
+from unipic_core.training.training_data import TrainingItem
+from unipic_core.training.training_models import models_on_device
 
 from conftest import load_lora_in_diffusers, randomise_lora_b
 
@@ -128,7 +128,7 @@ def test_native_lora_loader_gives_what_diffusers_load_lora_weights_gives(host, n
     """A trainer-written file through native LoraLoaderModelOnly (strength 1) and through diffusers."""
     import comfy.model_management
 
-    from unipic_core.lora import lora_weights, save_lora
+    from unipic_core.models.lora import lora_weights, save_lora
 
     add_lora(fresh_dit, 4, 12, seed=0)
     randomise_lora_b(fresh_dit, 0.2)

@@ -4,7 +4,7 @@ probability, forward points, implicit policies, adaptive x0 loss, KL term, old-p
 import pytest
 import torch
 
-from unipic_core.nft import (adaptive_x0_loss, follow, forward_point, nft_loss, old_policy_decay, optimality)
+from unipic_core.training.nft import (adaptive_x0_loss, follow, forward_point, nft_loss, old_policy_decay, optimality)
 
 
 def test_optimality_maps_clipped_advantages_onto_zero_to_one():

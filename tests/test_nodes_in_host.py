@@ -207,7 +207,7 @@ def test_hub_download_progress_reaches_comfyuis_progress_bar(host, progress_hook
         bar.close()
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    loading = host.module("unipic_core.loading")
+    loading = host.module("unipic_core.models.loading")
     loading.download_repo("Skywork/UniPic2-SD3.5M-Kontext-2B", tmp_path / "x", host.module("nodes.host.progress").download_progress())
     assert [(value, total) for value, total, _ in progress_hook] == [(1, 3), (2, 3), (3, 3)]
 
@@ -240,8 +240,8 @@ def test_set_latent_noise_mask_regenerates_only_the_masked_region(host, loaded, 
 def _expected_switch(dit, a, b, neg, latent, steps, guidance, switch_sigma):
     """An independent Euler loop on the diffusers DiT: CFG with prompt a while sigma > switch_sigma, then prompt b
     (raw latent out)."""
-    from unipic_core.latents import LatentSpace
-    from unipic_core.schedule import flow_sigmas
+    from unipic_core.inference.latents import LatentSpace
+    from unipic_core.inference.schedule import flow_sigmas
 
     sigmas = flow_sigmas(steps, {"shift": 3.0})
     assert switch_sigma not in sigmas.tolist()
@@ -294,7 +294,7 @@ def _native_custom_sample(model, positive, negative, latent, sigmas, seed, guida
 
 
 def test_mask_conditioning_is_honoured_as_comfyui_samples_it(host, loaded, conditioning):
-    from unipic_core.schedule import flow_sigmas
+    from unipic_core.inference.schedule import flow_sigmas
 
     positive, negative = conditioning
     mask = torch.zeros(1, 64, 64)

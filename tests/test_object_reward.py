@@ -11,14 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-from unipic_core.images import to_pil
-from unipic_core.loading import CheckpointError
-from unipic_core.object_reward import (COLOURS, Detection, ObjectMetadata, ObjectRequirement, box_iou, colour_of,
-                                       detect, detection_queries, kept_boxes, load_owlv2, object_score, object_scores,
-                                       parse_metadata, relations, requirement_terms)
+from unipic_core.inference.images import to_pil
+from unipic_core.models.loading import CheckpointError
 from unipic_core.rewards import Reward, RewardTerm
+from unipic_core.rewards.object_reward import (COLOURS, Detection, ObjectMetadata, ObjectRequirement, box_iou,
+                                               colour_of, detect, detection_queries, kept_boxes, load_owlv2,
+                                               object_score, object_scores, parse_metadata, relations,
+                                               requirement_terms)
 from unipic_core.tiny_rewards import write_owlv2_folder
-from unipic_core.training_data import read_prompts
+from unipic_core.training.training_data import read_prompts
 
 TINY_OWL = "OWLv2-tiny"
 OWL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
@@ -105,8 +106,8 @@ def test_a_prompt_list_mixes_plain_and_geneval_lines(tmp_path):
 
 
 def test_requirements_change_the_run_fingerprint_and_plain_prompts_keep_theirs():
-    from unipic_core.training_data import TrainingItem
-    from unipic_core.training_state import data_fingerprint
+    from unipic_core.training.training_data import TrainingItem
+    from unipic_core.training.training_state import data_fingerprint
 
     other = COUNTING.replace('"class": "clock", "count": 3', '"class": "cat", "count": 1')
     assert parse_metadata(other, "x").prompt == parse_metadata(COUNTING, "x").prompt
@@ -238,7 +239,7 @@ def test_detections_match_transformers_post_processing(owl_dir, owl):
     side = max(images.shape[1:3])
     expected = processor.image_processor.post_process_object_detection(outputs, threshold,
                                                                        target_sizes=[(side, side)] * len(images))
-    import unipic_core.object_reward as engine
+    import unipic_core.rewards.object_reward as engine
 
     everything = engine.MAX_OBJECTS, engine.NMS_IOU
     engine.MAX_OBJECTS, engine.NMS_IOU = 10**6, 2.0  # no cap, no suppression: compare the raw detections

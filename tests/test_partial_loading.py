@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from unipic_core.metaquery import answer_question, yes_probability
+from unipic_core.models.metaquery import answer_question, yes_probability
 
 from conftest import (METAQUERY_PROMPTS, edit_picture, largest_difference, loaded_with_budget, metaquery_outputs,
                       offloaded_modules)
@@ -94,7 +94,7 @@ def test_fp8_storage_quarters_the_linear_weights_and_stays_close(host, reference
 
 
 def test_partially_loaded_text_encoders_equal_a_full_load(host, loaded):
-    from unipic_core.text_encoding import encode_prompts
+    from unipic_core.models.text_encoding import encode_prompts
 
     text = loaded[1]
     with contextlib.ExitStack() as stack:

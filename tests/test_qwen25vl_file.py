@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from unipic_core.metaquery import answer_question
-from unipic_core.qwen25vl import config_from_shapes
+from unipic_core.models.metaquery import answer_question
+from unipic_core.models.qwen25vl import config_from_shapes
 
 from conftest import edit_picture, largest_difference, metaquery_outputs
 
@@ -62,7 +62,8 @@ def test_a_file_without_the_output_layer_encodes_and_understand_names_what_is_mi
     expected = metaquery_outputs(load(host, FOLDER))
     headless = load(host, "text_encoders/qwen_2.5_vl_tiny_no_head.safetensors")
     assert largest_difference(metaquery_outputs(headless), expected) <= 1e-5
-    with pytest.raises(host.module("unipic_core.loading").CheckpointError, match=r"no output layer \(lm_head\).*models/LLM"):
+    CheckpointError = host.module("unipic_core.models.loading").CheckpointError
+    with pytest.raises(CheckpointError, match=r"no output layer \(lm_head\).*models/LLM"):
         answer_question(headless, [edit_picture()], "What is it?", 6)
 
 
@@ -89,8 +90,8 @@ def test_the_7b_file_shapes_give_the_published_config(host):
 def test_an_fp8_scaled_file_keeps_fp8_weights_and_applies_their_scales(host, qwen_files, tiny_metaquery_dir):
     """ComfyUI's fp8_scaled layout: fp8 `.weight` + `.scale_weight` per Linear, a `scaled_fp8` marker, maybe
     `.scale_input`. It must compute exactly what the dequantized weights (q * scale) compute."""
-    from unipic_core.fp8_weights import quantize_linears
-    from unipic_core.loading import load_metaquery_encoder
+    from unipic_core.models.fp8_weights import quantize_linears
+    from unipic_core.models.loading import load_metaquery_encoder
 
     plain = load_file(str(qwen_files / "text_encoders" / "qwen_2.5_vl_tiny.safetensors"))
     scaled = dict(plain, scaled_fp8=torch.empty(0, dtype=torch.float8_e4m3fn))

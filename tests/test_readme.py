@@ -52,8 +52,8 @@ def write_model_folders(root):
     import torch
     from safetensors.torch import save_file
 
-    from unipic_core.qwen25vl import MARKER_KEYS
-    from unipic_core.repos import KONTEXT_TRANSFORMER_CLASS
+    from unipic_core.models.qwen25vl import MARKER_KEYS
+    from unipic_core.models.repos import KONTEXT_TRANSFORMER_CLASS
 
     def config(path, values):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from unipic_core.images import to_pil
-from unipic_core.loading import CheckpointError, download_file
-from unipic_core.repos import AESTHETIC_CHOICE, CLIP_L14_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO
-from unipic_core.reward_models import (aesthetic_score, check_aesthetic_pair, clip_score, load_aesthetic_mlp,
-                                       load_clip_reward, pickscore)
+from unipic_core.inference.images import to_pil
+from unipic_core.models.loading import CheckpointError, download_file
+from unipic_core.models.repos import AESTHETIC_CHOICE, CLIP_L14_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO
+from unipic_core.rewards.reward_models import (aesthetic_score, check_aesthetic_pair, clip_score, load_aesthetic_mlp,
+                                               load_clip_reward, pickscore)
 from unipic_core.tiny_rewards import write_aesthetic_mlp, write_clip_reward_folder
 
 CLIP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json", "vocab.json",
@@ -275,7 +275,7 @@ def test_a_partially_loaded_reward_model_scores_as_a_full_load(reward_host):
     images = pictures()
     full = reward.score(images, PROMPTS, None)["pickscore"]
     (clip_reward, patcher), = reward_host.module("nodes.reward_nodes")._LOADED["pickscore"].values()
-    from unipic_core.reward_models import pickscore as engine_pickscore
+    from unipic_core.rewards.reward_models import pickscore as engine_pickscore
 
     with loaded_with_budget(patcher, 0.3):
         assert offloaded_modules(patcher) > 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from unipic_core.metaquery import yes_probability
+from unipic_core.models.metaquery import yes_probability
 from unipic_core.rewards import (colour_reward, combine, edit_consistency_reward, jpeg_kilobytes, jpeg_reward,
                                  judge_reward)
 

@@ -3,10 +3,11 @@ import math
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-from unipic_core.dit import DiffusersDiT
-from unipic_core.sampling import GuidedVelocity, PromptEmbeds, euler_step, flow_sde_step, sample, step_log_prob
-from unipic_core.schedule import flow_sigmas
-from unipic_core.text_encoding import encode_prompts
+from unipic_core.inference.sampling import (GuidedVelocity, PromptEmbeds, euler_step, flow_sde_step, sample,
+                                            step_log_prob)
+from unipic_core.inference.schedule import flow_sigmas
+from unipic_core.models.dit import DiffusersDiT
+from unipic_core.models.text_encoding import encode_prompts
 
 
 def _pipeline(components):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from unipic_core.schedule import denoise_sigmas, dynamic_shift_mu, flow_sigmas
+from unipic_core.inference.schedule import denoise_sigmas, dynamic_shift_mu, flow_sigmas
 
 
 @pytest.mark.parametrize("steps", [1, 4, 10, 28, 50])

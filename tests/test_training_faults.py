@@ -15,14 +15,14 @@ import time
 import pytest
 import torch
 
-from unipic_core.grpo_settings import GRPOSettings
-from unipic_core.grpo_trainer import GRPOTrainer, Hooks
-from unipic_core.loading import load_kontext
-from unipic_core.lora import load_lora, save_lora
+from unipic_core.models.loading import load_kontext
+from unipic_core.models.lora import load_lora, save_lora
 from unipic_core.rewards import colour_reward
-from unipic_core.training_data import TrainingItem
-from unipic_core.training_models import models_on_device
-from unipic_core.training_state import load_state, save_state
+from unipic_core.training.grpo_settings import GRPOSettings
+from unipic_core.training.grpo_trainer import GRPOTrainer, Hooks
+from unipic_core.training.training_data import TrainingItem
+from unipic_core.training.training_models import models_on_device
+from unipic_core.training.training_state import load_state, save_state
 
 KILLS = 20
 STEPS = 4

@@ -156,7 +156,7 @@ def test_lora_file_loads_through_the_hosts_own_sd3_key_map(host, fresh_dit, tmp_
     import comfy.lora
     import comfy.utils
 
-    from unipic_core.lora import adapter_tensors, add_lora, load_lora, lora_weights, save_lora
+    from unipic_core.models.lora import adapter_tensors, add_lora, load_lora, lora_weights, save_lora
 
     from conftest import randomise_lora_b
 
@@ -193,7 +193,7 @@ def test_cancel_from_the_progress_hook_keeps_the_step_it_ended(host, kontext):
     import comfy.model_management as mm
     import comfy.utils
 
-    from unipic_core.lora import load_lora
+    from unipic_core.models.lora import load_lora
 
     model, text, vae = kontext
     prompts = host.node("UniPic2PromptList").make("a red fox")[0]

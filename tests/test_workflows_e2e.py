@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
-from tools.demo import SAMPLE_IMAGE, TINY, api_prompt, model_choice
+from tools.comfyui_runner import PACK_DIR, output_images, output_texts, ui_to_api
+from tools.demo import api_prompt, model_choice
+
+from conftest import tiny_server
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 EXPECTED_SIZES = {"unipic2_kontext_t2i.json": (384, 512), "unipic2_kontext_edit.json": (512, 352),
@@ -27,11 +29,7 @@ LOAD_LINE = "UniPic2: loading Kontext checkpoint"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_kontext_dir, tiny_metaquery_dir):
-    work = tmp_path_factory.mktemp("server")
-    server = Server(prepare_host(work), work)
-    for loader, folder in (("LoadUniPic2Kontext", tiny_kontext_dir), ("LoadUniPic2MetaQuery", tiny_metaquery_dir)):
-        (server.models / "unipic2" / TINY[loader, "checkpoint"]).symlink_to(folder, target_is_directory=True)
-    (server.input / SAMPLE_IMAGE.name).write_bytes(SAMPLE_IMAGE.read_bytes())
+    server = tiny_server(tmp_path_factory.mktemp("server"), tiny_kontext_dir, tiny_metaquery_dir)
     server.wait_ready()
     yield server
     server.stop()
@@ -102,7 +100,7 @@ def test_understand_workflow_is_deterministic_per_seed(server):
 
 @pytest.mark.parametrize("name", sorted(GRPO_WORKFLOWS))
 def test_grpo_workflow_trains_and_writes_its_lora_and_curves(server, name):
-    from unipic_core.lora import load_lora
+    from unipic_core.models.lora import load_lora
 
     loras, image_count = GRPO_WORKFLOWS[name]
     entry = run_workflow(server, PACK_DIR / "workflows" / name)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tools.comfyui_runner import PACK_DIR, Server, output_images, output_texts, prepare_host, ui_to_api
 from unipic_core import tiny
-from unipic_core.repos import (EDITSCORE_REPO, KONTEXT_REPOS, METAQUERY_REPOS, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO,
-                               PICKSCORE_REPO)
+from unipic_core.models.repos import (EDITSCORE_REPO, KONTEXT_REPOS, METAQUERY_REPOS, OWLV2_REPO,
+                                      PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO)
 from unipic_core.tiny_rewards import write_clip_reward_folder, write_owlv2_folder
 
 SAMPLE_IMAGE = PACK_DIR / "workflows" / "unipic2_sample.png"

@@ -1,6 +1,8 @@
-"""The UniPic2 engine: models, checkpoint loading, sampling and images, usable without ComfyUI.
+"""The UniPic2 engine: models, checkpoint loading, sampling and images, training and rewards, usable without ComfyUI.
 
-Modules: kontext_transformer (the DiT), loading (official folders, strict keys), text_encoding (SD3 prompts),
-schedule and sampling (flow matching, Euler and Flow-GRPO SDE), images (VAE, sizes, previews), tiny (test
-checkpoints), repos (official hub ids). Import the module you need; nothing heavy is imported here.
+Packages by stage: models (the networks, their files and loading), inference (images, latents, schedule, sampling:
+IMAGE -> LATENT -> IMAGE), training (the GRPO / DiffusionNFT loop and its pieces), rewards (the Reward type and
+rule-based rewards, learned reward models, EditScore, the object reward). Beside them: atomic_files (never half
+written files) and tiny, tiny_qwen, tiny_rewards (random-weight test checkpoints in the official layouts). Import the
+module you need; nothing heavy is imported here.
 """

@@ -29,9 +29,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 from transformers import T5TokenizerFast
 
-from .conditioner import MetaQueryConditioner
-from .kontext_transformer import KontextSD3Transformer
-from .repos import CONDITIONER_CLASS, KONTEXT_TRANSFORMER_CLASS
+from .models.conditioner import MetaQueryConditioner
+from .models.kontext_transformer import KontextSD3Transformer
+from .models.repos import CONDITIONER_CLASS, KONTEXT_TRANSFORMER_CLASS
 from .tiny_qwen import write_qwen25vl_file, write_qwen25vl_folder
 
 # SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk. The DiT keeps head dim 64 and

@@ -17,8 +17,8 @@ import torch
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2TokenizerFast, Qwen2VLImageProcessor
 
-from .qwen25vl import (CHAT_TEMPLATE, GENERATION, MAX_PIXELS, MIN_PIXELS, TEXT_HEAD_DIM, VISION_HEAD_DIM,
-                       qwen25vl_config)
+from .models.qwen25vl import (CHAT_TEMPLATE, GENERATION, MAX_PIXELS, MIN_PIXELS, TEXT_HEAD_DIM, VISION_HEAD_DIM,
+                              qwen25vl_config)
 
 # In the real tokenizer's order; `<|endoftext|>` is Qwen's bos, pad and unk, `<|im_end|>` ends a chat turn.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, Owlv2Config, Owlv2ForObjectDetection
 
-from .repos import QWEN_REPO
-from .reward_models import AestheticMLP
+from .models.repos import QWEN_REPO
+from .rewards.reward_models import AestheticMLP
 from .tiny import write_clip_tokenizer
 
 IMAGE_SIZE, PATCH_SIZE = 224, 14

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from comfy.model_patcher import ModelPatcher
 
-from ...unipic_core.metaquery import MetaQueryMLLM
-from ...unipic_core.text_encoding import SD3TextEncoders
+from ...unipic_core.models.metaquery import MetaQueryMLLM
+from ...unipic_core.models.text_encoding import SD3TextEncoders
 
 
 @dataclass

@@ -11,9 +11,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ...unipic_core import images
-from ...unipic_core.images import check_finite
-from ...unipic_core.sampling import PromptEmbeds
+from ...unipic_core.inference import images
+from ...unipic_core.inference.images import check_finite
+from ...unipic_core.inference.sampling import PromptEmbeds
 
 log = logging.getLogger("unipic2")
 

@@ -89,7 +89,7 @@ def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: s
         if name in local:
             return local[name]
         if fetch is None:
-            from ...unipic_core.loading import download_repo
+            from ...unipic_core.models.loading import download_repo
 
             fetch = lambda repo, destination: download_repo(repo, destination, download_progress())
         return fetch(choice, Path(unipic2_download_folder()) / name)

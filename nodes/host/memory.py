@@ -12,7 +12,7 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import CallbacksMP
 
-from ...unipic_core.latents import LatentSpace
+from ...unipic_core.inference.latents import LatentSpace
 from .partial_loading import make_castable, move_buffers, report_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

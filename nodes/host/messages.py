@@ -122,7 +122,7 @@ def jpeg_data_url(image, height: int = 96) -> str:
     import base64
     import io
 
-    from ...unipic_core.images import to_pil
+    from ...unipic_core.inference.images import to_pil
 
     picture = to_pil(image)
     picture = picture.resize((max(1, round(picture.width * height / picture.height)), height))

@@ -16,7 +16,7 @@ import comfy.ops
 import comfy.patcher_extension
 import torch
 
-from ...unipic_core.latents import SD3
+from ...unipic_core.inference.latents import SD3
 from .conditioning import attached_references, reference_at_target
 
 log = logging.getLogger("unipic2")

@@ -14,7 +14,7 @@ import comfy.sd
 import torch
 from comfy.diffusers_convert import convert_vae_state_dict
 
-from ...unipic_core.loading import CheckpointError, check_keys, read_json, read_transformer_weights, read_weights
+from ...unipic_core.models.loading import CheckpointError, check_keys, read_json, read_transformer_weights, read_weights
 from . import memory
 from .native_kontext import with_kontext_reference
 

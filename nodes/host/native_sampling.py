@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
-from ...unipic_core.latents import LatentSpace
-from ...unipic_core.sampling import euler_step, flow_sde_step
-from ...unipic_core.schedule import denoise_sigmas
+from ...unipic_core.inference.latents import LatentSpace
+from ...unipic_core.inference.sampling import euler_step, flow_sde_step
+from ...unipic_core.inference.schedule import denoise_sigmas
 from . import memory, progress
 from .conditioning import carries_reference, check_conditioning
 from .native_kontext import has_kontext_reference, with_kontext_reference

@@ -1,5 +1,5 @@
-"""The GRPO trainer's DiT on a native ComfyUI MODEL (unipic_core.dit.TrainableDiT): no second copy of the DiT; and
-the trainer node's run of the engine's loop on it (train_lora).
+"""The GRPO trainer's DiT on a native ComfyUI MODEL (unipic_core.models.dit.TrainableDiT): no second copy of the DiT;
+and the trainer node's run of the engine's loop on it (train_lora).
 
 The adapter lives in ModelPatcher weight wrappers on a clone of the user's MODEL: each adapted weight W becomes
 W + scale * B @ A when ComfyUI casts it for a forward, so fp8 storage, partial loading and offloading work as in
@@ -16,13 +16,13 @@ from pathlib import Path
 import comfy.utils
 import torch
 
-from ...unipic_core.curves import plot_curves, sample_grid
-from ...unipic_core.dit import TrainableDiT
-from ...unipic_core.grpo_settings import GRPOSettings
-from ...unipic_core.grpo_trainer import GRPOTrainer, Hooks
-from ...unipic_core.lora import PREFIX, TARGET_MODULES, LoRAWeights
+from ...unipic_core.models.dit import TrainableDiT
+from ...unipic_core.models.lora import PREFIX, TARGET_MODULES, LoRAWeights
 from ...unipic_core.rewards import Reward
-from ...unipic_core.training_models import TrainingModels, metaquery_condition, text_condition
+from ...unipic_core.training.curves import plot_curves, sample_grid
+from ...unipic_core.training.grpo_settings import GRPOSettings
+from ...unipic_core.training.grpo_trainer import GRPOTrainer, Hooks
+from ...unipic_core.training.training_models import TrainingModels, metaquery_condition, text_condition
 from . import memory, messages, progress
 from .bundles import UniPic2MLLM, UniPic2Text
 from .native_kontext import with_kontext_reference
@@ -195,7 +195,7 @@ def native_training_models(model, vae, condition) -> TrainingModels:
         encode_image=encode_image,
         decode=decode,
         scheduler_config={"shift": float(dit.patcher.get_model_object("model_sampling").shift)},
-        latent_channels=memory.latent_space(dit.patcher).channels,
+        latents=memory.latent_space(dit.patcher),
         device=device,
         base_model=memory.checkpoint_name(model),
     )

@@ -6,7 +6,7 @@ weights onto the compute device per forward; it does this for layers that have `
 layers). `make_castable` gives that ability to every weight-holding leaf layer of a module without touching its
 maths: when casting is asked for, the layer's own forward runs on the cast copies of its weights, so a full load
 computes exactly what the unconverted module does. Layers keep their stored dtype when cast (an fp8 layer of
-unipic_core.fp8_weights dequantizes in its own forward).
+unipic_core.models.fp8_weights dequantizes in its own forward).
 """
 
 import torch

@@ -1,6 +1,7 @@
 """GRPO-LoRA training outside ComfyUI, on one GPU or many (data-parallel under torchrun).
 
-    torchrun --nproc_per_node 8 -m unipic_core.grpo_torchrun --checkpoint models/unipic2/UniPic2-SD3.5M-Kontext-2B \
+    torchrun --nproc_per_node 8 -m unipic_core.training.grpo_torchrun \
+        --checkpoint models/unipic2/UniPic2-SD3.5M-Kontext-2B \
         --prompts prompts.txt --reward jpeg-compressibility --output my_lora.safetensors --group-size 16
 
 Each process takes a contiguous slice of the K * G images of a step; rewards are gathered for the advantages and
@@ -16,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .folders import is_metaquery_folder
+from ..models.folders import is_metaquery_folder
+from ..models.loading import load_kontext, load_metaquery
+from ..rewards import colour_reward, edit_consistency_reward, jpeg_reward
 from .grpo_settings import GRPOSettings
 from .grpo_trainer import GRPOTrainer, Hooks
-from .loading import load_kontext, load_metaquery
-from .rewards import colour_reward, edit_consistency_reward, jpeg_reward
 from .training_data import edit_pairs, read_folder_images, read_prompts, read_text_lines
 from .training_models import models_on_device
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .atomic_files import atomic_write
+from ..atomic_files import atomic_write
 
 # Flow-GRPO's SD3 targets: the attention projections of both MMDiT streams.
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

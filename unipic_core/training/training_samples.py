@@ -5,14 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .dit import TrainableDiT
+from ..inference.images import resize_image
+from ..inference.latents import LatentSpace
+from ..inference.sampling import GuidedVelocity, PromptEmbeds
+from ..inference.schedule import flow_sigmas
+from ..models.dit import TrainableDiT
+from ..rewards import Reward
 from .grpo import sample_trajectory, step_rule
 from .grpo_settings import GRPOSettings
-from .images import resize_image
 from .nft import old_policy
-from .rewards import Reward
-from .sampling import GuidedVelocity, PromptEmbeds
-from .schedule import flow_sigmas
 from .training_data import TrainingItem
 from .training_models import TrainingModels
 from .training_plan import Chunk, choose_items, stochastic_steps, step_generator, target_size
@@ -54,14 +55,14 @@ def prepare_inputs(models: TrainingModels, data: list[TrainingItem], settings: G
     positive, negative = models.condition([item.prompt for item in items],
                                           [None if src is None else src[0] for src in sources])
     references = [None if src is None else models.encode_image(src) for src in sources]
-    sigmas = [flow_sigmas(s.sampling_steps, models.scheduler_config, (height // 16) * (width // 16))
+    sigmas = [flow_sigmas(s.sampling_steps, models.scheduler_config, models.latents.image_tokens(width, height))
               for width, height in sizes]
     guidance = 1.0 if s.algorithm == "diffusion-nft" else s.guidance  # DiffusionNFT samples and trains without CFG
     return StepInputs(step, items, sizes, sources, positive, negative, references, sigmas, guidance, models.device)
 
 
 def sample_chunks(dit: TrainableDiT, old_adapter: dict[str, torch.Tensor] | None, chunks: list[Chunk],
-                  inputs: StepInputs, settings: GRPOSettings, latent_channels: int) -> None:
+                  inputs: StepInputs, settings: GRPOSettings, latents: LatentSpace) -> None:
     """Sample each chunk's trajectory (chunk.trajectory) from its images' own generators; diffusion-nft samples
     with its old policy."""
     s = settings
@@ -69,7 +70,7 @@ def sample_chunks(dit: TrainableDiT, old_adapter: dict[str, torch.Tensor] | None
     with old_policy(dit, old_adapter):
         for chunk in chunks:
             width, height = inputs.sizes[chunk.group]
-            shape = (latent_channels, height // 8, width // 8)
+            shape = latents.shape(width, height)
             noise, step_noise = [], []
             for index in chunk.indices:  # per-image generators: the same image whatever the rank split
                 g = step_generator(s.seed, inputs.step, index)

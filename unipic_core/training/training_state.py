@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic_files import atomic_write
-from .lora import LoRAError, LoRAWeights
+from ..atomic_files import atomic_write
+from ..models.lora import LoRAError, LoRAWeights
 
 log = logging.getLogger("unipic2")
 

@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from .sampling import cps_log_prob, cps_mean, cps_noise_scale, euler_step, flow_sde_mean, sde_noise_scale, step_log_prob
+from ..inference.sampling import (cps_log_prob, cps_mean, cps_noise_scale, euler_step, flow_sde_mean, sde_noise_scale,
+                                  step_log_prob)
 
 ADVANTAGE_EPS = 1e-4
 # flow-grpo: the paper's (SDE on every step, the first timestep_fraction of them trained); flow-grpo-fast: Flow-GRPO's

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import check_image
-from .object_reward import ObjectMetadata, parse_metadata
-from .rewards import METADATA_EXAMPLE, Reward
+from ..inference.images import check_image
+from ..rewards import METADATA_EXAMPLE, Reward
+from ..rewards.object_reward import ObjectMetadata, parse_metadata
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -10,13 +10,13 @@ from typing import Callable
 
 import torch
 
-from .dit import DiffusersDiT, TrainableDiT
-from .images import vae_decode, vae_encode
-from .latents import LatentSpace
-from .loading import KontextComponents, MetaQueryComponents
-from .metaquery import MetaQueryMLLM, encode_metaquery
-from .sampling import PromptEmbeds
-from .text_encoding import SD3TextEncoders, encode_prompts
+from ..inference.images import vae_decode, vae_encode
+from ..inference.latents import LatentSpace
+from ..inference.sampling import PromptEmbeds
+from ..models.dit import DiffusersDiT, TrainableDiT
+from ..models.loading import KontextComponents, MetaQueryComponents
+from ..models.metaquery import MetaQueryMLLM, encode_metaquery
+from ..models.text_encoding import SD3TextEncoders, encode_prompts
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TrainingModels:
     encode_image: Callable[[torch.Tensor], torch.Tensor]  # IMAGE [1, H, W, 3] -> model-space latent [1, C, h, w]
     decode: Callable[[torch.Tensor], torch.Tensor]  # model-space latents [N, C, h, w] -> IMAGE [N, H, W, 3]
     scheduler_config: dict
-    latent_channels: int
+    latents: LatentSpace  # the VAE's and DiT's conventions: latent shape and DiT tokens of an image size
     device: torch.device
     base_model: str = ""
 
@@ -76,7 +76,7 @@ def training_models(dit_on_device: Callable[[], TrainableDiT], vae_on_device: Ca
         encode_image=lambda image: space.to_model(vae_encode(vae_on_device(), image)).to(device),
         decode=lambda latents: vae_decode(vae_on_device(), space.to_raw(latents)),
         scheduler_config=scheduler_config,
-        latent_channels=space.channels,
+        latents=space,
         device=device,
         base_model=base_model,
     )

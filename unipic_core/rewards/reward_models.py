@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from .folders import is_clip_folder
-from .images import to_pil
-from .loading import CheckpointError, check_keys, check_safetensors_file, load_pretrained, weight_files
-from .repos import AESTHETIC_CHOICE, AESTHETIC_FILE, CLIP_L14_REPO
+from ..inference.images import to_pil
+from ..models.folders import is_clip_folder
+from ..models.loading import CheckpointError, check_keys, check_safetensors_file, load_pretrained, weight_files
+from ..models.repos import AESTHETIC_CHOICE, AESTHETIC_FILE, CLIP_L14_REPO
 
 CLIPSCORE_WEIGHT = 2.5
 CLIPSCORE_PREFIX = "A photo depicts "

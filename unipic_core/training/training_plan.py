@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..inference.images import longer_edge_size
 from .grpo import Trajectory, sde_window
 from .grpo_settings import SIZE_MULTIPLE, GRPOSettings
-from .images import longer_edge_size
 from .training_data import TrainingItem
 
 

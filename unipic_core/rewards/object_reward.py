@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
-from .folders import is_owlv2_folder
-from .images import to_pil
-from .loading import CheckpointError, load_pretrained, weight_files
-from .repos import OWLV2_REPO
-from .rewards import METADATA_EXAMPLE
+from ..inference.images import to_pil
+from ..models.folders import is_owlv2_folder
+from ..models.loading import CheckpointError, load_pretrained, weight_files
+from ..models.repos import OWLV2_REPO
+from . import METADATA_EXAMPLE
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")  # GenEval's

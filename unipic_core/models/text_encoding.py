@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import PromptEmbeds
+from ..inference.sampling import PromptEmbeds
 
 CLIP_MAX_TOKENS = 77
 T5_MAX_TOKENS = 256

@@ -35,9 +35,18 @@ class LatentSpace:
     def to_raw(self, latent: torch.Tensor) -> torch.Tensor:
         return latent.float() / self.scale + self.shift
 
+    def shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """(channels, height / vae_factor, width / vae_factor): the shape of one latent of an image size in px."""
+        return self.channels, height // self.vae_factor, width // self.vae_factor
+
     def empty(self, batch: int, width: int, height: int) -> torch.Tensor:
         """The zero raw latent [batch, channels, height / vae_factor, width / vae_factor] of an image size in px."""
-        return torch.zeros(batch, self.channels, height // self.vae_factor, width // self.vae_factor)
+        return torch.zeros(batch, *self.shape(width, height))
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """How many DiT tokens an image of this size in px makes: the length a dynamic-shift schedule reads."""
+        side = self.vae_factor * self.patch
+        return (height // side) * (width // side)
 
     def grid_size(self, raw: torch.Tensor) -> tuple[int, int]:
         """(height, width) of a latent [..., h, w] rounded to the DiT's patch grid."""

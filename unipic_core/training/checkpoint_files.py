@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ..models.lora import LoRAError, LoRAWeights, load_lora, save_lora
 from .grpo_settings import GRPOSettings
-from .lora import LoRAError, LoRAWeights, load_lora, save_lora
 from .training_state import TrainingState, check_resumable, load_state, save_state
 
 log = logging.getLogger("unipic2")

@@ -1,4 +1,4 @@
-"""The GRPO trainer: the loop shared by the trainer node and `torchrun -m unipic_core.grpo_torchrun`.
+"""The GRPO trainer: the loop shared by the trainer node and `torchrun -m unipic_core.training.grpo_torchrun`.
 
 Per step: draw K prompts (or edit pairs) and sample a group of G images for each, storing latents and log-probs
 (training_samples.py); decode; score; group advantages; then update the LoRA on the step's loss terms
@@ -23,13 +23,13 @@ from typing import Callable, ContextManager
 
 import torch
 
+from ..models.lora import LoRAWeights, adapter_tensors, add_lora, load_into_adapter, lora_weights, set_adapter_tensors
+from ..rewards import Reward
 from .checkpoint_files import CheckpointFiles
 from .data_parallel import gather_scores, rank_and_world, sum_gradients
 from .grpo import group_advantages, trained_steps
 from .grpo_settings import GRPOSettings
-from .lora import LoRAWeights, adapter_tensors, add_lora, load_into_adapter, lora_weights, set_adapter_tensors
 from .nft import follow, old_policy_decay
-from .rewards import Reward
 from .training_data import TrainingItem, check_reward_inputs
 from .training_losses import flow_grpo_terms, nft_terms
 from .training_models import TrainingModels
@@ -167,7 +167,7 @@ class GRPOTrainer:
         chunks = plan_chunks(s, self.rank, self.world)
         with phase("sampling"):
             self.dit = self.models.dit()
-            sample_chunks(self.dit, self.old_adapter, chunks, inputs, s, self.models.latent_channels)
+            sample_chunks(self.dit, self.old_adapter, chunks, inputs, s, self.models.latents)
         with phase("decoding"):
             for chunk in chunks:
                 chunk.images = self.models.decode(chunk.trajectory.final)

@@ -1,4 +1,6 @@
-"""Offline rewards for GRPO: each scores a batch of images, one number per image, higher is better.
+"""Rewards for GRPO: each scores a batch of images, one number per image, higher is better. This package's own
+module holds the Reward type, combine and the rule-based rewards; the learned ones live beside it (reward_models:
+PickScore, CLIPScore, the aesthetic predictor; editscore; object_reward).
 
 A scoring function takes (images [N, H, W, 3] in 0..1, prompts: N strings, sources [N, H, W, 3] or None) and
 returns a float32 tensor [N]. `sources` are the edit-pair source images (None for text-to-image). A term that
@@ -13,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .images import resize_image, to_pil
+from ..inference.images import resize_image, to_pil
 
 ScoreFn = Callable[[torch.Tensor, list[str], torch.Tensor | None], torch.Tensor]
 MetadataScoreFn = Callable[[torch.Tensor, list[str], torch.Tensor | None, list], torch.Tensor]  # needs_metadata terms

@@ -148,7 +148,7 @@ def model_tensors(state: dict[str, torch.Tensor], model: torch.nn.Module,
 def load_qwen25vl_file(path: Path, tokenizer_folder: Path, dtype: torch.dtype):
     """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor) from one file, every weight checked. The model is
     built uninitialised and takes the file's tensors as they are, so loading costs about the file's size in RAM;
-    fp8 Linear weights stay fp8 (unipic_core.fp8_weights)."""
+    fp8 Linear weights stay fp8 (unipic_core.models.fp8_weights)."""
     check_safetensors_file(path)
     tokenizer = Qwen2TokenizerFast.from_pretrained(str(tokenizer_folder))
     state = load_file(str(path))

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import to_pil
-from .sampling import PromptEmbeds
+from ..inference.images import to_pil
+from ..inference.sampling import PromptEmbeds
 
 log = logging.getLogger("unipic2")
 

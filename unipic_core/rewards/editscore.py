@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import round_to_multiple, to_pil
-from .metaquery import MetaQueryMLLM, seeded_answer
+from ..inference.images import round_to_multiple, to_pil
+from ..models.metaquery import MetaQueryMLLM, seeded_answer
 
 SCORE_RANGE = 25  # what EditScore-7B was trained and published with (their scripts' --score_range 25)
 SEED = 42  # their default

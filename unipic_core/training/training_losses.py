@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from .dit import TrainableDiT
+from ..models.dit import TrainableDiT
 from .grpo import LossTerms, grpo_loss, step_policy, step_rule
 from .grpo_settings import GRPOSettings
 from .nft import NFTTerms, forward_point, nft_loss, old_policy, optimality

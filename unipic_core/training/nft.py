@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dit import TrainableDiT
+from ..models.dit import TrainableDiT
 
 MIN_WEIGHT = 1e-5
 
