@@ -2,5 +2,5 @@
 
 Run each from the repository root as a module: `python -m benchmarks.sampling`, `python -m benchmarks.grpo`,
 `python -m benchmarks.metaquery` (`--help` lists a benchmark's flags). This file makes `benchmarks` a regular
-package, so another `benchmarks` on sys.path cannot stand in for it.
+package, not merged with a namespace package of that name elsewhere.
 """

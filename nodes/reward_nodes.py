@@ -145,8 +145,8 @@ def load_clip(kind: str, choice: str, repo: str, dtype: str, processor_choice: s
     folder = folders.resolve(choice, clip_folders(), (repo,), "model", hub_files(CLIP_FILES))
     processor = None
     if processor_choice is not None:
-        processor = folders.resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,), "processor",
-                            hub_files(PROCESSOR_FILES))
+        processor = folders.resolve(processor_choice, processor_folders(), (PICKSCORE_PROCESSOR_REPO,),
+                                    "processor", hub_files(PROCESSOR_FILES))
 
     def load():
         clip = load_clip_reward(folder, processor, memory.DTYPES[dtype], repo, PICKSCORE_PROCESSOR_REPO)
@@ -244,7 +244,8 @@ class UniPic2AestheticReward:
 
         clip_model, clip_patcher = load_clip("aesthetic", clip, CLIP_L14_REPO, dtype)
         path = folders.resolve(mlp, aesthetic_files(), (AESTHETIC_CHOICE,), "aesthetic MLP",
-                       lambda choice, destination: download_file(AESTHETIC_URL, destination, progress.download_progress()))
+                               lambda choice, destination: download_file(AESTHETIC_URL, destination,
+                                                                         progress.download_progress()))
 
         def load():
             head = load_aesthetic_mlp(path)

@@ -72,7 +72,6 @@ class UniPic2Schedule:
         return (official_sigmas(model, steps, denoise, "UniPic2 Schedule"),)
 
 
-
 class UniPic2FlowSDESampler:
     CATEGORY = "UniPic2/sampling"
     DESCRIPTION = ("The UniPic2 paper's Flow-GRPO SDE sampler as a SAMPLER for SamplerCustomAdvanced: every step adds "

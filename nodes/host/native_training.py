@@ -251,9 +251,9 @@ def train_lora(model, vae, prompts: list, reward: Reward, settings: GRPOSettings
             trainer = GRPOTrainer(models, reward, prompts, settings, lora_file, resume, lora)
         except ValueError as e:  # a refusal before training: bad settings, a name clash, another run's state
             raise ValueError(f"UniPic2 GRPO Trainer: {e}") from e
-        hooks = Hooks(on_step=step_reporter(trainer, node_id, settings.steps),
-                      cancel_requested=progress.cancel_requested)
-        try:
+        try:  # from here on the trainer's adapter wraps the MODEL's clone: closing it unwraps
+            hooks = Hooks(on_step=step_reporter(trainer, node_id, settings.steps),
+                          cancel_requested=progress.cancel_requested)
             result = trainer.run(hooks)
         finally:
             trainer.close()
