@@ -3,7 +3,6 @@
 import logging
 
 from ..unipic_core.models.text_encoding import encode_prompts
-from .host import memory
 from .host.conditioning import SIZE_INPUTS, attach_reference, sized_image, to_conditioning
 
 log = logging.getLogger("unipic2")
@@ -27,8 +26,7 @@ class UniPic2TextEncode:
         }}
 
     def encode(self, text_encoders, prompt, negative_prompt):
-        memory.load_on_device(*text_encoders.patchers)
-        both = encode_prompts(text_encoders.encoders, [prompt, negative_prompt])
+        both = encode_prompts(text_encoders.on_device(), [prompt, negative_prompt])
         positive = type(both)(both.tokens[:1], both.pooled[:1])
         negative = type(both)(both.tokens[1:], both.pooled[1:])
         return to_conditioning(positive), to_conditioning(negative)

@@ -8,7 +8,6 @@ from ..unipic_core.inference.images import check_image
 from ..unipic_core.inference.latents import SD3
 from ..unipic_core.inference.sampling import PromptEmbeds
 from ..unipic_core.models.metaquery import answer_question, encode_metaquery
-from .host import memory
 from .host.conditioning import SIZE_INPUTS, attach_reference, sized_image, to_conditioning
 
 log = logging.getLogger("unipic2")
@@ -56,8 +55,7 @@ class UniPic2MetaQueryEncode:
         node = "UniPic2 MetaQuery Encode"
         sized = [sized_image(first_of_batch(img, node, name), node, name, size_policy, longer_edge, multiple_of)
                  for name, img in (("image", image), ("image2", image2)) if img is not None]
-        memory.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher)
-        both = encode_metaquery(mllm.encoder, [prompt, negative_prompt], [img[0] for img in sized])
+        both = encode_metaquery(mllm.on_device(), [prompt, negative_prompt], [img[0] for img in sized])
         positive = to_conditioning(PromptEmbeds(both.tokens[:1], both.pooled[:1]))
         negative = to_conditioning(PromptEmbeds(both.tokens[1:], both.pooled[1:]))
         if image is not None and vae is not None:
@@ -105,7 +103,6 @@ class UniPic2Understand:
             if img is not None:
                 check_image(img, f"{node}: '{name}'")
                 pictures.append(first_of_batch(img, node, name)[0])
-        memory.load_on_device(mllm.mllm_patcher)
-        text = answer_question(mllm.encoder, pictures, question, max_new_tokens, do_sample, temperature, top_p,
+        text = answer_question(mllm.mllm_on_device(), pictures, question, max_new_tokens, do_sample, temperature, top_p,
                                seed % 2**63)
         return {"ui": {"text": [text]}, "result": (text,)}

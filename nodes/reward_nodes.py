@@ -80,8 +80,7 @@ class UniPic2JudgeReward:
         from ..unipic_core.models.metaquery import yes_probability
 
         def probability_of_yes(images, question):
-            memory.load_on_device(mllm.mllm_patcher)
-            return yes_probability(mllm.encoder, images, question)
+            return yes_probability(mllm.mllm_on_device(), images, question)
 
         return (rewards.judge_reward(probability_of_yes),)
 

@@ -7,6 +7,7 @@ from comfy.model_patcher import ModelPatcher
 
 from ...unipic_core.models.metaquery import MetaQueryMLLM
 from ...unipic_core.models.text_encoding import SD3TextEncoders
+from . import memory
 
 
 @dataclass
@@ -15,6 +16,10 @@ class UniPic2Text:
 
     encoders: SD3TextEncoders
     patchers: list[ModelPatcher]
+
+    def on_device(self) -> SD3TextEncoders:
+        memory.load_on_device(*self.patchers)
+        return self.encoders
 
 
 @dataclass
@@ -28,3 +33,13 @@ class UniPic2MLLM:
     # what was loaded ("<Qwen folder or file name>, <dtype>, mllm_weights <storage>"), for the fingerprints of
     # rewards that judge with it: a resumed run must find the same MLLM
     source: str = ""
+
+    def on_device(self) -> MetaQueryMLLM:
+        """The MLLM and the conditioner on the device: for encoding prompts."""
+        memory.load_on_device(self.mllm_patcher, self.conditioner_patcher)
+        return self.encoder
+
+    def mllm_on_device(self) -> MetaQueryMLLM:
+        """Only the 7B MLLM on the device: for answering and judging, which do not use the conditioner."""
+        memory.load_on_device(self.mllm_patcher)
+        return self.encoder

@@ -205,17 +205,8 @@ def prompt_condition(text_encoders: UniPic2Text | None, mllm: UniPic2MLLM | None
     """The loop's condition on whichever encoders the trainer got, each put on the device by ComfyUI when it
     encodes."""
     if text_encoders is not None:
-        def text_encoders_on_device():
-            memory.load_on_device(*text_encoders.patchers)
-            return text_encoders.encoders
-
-        return text_condition(text_encoders_on_device, negative_prompt)
-
-    def mllm_on_device():
-        memory.load_on_device(mllm.mllm_patcher, mllm.conditioner_patcher)
-        return mllm.encoder
-
-    return metaquery_condition(mllm_on_device, negative_prompt)
+        return text_condition(text_encoders.on_device, negative_prompt)
+    return metaquery_condition(mllm.on_device, negative_prompt)
 
 
 def step_reporter(trainer: GRPOTrainer, node_id: str | None, total_steps: int):
