@@ -4,6 +4,11 @@
         --checkpoint models/unipic2/UniPic2-SD3.5M-Kontext-2B \
         --prompts prompts.txt --reward jpeg-compressibility --output my_lora.safetensors --group-size 16
 
+--reward takes one or more NAME or NAME=WEIGHT (summed with those weights): the rule-based brightness,
+jpeg-compressibility, jpeg-incompressibility, edit-consistency, or the learned pickscore, clipscore, aesthetic and
+objects (GenEval-style prompt lines), whose models are read from --reward-models (default models/unipic2, where
+ComfyUI keeps them) and downloaded there first when absent.
+
 Each process takes a contiguous slice of the K * G images of a step; rewards are gathered for the advantages and
 LoRA gradients summed (gloo on CPU, nccl on GPUs), so the update equals a single process's with the same global
 batch. Only rank 0 writes the LoRA and its resumable .training-state. Without torchrun it runs as one process.
@@ -19,18 +24,12 @@ import torch.distributed as dist
 
 from ..models.folders import is_metaquery_folder
 from ..models.loading import load_kontext, load_metaquery
-from ..rewards import colour_reward, edit_consistency_reward, jpeg_reward
 from .grpo_settings import GRPOSettings
 from .grpo_trainer import GRPOTrainer, Hooks
+from .torchrun_rewards import build_reward, fetch_models, reward_choice
 from .training_data import edit_pairs, read_folder_images, read_prompts, read_text_lines
 from .training_models import models_on_device
 
-REWARDS = {
-    "brightness": lambda: colour_reward((1.0, 1.0, 1.0)),
-    "jpeg-compressibility": lambda: jpeg_reward(incompressible=False),
-    "jpeg-incompressibility": lambda: jpeg_reward(incompressible=True),
-    "edit-consistency": lambda: edit_consistency_reward("l1"),
-}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -41,7 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompts", default="", help="text file, one prompt per line (text-to-image)")
     parser.add_argument("--edit-images", default="", help="folder of source images (editing)")
     parser.add_argument("--edit-instructions", default="", help="text file, one instruction per source image")
-    parser.add_argument("--reward", choices=sorted(REWARDS), required=True)
+    parser.add_argument("--reward", type=reward_choice, nargs="+", required=True,
+                        help="NAME or NAME=WEIGHT, one or more (see above)")
+    parser.add_argument("--reward-models", type=Path, default=Path("models/unipic2"),
+                        help="folder of the learned rewards' models (missing ones are downloaded into it)")
     parser.add_argument("--output", required=True, help="LoRA .safetensors to write (state saved next to it)")
     parser.add_argument("--resume", action="store_true", help="continue from --output's .training-state")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -87,8 +89,12 @@ def main(argv=None) -> None:
             print(f"step {step.step}/{step.total_steps} reward {total[0]:.4f} ± {total[1]:.4f} "
                   f"loss {step.loss:.4g} kl {step.kl:.4g} {step.elapsed:.1f}s", flush=True)
 
-    trainer = GRPOTrainer(models, REWARDS[args.reward](), training_data(args), settings, Path(args.output),
-                          args.resume)
+    if rank == 0:
+        fetch_models([name for name, _ in args.reward], args.reward_models)
+    if distributed:
+        dist.barrier()  # the other ranks load what rank 0 downloaded
+    reward = build_reward(args.reward, args.reward_models, device)
+    trainer = GRPOTrainer(models, reward, training_data(args), settings, Path(args.output), args.resume)
     try:
         trainer.run(Hooks(on_step=report))
     finally:

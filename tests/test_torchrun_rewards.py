@@ -1,0 +1,103 @@
+"""grpo_torchrun's --reward: NAME[=WEIGHT] entries, the learned rewards read from --reward-models under their
+published names (downloaded there when absent) and scoring as the reward functions do, and a training run with them."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from unipic_core.models.lora import load_lora
+from unipic_core.models.repos import (AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, PICKSCORE_PROCESSOR_REPO,
+                                      PICKSCORE_REPO, PROCESSOR_FILES)
+from unipic_core.rewards import colour_reward
+from unipic_core.rewards.object_reward import load_owlv2, object_scores, parse_metadata
+from unipic_core.rewards.reward_models import (aesthetic_score, clip_score, load_aesthetic_mlp, load_clip_reward,
+                                               pickscore)
+from unipic_core.tiny_rewards import (write_aesthetic_mlp, write_clip_processor, write_clip_reward_folder,
+                                      write_owlv2_folder)
+from unipic_core.training import grpo_torchrun, torchrun_rewards
+from unipic_core.training.torchrun_rewards import build_reward, fetch_models, reward_choice
+
+PROMPTS = ["a red fox", "a blue lake", "two cats"]
+GENEVAL = '{"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"}'
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """The learned rewards' tiny models under their published names, as the nodes download them."""
+    root = tmp_path_factory.mktemp("models") / "unipic2"
+    write_clip_reward_folder(root / "PickScore_v1", seed=1)
+    write_clip_processor(root / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    write_clip_reward_folder(root / "clip-vit-large-patch14", seed=2)
+    write_aesthetic_mlp(root / "sac+logos+ava1-l14-linearMSE.pth", embed_dim=16)
+    write_owlv2_folder(root / "owlv2-base-patch16-ensemble")
+    return root
+
+
+def pictures(count: int = len(PROMPTS)) -> torch.Tensor:
+    return torch.rand(count, 64, 96, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_entries_are_names_with_optional_weights():
+    assert reward_choice("pickscore") == ("pickscore", 1.0)
+    assert reward_choice("objects=0.25") == ("objects", 0.25)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown reward 'pickscor'; choose from brightness"):
+        reward_choice("pickscor")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a number, e.g. aesthetic=0.5"):
+        reward_choice("aesthetic=high")
+
+
+def test_learned_rewards_score_as_the_reward_functions_with_their_weights(models_dir):
+    reward = build_reward([("pickscore", 0.5), ("clipscore", 1.0), ("aesthetic", 2.0), ("brightness", 3.0)],
+                          models_dir, torch.device("cpu"))
+    images = pictures()
+    scores = reward.score(images, PROMPTS, None)
+    pick = load_clip_reward(models_dir / "PickScore_v1", models_dir / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    clip = load_clip_reward(models_dir / "clip-vit-large-patch14")
+    expected = {"pickscore": pickscore(pick, images, PROMPTS), "clipscore": clip_score(clip, images, PROMPTS),
+                "aesthetic": aesthetic_score(clip, load_aesthetic_mlp(models_dir / "sac+logos+ava1-l14-linearMSE.pth"),
+                                             images),
+                "brightness": colour_reward((1.0, 1.0, 1.0)).score(images, PROMPTS, None)["brightness"]}
+    assert list(scores) == list(expected)
+    for name, value in expected.items():
+        assert torch.allclose(scores[name], value, atol=1e-5), name
+    total = 0.5 * expected["pickscore"] + expected["clipscore"] + 2 * expected["aesthetic"] + 3 * expected["brightness"]
+    assert torch.allclose(reward.total(scores), total, atol=1e-4)
+
+
+def test_the_object_reward_reads_the_prompts_metadata(models_dir):
+    reward = build_reward([("objects", 1.0)], models_dir, torch.device("cpu"))
+    images, metadata = pictures(2), [parse_metadata(GENEVAL, "line 1")] * 2
+    scores = reward.score(images, [metadata[0].prompt] * 2, None, metadata)["objects"]
+    owl = load_owlv2(models_dir / "owlv2-base-patch16-ensemble")
+    assert torch.equal(scores, object_scores(owl, images, metadata))
+
+
+def test_missing_models_are_downloaded_into_the_folder_and_present_ones_are_not(models_dir, tmp_path, monkeypatch):
+    repos, files = [], []
+    monkeypatch.setattr(torchrun_rewards, "download_repo",
+                        lambda repo, destination, tqdm_class, patterns: repos.append((repo, destination, patterns)))
+    monkeypatch.setattr(torchrun_rewards, "download_file", lambda url, destination: files.append((url, destination)))
+    fetch_models(["pickscore", "aesthetic", "brightness"], tmp_path)
+    assert sorted(repos) == sorted([(PICKSCORE_REPO, tmp_path / "PickScore_v1", CLIP_FILES),
+                                    (PICKSCORE_PROCESSOR_REPO, tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K",
+                                     PROCESSOR_FILES),
+                                    (CLIP_L14_REPO, tmp_path / "clip-vit-large-patch14", CLIP_FILES)])
+    assert files == [(AESTHETIC_URL, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")]
+    repos.clear(), files.clear()
+    fetch_models(["pickscore", "clipscore", "aesthetic", "objects"], models_dir)
+    assert repos == files == []
+
+
+def test_a_run_trains_on_the_weighted_learned_and_rule_based_rewards(tiny_kontext_dir, models_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    output = tmp_path / "lora.safetensors"
+    grpo_torchrun.main(["--checkpoint", str(tiny_kontext_dir), "--prompts", str(prompts), "--output", str(output),
+                        "--reward", "pickscore=0.5", "brightness", "--reward-models", str(models_dir), "--dtype",
+                        "fp32", "--steps", "1", "--group-size", "2", "--sampling-steps", "2", "--resolution", "64",
+                        "--lora-rank", "2", "--lora-alpha", "4"])
+    lora = load_lora(output)
+    assert lora.info["rewards"] == ["pickscore", "brightness"]
+    assert any(value.abs().max() > 0 for key, value in lora.tensors.items() if "lora_B" in key)

@@ -1,0 +1,95 @@
+"""The rewards `grpo_torchrun --reward` names, each NAME or NAME=WEIGHT: the rule-based ones, and the learned ones
+whose models are read from the --reward-models folder under their published names (as ComfyUI's models/unipic2
+keeps them, so the nodes' downloads serve here too). A model missing there is downloaded into it from its published
+repository first, by rank 0 alone (fetch_models). Outside ComfyUI the reward models simply stay on the training
+device, in float32 (the reward nodes' default)."""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..models.loading import download_file, download_repo
+from ..models.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, OWLV2_FILES, OWLV2_REPO,
+                            PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO, PROCESSOR_FILES)
+from ..rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward, jpeg_reward
+
+RULE_BASED = {
+    "brightness": lambda: colour_reward((1.0, 1.0, 1.0)),
+    "jpeg-compressibility": lambda: jpeg_reward(incompressible=False),
+    "jpeg-incompressibility": lambda: jpeg_reward(incompressible=True),
+    "edit-consistency": lambda: edit_consistency_reward("l1"),
+}
+# Each learned reward's published models: (hub repo or the aesthetic MLP's choice, the files to download)
+LEARNED = {
+    "pickscore": [(PICKSCORE_REPO, CLIP_FILES), (PICKSCORE_PROCESSOR_REPO, PROCESSOR_FILES)],
+    "clipscore": [(CLIP_L14_REPO, CLIP_FILES)],
+    "aesthetic": [(CLIP_L14_REPO, CLIP_FILES), (AESTHETIC_CHOICE, ())],
+    "objects": [(OWLV2_REPO, OWLV2_FILES)],
+}
+CHOICES = (*RULE_BASED, *LEARNED)
+
+
+def reward_choice(text: str) -> tuple[str, float]:
+    """argparse type of one --reward entry: NAME or NAME=WEIGHT -> (name, weight)."""
+    name, _, weight = text.partition("=")
+    if name not in CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown reward '{name}'; choose from {', '.join(CHOICES)}")
+    try:
+        return name, float(weight) if weight else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': the weight after '=' must be a number, e.g. {name}=0.5") from None
+
+
+def model_path(models_dir: Path, published: str) -> Path:
+    """Where a published model lives in the models folder: its last name part (a folder, or the MLP's file)."""
+    return Path(models_dir) / published.split("/")[-1]
+
+
+def fetch_models(names: list[str], models_dir: Path) -> None:
+    """Download the named learned rewards' models that the models folder lacks."""
+    for published, files in {model for name in names for model in LEARNED.get(name, [])}:
+        path = model_path(models_dir, published)
+        if path.exists():
+            continue
+        if published == AESTHETIC_CHOICE:
+            download_file(AESTHETIC_URL, path)
+        else:
+            download_repo(published, path, None, files)
+
+
+def learned_reward(name: str, models_dir: Path, device: torch.device) -> Reward:
+    """One learned reward, its models loaded from the models folder onto `device`."""
+    from ..rewards.reward_models import (aesthetic_score, check_aesthetic_pair, clip_score, load_aesthetic_mlp,
+                                         load_clip_reward, pickscore)
+
+    paths = [model_path(models_dir, published) for published, _ in LEARNED[name]]
+    detail = f"{', '.join(path.name for path in paths)}, fp32"
+    if name == "objects":
+        from ..rewards.object_reward import load_owlv2, object_scores
+
+        owl = load_owlv2(paths[0])
+        owl.model.to(device)
+        owl.device = device
+        return Reward([RewardTerm(name, 1.0, lambda images, prompts, sources, metadata: object_scores(
+            owl, images, metadata), needs_metadata=True, detail=detail)])
+    repo, _ = LEARNED[name][0]
+    processor, processor_repo = (paths[1], PICKSCORE_PROCESSOR_REPO) if name == "pickscore" else (None, None)
+    clip = load_clip_reward(paths[0], processor, torch.float32, repo, processor_repo)
+    clip.model.to(device)
+    clip.device = device
+    if name == "aesthetic":
+        mlp = load_aesthetic_mlp(paths[1])
+        check_aesthetic_pair(clip, mlp, paths[0].name, paths[1].name)
+        mlp.to(device)
+        score = lambda images, prompts, sources: aesthetic_score(clip, mlp, images)
+    else:
+        measure = pickscore if name == "pickscore" else clip_score
+        score = lambda images, prompts, sources: measure(clip, images, prompts)
+    return Reward([RewardTerm(name, 1.0, score, detail=detail)])
+
+
+def build_reward(choices: list[tuple[str, float]], models_dir: Path, device: torch.device) -> Reward:
+    """The weighted sum of the chosen rewards; the learned ones' models must be in the models folder."""
+    return combine([(RULE_BASED[name]() if name in RULE_BASED else learned_reward(name, models_dir, device), weight)
+                    for name, weight in choices])
