@@ -35,6 +35,20 @@ class RewardTerm:
     needs_metadata: bool = False
     detail: str = ""  # what the score depends on beyond its name (a colour target, a mask), for resume checks
 
+    def refusal(self, prompt: str, has_source: bool, has_metadata: bool) -> str | None:
+        """Why this term cannot score an image made for `prompt` (None when it can): it needs an edit pair's source,
+        or a GenEval-style line's requirements."""
+        if self.needs_sources and not has_source:
+            return (f"the '{self.name}' reward compares with the source image, but '{prompt}' is a text-to-image "
+                    "prompt; train on edit pairs (UniPic2 Edit Pairs) or remove the reward")
+        if self.needs_metadata and not has_metadata and has_source:
+            return (f"the '{self.name}' reward checks the objects a text-to-image prompt asks for, but this run trains "
+                    f"edit pairs ('{prompt}'); remove the reward from edit runs")
+        if self.needs_metadata and not has_metadata:
+            return (f"the '{self.name}' reward checks the objects a prompt asks for, but '{prompt}' is a plain prompt; "
+                    f"write GenEval-style lines in UniPic2 Prompt List, e.g. {METADATA_EXAMPLE}, or remove the reward")
+        return None
+
 
 @dataclass
 class Reward:
@@ -57,20 +71,13 @@ class Reward:
 
         metadata: per image, its prompt's ObjectMetadata or None (a plain prompt); only needs_metadata terms see it.
         """
-        out = {}
+        out, metadata = {}, metadata or [None] * len(prompts)
         for term in self.terms:
-            if term.needs_sources and sources is None:
-                raise ValueError(f"the '{term.name}' reward compares with the source image; train on edit pairs "
-                                 "(UniPic2 Edit Pairs) or remove it")
-            if not term.needs_metadata:
-                scores = term.score(images, prompts, sources)
-            else:
-                plain = [p for p, m in zip(prompts, metadata or [None] * len(prompts)) if m is None]
-                if plain:
-                    raise ValueError(f"the '{term.name}' reward checks the objects a prompt asks for, but '{plain[0]}' "
-                                     "is a plain prompt; write GenEval-style lines in UniPic2 Prompt List, e.g. "
-                                     + METADATA_EXAMPLE + ", or remove the reward")
-                scores = term.score(images, prompts, sources, metadata)
+            for prompt, requirements in zip(prompts, metadata):
+                problem = term.refusal(prompt, sources is not None, requirements is not None)
+                if problem:
+                    raise ValueError(problem)
+            scores = term.score(images, prompts, sources, *([metadata] if term.needs_metadata else []))
             scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
             if scores.numel() != len(images):
                 raise ValueError(f"reward '{term.name}' returned {scores.numel()} scores for {len(images)} images")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ..inference.images import check_image
-from ..rewards import METADATA_EXAMPLE, Reward
+from ..rewards import Reward
 from ..rewards.object_reward import ObjectMetadata, parse_metadata
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -116,18 +116,7 @@ def check_reward_inputs(reward: Reward, data: list[TrainingItem]) -> None:
     """Refuses, before any training, a reward term that cannot score some item: prompts are drawn at random each
     step, so without this a mixed list would fail only when its first unfit item is drawn, possibly many steps in."""
     for term in reward.terms:
-        if term.needs_sources:
-            item = next((item for item in data if item.source is None), None)
-            if item is not None:
-                raise ValueError(f"the '{term.name}' reward compares with the source image, but "
-                                 f"'{item.prompt}' is a text-to-image prompt; train on edit pairs (UniPic2 Edit "
-                                 "Pairs) or remove the reward")
-        if term.needs_metadata:
-            item = next((item for item in data if item.metadata is None), None)
-            if item is not None and item.source is not None:
-                raise ValueError(f"the '{term.name}' reward checks the objects a text-to-image prompt asks for, but "
-                                 f"this run trains edit pairs ('{item.prompt}'); remove the reward from edit runs")
-            if item is not None:
-                raise ValueError(f"the '{term.name}' reward checks the objects a prompt asks for, but '{item.prompt}' "
-                                 "is a plain prompt with no requirements; write every line of UniPic2 Prompt List "
-                                 f"GenEval-style, e.g. {METADATA_EXAMPLE}, or remove the reward")
+        for item in data:
+            problem = term.refusal(item.prompt, item.source is not None, item.metadata is not None)
+            if problem:
+                raise ValueError(problem)
