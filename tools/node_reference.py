@@ -1,4 +1,4 @@
-"""The README's node reference, rendered from the nodes' own DESCRIPTION, input tooltips and outputs.
+"""The README's node reference, rendered from the nodes' own DESCRIPTION, input tooltips, ranges and outputs.
 
     .venv/bin/python -m tools.node_reference           rewrite the block between the markers in README.md
     .venv/bin/python -m tools.node_reference --check   only say whether README.md's block is up to date (exit 1 if not)
@@ -112,6 +112,9 @@ def input_row(node: str, name: str, spec: tuple, optional: bool) -> str:
             default = options.get("default", kind[0] if kind else None)
         described = f"{described} Choices: {choices}.".strip()
         kind = "COMBO"
+    if "min" in options or "max" in options:
+        step = f", step {options['step']:g}" if "step" in options else ""
+        described = f"{described} Range: {options.get('min', '')}..{options.get('max', '')}{step}.".strip()
     label = f"`{name}`" + (" (optional)" if optional else "")
     return f"| {label} | {kind} | {'' if default is None else shown_default(default)} | {described} |"
 
