@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from unipic_core.models.lora import load_lora
-from unipic_core.models.repos import (AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, PICKSCORE_PROCESSOR_REPO,
-                                      PICKSCORE_REPO, PROCESSOR_FILES)
+from unipic_core.models.qwen25vl_lora import lora_added, read_qwen25vl_lora
+from unipic_core.models.repos import (AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_REPO,
+                                      PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO, PROCESSOR_FILES)
 from unipic_core.rewards import colour_reward
 from unipic_core.rewards.object_reward import load_owlv2, object_scores, parse_metadata
 from unipic_core.rewards.reward_models import (aesthetic_score, clip_score, load_aesthetic_mlp, load_clip_reward,
                                                pickscore)
 from unipic_core.tiny_rewards import (write_aesthetic_mlp, write_clip_processor, write_clip_reward_folder,
-                                      write_owlv2_folder)
+                                      write_editscore_adapter, write_owlv2_folder)
 from unipic_core.training import grpo_torchrun, torchrun_rewards
 from unipic_core.training.torchrun_rewards import build_reward, fetch_models, reward_choice
 
@@ -24,9 +25,10 @@ GENEVAL = '{"tag": "counting", "include": [{"class": "cat", "count": 2}], "promp
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
+def models_dir(tmp_path_factory, tiny_metaquery_dir) -> Path:
     """The learned rewards' tiny models under their published names, as the nodes download them."""
     root = tmp_path_factory.mktemp("models") / "unipic2"
+    write_editscore_adapter(root / "EditScore-7B", tiny_metaquery_dir / "Qwen2.5-VL-tiny")
     write_clip_reward_folder(root / "PickScore_v1", seed=1)
     write_clip_processor(root / "CLIP-ViT-H-14-laion2B-s32B-b79K")
     write_clip_reward_folder(root / "clip-vit-large-patch14", seed=2)
@@ -86,7 +88,7 @@ def test_missing_models_are_downloaded_into_the_folder_and_present_ones_are_not(
                                     (CLIP_L14_REPO, tmp_path / "clip-vit-large-patch14", CLIP_FILES)])
     assert files == [(AESTHETIC_URL, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")]
     repos.clear(), files.clear()
-    fetch_models(["pickscore", "clipscore", "aesthetic", "objects"], models_dir)
+    fetch_models(["pickscore", "clipscore", "aesthetic", "objects", "editscore"], models_dir)
     assert repos == files == []
 
 
@@ -101,3 +103,49 @@ def test_a_run_trains_on_the_weighted_learned_and_rule_based_rewards(tiny_kontex
     lora = load_lora(output)
     assert lora.info["rewards"] == ["pickscore", "brightness"]
     assert any(value.abs().max() > 0 for key, value in lora.tensors.items() if "lora_B" in key)
+
+
+def test_editscore_adds_its_adapter_to_the_metaquery_mllm_only_while_it_scores(tiny_metaquery, tiny_metaquery_dir,
+                                                                              models_dir):
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = tiny_metaquery.mllm.mllm
+    ids = torch.randint(0, model.config.text_config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with lora_added(model, read_qwen25vl_lora(models_dir / "EditScore-7B", model, EDITSCORE_REPO)):
+            adapted = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_metaquery_dir / "Qwen2.5-VL-tiny"),
+                                                                  dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(models_dir / "EditScore-7B")).merge_and_unload().eval()
+        published = merged(input_ids=ids).logits  # EditScore's own loading: merge_and_unload
+    assert torch.equal(before, after)
+    assert (adapted - before).abs().max() > 1e-3
+    assert torch.allclose(adapted, published, atol=1e-5)
+
+
+def test_editscore_scores_edit_pairs_on_a_metaquery_and_is_refused_without_one(tiny_metaquery, models_dir):
+    reward = build_reward([("editscore", 1.0)], models_dir, torch.device("cpu"), tiny_metaquery.mllm)
+    assert reward.names == ["editscore"] and reward.terms[0].needs_sources
+    scores = reward.score(pictures(1), ["make it snow"], pictures(1))["editscore"]
+    assert scores.shape == (1,) and torch.isfinite(scores).all()
+    with pytest.raises(ValueError, match="'editscore' reward runs on the MetaQuery's Qwen2.5-VL-7B-Instruct"):
+        build_reward([("editscore", 1.0)], models_dir, torch.device("cpu"))
+
+
+def test_a_metaquery_edit_run_trains_on_editscore(tiny_metaquery_dir, models_dir, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "sources"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(images / "red.png")
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("make it blue\n")
+    output = tmp_path / "edit_lora.safetensors"
+    grpo_torchrun.main(["--checkpoint", str(tiny_metaquery_dir), "--edit-images", str(images), "--edit-instructions",
+                        str(instructions), "--output", str(output), "--reward", "editscore", "edit-consistency=0.5",
+                        "--reward-models", str(models_dir), "--dtype", "fp32", "--steps", "1", "--group-size", "2",
+                        "--sampling-steps", "2", "--resolution", "64", "--lora-rank", "2", "--lora-alpha", "4"])
+    assert load_lora(output).info["rewards"] == ["editscore", "edit_consistency_l1"]

@@ -9,10 +9,12 @@ naming it, so an adapter never half-applies.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .fp8_weights import is_fp8
 from .loading import CheckpointError, check_safetensors_file, read_json
@@ -119,3 +121,25 @@ def read_qwen25vl_lora(folder: Path, model: torch.nn.Module, repo: str) -> dict[
     if not lora:
         raise CheckpointError(f"{weights_path} holds no LoRA weights; download {repo} again")
     return lora
+
+
+@contextmanager
+def lora_added(model: torch.nn.Module, lora: dict[str, LinearLoraPair]):
+    """Within it each adapted Linear of `model` outputs W x + alpha / r * up(down x), by forward hooks: the weights
+    stay untouched, so outside it the model is exactly the unadapted one (the MetaQuery conditions with it). For
+    scripts and torchrun; under ComfyUI the adapter patches the ModelPatcher's weights instead."""
+    modules = dict(model.named_modules())
+    handles = []
+
+    def hook(down, up, scale):
+        return lambda module, args, output: output + scale * F.linear(F.linear(args[0], down), up)
+
+    try:
+        for name, pair in lora.items():
+            weight = modules[name].weight
+            down, up = (t.to(weight.device, weight.dtype) for t in (pair.down, pair.up))
+            handles.append(modules[name].register_forward_hook(hook(down, up, pair.alpha / down.shape[0])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

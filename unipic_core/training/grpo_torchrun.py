@@ -5,9 +5,10 @@
         --prompts prompts.txt --reward jpeg-compressibility --output my_lora.safetensors --group-size 16
 
 --reward takes one or more NAME or NAME=WEIGHT (summed with those weights): the rule-based brightness,
-jpeg-compressibility, jpeg-incompressibility, edit-consistency, or the learned pickscore, clipscore, aesthetic and
-objects (GenEval-style prompt lines), whose models are read from --reward-models (default models/unipic2, where
-ComfyUI keeps them) and downloaded there first when absent.
+jpeg-compressibility, jpeg-incompressibility, edit-consistency, or the learned pickscore, clipscore, aesthetic,
+objects (GenEval-style prompt lines) and editscore (edit pairs on a MetaQuery checkpoint, whose MLLM it uses), whose
+models are read from --reward-models (default models/unipic2, where ComfyUI keeps them) and downloaded there first
+when absent.
 
 Each process takes a contiguous slice of the K * G images of a step; rewards are gathered for the advantages and
 LoRA gradients summed (gloo on CPU, nccl on GPUs), so the update equals a single process's with the same global
@@ -79,8 +80,8 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype] if cuda else torch.float32
     settings = GRPOSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOSettings)})
     folder = Path(args.checkpoint)
-    components = (load_metaquery(folder, args.mllm, dtype) if is_metaquery_folder(folder)
-                  else load_kontext(folder, dtype))
+    metaquery = is_metaquery_folder(folder)
+    components = load_metaquery(folder, args.mllm, dtype) if metaquery else load_kontext(folder, dtype)
     models = models_on_device(components, folder, device, settings.negative_prompt)
 
     def report(step):
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
         fetch_models([name for name, _ in args.reward], args.reward_models)
     if distributed:
         dist.barrier()  # the other ranks load what rank 0 downloaded
-    reward = build_reward(args.reward, args.reward_models, device)
+    reward = build_reward(args.reward, args.reward_models, device, components.mllm if metaquery else None)
     trainer = GRPOTrainer(models, reward, training_data(args), settings, Path(args.output), args.resume)
     try:
         trainer.run(Hooks(on_step=report))

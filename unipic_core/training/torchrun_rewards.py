@@ -2,7 +2,8 @@
 whose models are read from the --reward-models folder under their published names (as ComfyUI's models/unipic2
 keeps them, so the nodes' downloads serve here too). A model missing there is downloaded into it from its published
 repository first, by rank 0 alone (fetch_models). Outside ComfyUI the reward models simply stay on the training
-device, in float32 (the reward nodes' default)."""
+device, in float32 (the reward nodes' default); EditScore's adapter is added to the MetaQuery's own MLLM while it
+scores, with the reward node's defaults (one pass, seed 42)."""
 
 import argparse
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import torch
 
 from ..models.loading import download_file, download_repo
-from ..models.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, OWLV2_FILES, OWLV2_REPO,
-                            PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO, PROCESSOR_FILES)
+from ..models.metaquery import MetaQueryMLLM
+from ..models.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
+                            EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO,
+                            PROCESSOR_FILES)
 from ..rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward, jpeg_reward
 
 RULE_BASED = {
@@ -26,6 +29,7 @@ LEARNED = {
     "clipscore": [(CLIP_L14_REPO, CLIP_FILES)],
     "aesthetic": [(CLIP_L14_REPO, CLIP_FILES), (AESTHETIC_CHOICE, ())],
     "objects": [(OWLV2_REPO, OWLV2_FILES)],
+    "editscore": [(EDITSCORE_REPO, EDITSCORE_FILES)],
 }
 CHOICES = (*RULE_BASED, *LEARNED)
 
@@ -58,13 +62,15 @@ def fetch_models(names: list[str], models_dir: Path) -> None:
             download_repo(published, path, None, files)
 
 
-def learned_reward(name: str, models_dir: Path, device: torch.device) -> Reward:
-    """One learned reward, its models loaded from the models folder onto `device`."""
+def learned_reward(name: str, models_dir: Path, device: torch.device, mllm: MetaQueryMLLM | None) -> Reward:
+    """One learned reward, its models loaded from the models folder onto `device` (EditScore's onto `mllm`)."""
     from ..rewards.reward_models import (aesthetic_score, check_aesthetic_pair, clip_score, load_aesthetic_mlp,
                                          load_clip_reward, pickscore)
 
     paths = [model_path(models_dir, published) for published, _ in LEARNED[name]]
     detail = f"{', '.join(path.name for path in paths)}, fp32"
+    if name == "editscore":
+        return editscore_reward(paths[0], mllm)
     if name == "objects":
         from ..rewards.object_reward import load_owlv2, object_scores
 
@@ -89,7 +95,30 @@ def learned_reward(name: str, models_dir: Path, device: torch.device) -> Reward:
     return Reward([RewardTerm(name, 1.0, score, detail=detail)])
 
 
-def build_reward(choices: list[tuple[str, float]], models_dir: Path, device: torch.device) -> Reward:
-    """The weighted sum of the chosen rewards; the learned ones' models must be in the models folder."""
-    return combine([(RULE_BASED[name]() if name in RULE_BASED else learned_reward(name, models_dir, device), weight)
-                    for name, weight in choices])
+def editscore_reward(adapter: Path, mllm: MetaQueryMLLM | None) -> Reward:
+    from ..models.qwen25vl import MissingOutputLayer
+    from ..models.qwen25vl_lora import lora_added, read_qwen25vl_lora
+    from ..rewards.editscore import editscore
+
+    if mllm is None:
+        raise ValueError("the 'editscore' reward runs on the MetaQuery's Qwen2.5-VL-7B-Instruct; train a MetaQuery "
+                         "--checkpoint, or use edit-consistency with a Kontext one")
+    if isinstance(mllm.mllm.lm_head, MissingOutputLayer):
+        raise ValueError(f"the 'editscore' reward answers in words, but the MLLM from {mllm.mllm.lm_head.path.name} "
+                         "has no output layer (lm_head); give --mllm the Qwen2.5-VL-7B-Instruct folder")
+    lora = read_qwen25vl_lora(adapter, mllm.mllm, EDITSCORE_REPO)
+
+    def score(images, prompts, sources):
+        with lora_added(mllm.mllm, lora):
+            return editscore(mllm, sources, images, prompts).rewards
+
+    return Reward([RewardTerm("editscore", 1.0, score, needs_sources=True, detail=f"{adapter.name}, 1 pass(es), "
+                              "seed 42")])
+
+
+def build_reward(choices: list[tuple[str, float]], models_dir: Path, device: torch.device,
+                 mllm: MetaQueryMLLM | None = None) -> Reward:
+    """The weighted sum of the chosen rewards; the learned ones' models must be in the models folder, and EditScore
+    needs the MetaQuery's MLLM."""
+    return combine([(RULE_BASED[name]() if name in RULE_BASED else learned_reward(name, models_dir, device, mllm),
+                     weight) for name, weight in choices])
