@@ -178,11 +178,14 @@ def main():
         for size in args.sizes:
             learning(size, args.algorithms, args.sde_window, device, args.learning_rate, args.steps, args.seeds)
         return
-    for algorithm in args.algorithms:
-        settings = GRPOSettings(group_size=args.group_size, sampling_steps=args.sampling_steps,
-                                resolution=args.resolution, micro_batch=args.micro_batch, algorithm=algorithm,
-                                sde_window=args.sde_window,
-                                gradient_checkpointing=not args.no_gradient_checkpointing)
+    runs = {algorithm: GRPOSettings(group_size=args.group_size, sampling_steps=args.sampling_steps,
+                                    resolution=args.resolution, micro_batch=args.micro_batch, algorithm=algorithm,
+                                    sde_window=args.sde_window,
+                                    gradient_checkpointing=not args.no_gradient_checkpointing)
+            for algorithm in args.algorithms}
+    for settings in runs.values():  # every algorithm's, before the first one spends its (device) time
+        settings.check()
+    for algorithm, settings in runs.items():
         with tempfile.TemporaryDirectory() as tmp:
             for size in args.sizes:
                 folder = write_kontext_folder(f"{tmp}/{size}", size)
