@@ -114,8 +114,16 @@ def learning(size: str, algorithms: list[str], sde_window: int, device: torch.de
     last 3 steps - of the first 3). As in the test, no algorithm has a KL term (beta and nft_kl 0), so none pays for
     a reference pass. The tiny DiT's step time is mostly Python overhead; the mid one's is compute, as on real models,
     so its time ratios are the ones that carry over."""
+    def settings(algorithm: str, seed: int) -> GRPOSettings:
+        return GRPOSettings(steps=steps, group_size=8, sampling_steps=4, resolution=64, lora_rank=8, lora_alpha=16,
+                            learning_rate=learning_rate, beta=0.0, nft_kl=0.0, updates_per_step=1, noise_level=0.8,
+                            seed=seed, algorithm=algorithm, sde_window=sde_window)
+
+    for algorithm in algorithms:  # all checked before the first one spends its time
+        settings(algorithm, 0).check()
     reached = {}
-    print(f"learning on the {size} DiT")
+    print(f"learning on the {size} DiT: LoRA r=8 alpha=16, G=8, T=4, 64 px, lr {learning_rate:g}, no KL, CFG 3.5 "
+          "(diffusion-nft: none)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_kontext_folder(f"{tmp}/{size}", size)
         for algorithm in algorithms:
@@ -123,11 +131,7 @@ def learning(size: str, algorithms: list[str], sde_window: int, device: torch.de
             for seed in range(seeds):
                 models = models_on_device(load_kontext(folder), folder, device)
                 models.decode = lambda latents: torch.sigmoid(latents[:, :3].float()).movedim(1, -1)
-                settings = GRPOSettings(steps=steps, group_size=8, sampling_steps=4, resolution=64, lora_rank=8,
-                                        lora_alpha=16, learning_rate=learning_rate, beta=0.0, nft_kl=0.0,
-                                        updates_per_step=1, noise_level=0.8, seed=seed, algorithm=algorithm,
-                                        sde_window=sde_window)
-                trainer = GRPOTrainer(models, colour_reward((1, 1, 1)), PROMPTS, settings)
+                trainer = GRPOTrainer(models, colour_reward((1, 1, 1)), PROMPTS, settings(algorithm, seed))
                 try:
                     history = trainer.run().history
                 finally:
@@ -173,7 +177,7 @@ def main():
                         "the update (the trainer checkpoints by default)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}; LoRA r=32 alpha=64, beta=0.04, CFG 3.5, fp32 SDE maths")
+    print(f"device {device}, torch {torch.__version__}")
     if args.learning:
         for size in args.sizes:
             learning(size, args.algorithms, args.sde_window, device, args.learning_rate, args.steps, args.seeds)
@@ -185,6 +189,7 @@ def main():
             for algorithm in args.algorithms}
     for settings in runs.values():  # every algorithm's, before the first one spends its (device) time
         settings.check()
+    print("LoRA r=32 alpha=64, beta=0.04, CFG 3.5 (diffusion-nft: none), fp32 SDE maths")
     for algorithm, settings in runs.items():
         with tempfile.TemporaryDirectory() as tmp:
             for size in args.sizes:

@@ -369,6 +369,6 @@ def test_an_mllm_with_fp8_weights_is_refused(adapter_dir, qwen_dir):
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_dir), dtype=torch.float32)
     quantize_linears(model, torch.float8_e4m3fn)
-    with pytest.raises(CheckpointError, match="UniPic2 EditScore Reward: 'mllm' holds fp8 weights .* a LoRA cannot "
-                                              "patch fp8 weights; load it with mllm_weights default"):
+    with pytest.raises(CheckpointError, match="EditScore: the MLLM holds fp8 weights .* a LoRA cannot patch fp8 "
+                                              "weights; load it from a bf16 Qwen2.5-VL-7B-Instruct"):
         read_qwen25vl_lora(adapter_dir, model, EDITSCORE_REPO)

@@ -46,8 +46,14 @@ def test_entries_are_names_with_optional_weights():
     assert reward_choice("objects=0.25") == ("objects", 0.25)
     with pytest.raises(argparse.ArgumentTypeError, match="unknown reward 'pickscor'; choose from brightness"):
         reward_choice("pickscor")
-    with pytest.raises(argparse.ArgumentTypeError, match="must be a number, e.g. aesthetic=0.5"):
-        reward_choice("aesthetic=high")
+    for entry in ("aesthetic=high", "aesthetic=nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number, e.g. aesthetic=0.5"):
+            reward_choice(entry)
+
+
+def test_a_single_rule_based_reward_keeps_its_fingerprint_so_older_runs_resume(models_dir):
+    reward = build_reward([("brightness", 1.0)], models_dir, torch.device("cpu"))
+    assert reward.fingerprint == colour_reward((1.0, 1.0, 1.0)).fingerprint == ["brightness x 1 [target (1, 1, 1)]"]
 
 
 def test_learned_rewards_score_as_the_reward_functions_with_their_weights(models_dir):
@@ -81,6 +87,7 @@ def test_missing_models_are_downloaded_into_the_folder_and_present_ones_are_not(
     monkeypatch.setattr(torchrun_rewards, "download_repo",
                         lambda repo, destination, tqdm_class, patterns: repos.append((repo, destination, patterns)))
     monkeypatch.setattr(torchrun_rewards, "download_file", lambda url, destination: files.append((url, destination)))
+    (tmp_path / "PickScore_v1").mkdir()  # an interrupted download: resumed, not taken for the model
     fetch_models(["pickscore", "aesthetic", "brightness"], tmp_path)
     assert sorted(repos) == sorted([(PICKSCORE_REPO, tmp_path / "PickScore_v1", CLIP_FILES),
                                     (PICKSCORE_PROCESSOR_REPO, tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -126,13 +133,34 @@ def test_editscore_adds_its_adapter_to_the_metaquery_mllm_only_while_it_scores(t
     assert torch.allclose(adapted, published, atol=1e-5)
 
 
-def test_editscore_scores_edit_pairs_on_a_metaquery_and_is_refused_without_one(tiny_metaquery, models_dir):
+def test_editscore_scores_with_its_adapter_added_and_is_refused_without_a_metaquery(tiny_metaquery, models_dir,
+                                                                                     tiny_kontext_dir, tmp_path,
+                                                                                     monkeypatch):
+    import unipic_core.rewards.editscore as editscore_module
+
+    hooked = []
+
+    def spy(encoder, *args, **kwargs):
+        hooked.append(sum(len(m._forward_hooks) for m in encoder.mllm.modules()))
+        return score(encoder, *args, **kwargs)
+
+    score = editscore_module.editscore
+    monkeypatch.setattr(editscore_module, "editscore", spy)
     reward = build_reward([("editscore", 1.0)], models_dir, torch.device("cpu"), tiny_metaquery.mllm)
     assert reward.names == ["editscore"] and reward.terms[0].needs_sources
     scores = reward.score(pictures(1), ["make it snow"], pictures(1))["editscore"]
     assert scores.shape == (1,) and torch.isfinite(scores).all()
+    adapted = len(read_qwen25vl_lora(models_dir / "EditScore-7B", tiny_metaquery.mllm.mllm, EDITSCORE_REPO))
+    assert hooked == [adapted] and sum(len(m._forward_hooks) for m in tiny_metaquery.mllm.mllm.modules()) == 0
     with pytest.raises(ValueError, match="'editscore' reward runs on the MetaQuery's Qwen2.5-VL-7B-Instruct"):
         build_reward([("editscore", 1.0)], models_dir, torch.device("cpu"))
+    monkeypatch.setattr(torchrun_rewards, "download_repo", lambda *args: pytest.fail("downloaded before refusing"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    with pytest.raises(ValueError, match="'editscore' reward runs on the MetaQuery's"):  # before any download
+        grpo_torchrun.main(["--checkpoint", str(tiny_kontext_dir), "--prompts", str(prompts), "--output",
+                            str(tmp_path / "x.safetensors"), "--reward", "editscore", "--reward-models",
+                            str(tmp_path / "empty")])
 
 
 def test_a_metaquery_edit_run_trains_on_editscore(tiny_metaquery_dir, models_dir, tmp_path):

@@ -113,10 +113,10 @@ def read_qwen25vl_lora(folder: Path, model: torch.nn.Module, repo: str) -> dict[
                                   f"{tuple(up.shape)}, which do not give rank {rank} and the layer's "
                                   f"{tuple(target.shape)}; is the adapter for Qwen2.5-VL-7B-Instruct?")
         if is_fp8(target):
-            raise CheckpointError(f"UniPic2 EditScore Reward: 'mllm' holds fp8 weights ('{name}' is {target.dtype}: "
-                                  "Load UniPic2 MetaQuery's mllm_weights fp8_e4m3fn, or an fp8 file), and a LoRA "
-                                  "cannot patch fp8 weights; load it with mllm_weights default from a bf16 "
-                                  "Qwen2.5-VL-7B-Instruct")
+            raise CheckpointError(f"EditScore: the MLLM holds fp8 weights ('{name}' is {target.dtype}: Load UniPic2 "
+                                  "MetaQuery's mllm_weights fp8_e4m3fn, or an fp8 file), and a LoRA cannot patch fp8 "
+                                  "weights; load it from a bf16 Qwen2.5-VL-7B-Instruct (in the node: mllm_weights "
+                                  "default)")
         lora[name] = LinearLoraPair(down, up, alpha)
     if not lora:
         raise CheckpointError(f"{weights_path} holds no LoRA weights; download {repo} again")
@@ -131,13 +131,13 @@ def lora_added(model: torch.nn.Module, lora: dict[str, LinearLoraPair]):
     modules = dict(model.named_modules())
     handles = []
 
-    def hook(down, up, scale):
-        return lambda module, args, output: output + scale * F.linear(F.linear(args[0], down), up)
+    def hook(down, up, scale):  # the adapter's term in float32, as peft computes it beside a bf16 model
+        return lambda module, args, output: output + (scale * F.linear(F.linear(args[0].float(), down), up)).to(
+            output.dtype)
 
     try:
         for name, pair in lora.items():
-            weight = modules[name].weight
-            down, up = (t.to(weight.device, weight.dtype) for t in (pair.down, pair.up))
+            down, up = (t.to(modules[name].weight.device, torch.float32) for t in (pair.down, pair.up))
             handles.append(modules[name].register_forward_hook(hook(down, up, pair.alpha / down.shape[0])))
         yield
     finally:

@@ -7,8 +7,8 @@
 --reward takes one or more NAME or NAME=WEIGHT (summed with those weights): the rule-based brightness,
 jpeg-compressibility, jpeg-incompressibility, edit-consistency, or the learned pickscore, clipscore, aesthetic,
 objects (GenEval-style prompt lines) and editscore (edit pairs on a MetaQuery checkpoint, whose MLLM it uses), whose
-models are read from --reward-models (default models/unipic2, where ComfyUI keeps them) and downloaded there first
-when absent.
+models are read from --reward-models (default models/unipic2 in the current folder: ComfyUI's when run from its
+root) and downloaded there first when absent.
 
 Each process takes a contiguous slice of the K * G images of a step; rewards are gathered for the advantages and
 LoRA gradients summed (gloo on CPU, nccl on GPUs), so the update equals a single process's with the same global
@@ -18,6 +18,7 @@ batch. Only rank 0 writes the LoRA and its resumable .training-state. Without to
 import argparse
 import dataclasses
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,11 +28,12 @@ from ..models.folders import is_metaquery_folder
 from ..models.loading import load_kontext, load_metaquery
 from .grpo_settings import GRPOSettings
 from .grpo_trainer import GRPOTrainer, Hooks
-from .torchrun_rewards import build_reward, fetch_models, reward_choice
+from .torchrun_rewards import build_reward, check_choices, fetch_models, reward_choice
 from .training_data import edit_pairs, read_folder_images, read_prompts, read_text_lines
 from .training_models import models_on_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DOWNLOAD_TIMEOUT = timedelta(hours=3)  # how long the other ranks wait for rank 0's reward-model downloads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reward", type=reward_choice, nargs="+", required=True,
                         help="NAME or NAME=WEIGHT, one or more (see above)")
     parser.add_argument("--reward-models", type=Path, default=Path("models/unipic2"),
-                        help="folder of the learned rewards' models (missing ones are downloaded into it)")
+                        help="folder of the learned rewards' models, e.g. ComfyUI/models/unipic2 (missing ones are "
+                        "downloaded into it)")
     parser.add_argument("--output", required=True, help="LoRA .safetensors to write (state saved next to it)")
     parser.add_argument("--resume", action="store_true", help="continue from --output's .training-state")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -79,8 +82,15 @@ def main(argv=None) -> None:
     rank = dist.get_rank() if distributed else 0
     dtype = DTYPES[args.dtype] if cuda else torch.float32
     settings = GRPOSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOSettings)})
+    data = training_data(args)
     folder = Path(args.checkpoint)
     metaquery = is_metaquery_folder(folder)
+    names = [name for name, _ in args.reward]
+    check_choices(names, metaquery)
+    if rank == 0:  # before the (long) checkpoint load, so a failed download costs nothing
+        fetch_models(names, args.reward_models)
+    if distributed:  # the other ranks load what rank 0 downloaded; NCCL's 10-minute timeout may be too short
+        dist.barrier(group=dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT))
     components = load_metaquery(folder, args.mllm, dtype) if metaquery else load_kontext(folder, dtype)
     models = models_on_device(components, folder, device, settings.negative_prompt)
 
@@ -90,12 +100,8 @@ def main(argv=None) -> None:
             print(f"step {step.step}/{step.total_steps} reward {total[0]:.4f} ± {total[1]:.4f} "
                   f"loss {step.loss:.4g} kl {step.kl:.4g} {step.elapsed:.1f}s", flush=True)
 
-    if rank == 0:
-        fetch_models([name for name, _ in args.reward], args.reward_models)
-    if distributed:
-        dist.barrier()  # the other ranks load what rank 0 downloaded
     reward = build_reward(args.reward, args.reward_models, device, components.mllm if metaquery else None)
-    trainer = GRPOTrainer(models, reward, training_data(args), settings, Path(args.output), args.resume)
+    trainer = GRPOTrainer(models, reward, data, settings, Path(args.output), args.resume)
     try:
         trainer.run(Hooks(on_step=report))
     finally:
