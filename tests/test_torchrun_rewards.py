@@ -74,6 +74,17 @@ def test_learned_rewards_score_as_the_reward_functions_with_their_weights(models
     assert torch.allclose(reward.total(scores), total, atol=1e-4)
 
 
+def test_clipscore_and_aesthetic_share_one_clip(models_dir, monkeypatch):
+    import unipic_core.rewards.reward_models as reward_models
+
+    loaded = []
+    load = reward_models.load_clip_reward
+    monkeypatch.setattr(reward_models, "load_clip_reward", lambda folder, *args: loaded.append(folder) or load(
+        folder, *args))
+    build_reward([("clipscore", 1.0), ("aesthetic", 1.0), ("pickscore", 1.0)], models_dir, torch.device("cpu"))
+    assert loaded == [models_dir / "clip-vit-large-patch14", models_dir / "PickScore_v1"]
+
+
 def test_the_object_reward_reads_the_prompts_metadata(models_dir):
     reward = build_reward([("objects", 1.0)], models_dir, torch.device("cpu"))
     images, metadata = pictures(2), [parse_metadata(GENEVAL, "line 1")] * 2

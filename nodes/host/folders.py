@@ -85,7 +85,9 @@ def resolve(choice: str, local: dict[str, Path], repos: tuple[str, ...], what: s
     if choice in local:
         return local[choice]
     if choice in repos:
-        name = choice.split("/")[-1]
+        from ...unipic_core.models.repos import published_name
+
+        name = published_name(choice)
         if name in local:
             return local[name]
         if fetch is None:

@@ -24,3 +24,9 @@ EDITSCORE_REPO = "EditScore/EditScore-7B"
 EDITSCORE_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # OWLv2's: its weights as safetensors (not the .bin copy) and its processor files.
 OWLV2_FILES = ("config.json", "model.safetensors", "added_tokens.json", *PROCESSOR_FILES)
+
+
+def published_name(choice: str) -> str:
+    """The name a published model (a repo id, or the aesthetic MLP's choice) is kept under in a models folder: its
+    last part. The reward nodes download to it and torchrun's rewards read from it."""
+    return choice.split("/")[-1]

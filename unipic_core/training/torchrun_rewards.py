@@ -18,7 +18,7 @@ from ..models.metaquery import MetaQueryMLLM
 from ..models.qwen25vl_lora import is_adapter_folder
 from ..models.repos import (AESTHETIC_CHOICE, AESTHETIC_URL, CLIP_FILES, CLIP_L14_REPO, EDITSCORE_FILES,
                             EDITSCORE_REPO, OWLV2_FILES, OWLV2_REPO, PICKSCORE_PROCESSOR_REPO, PICKSCORE_REPO,
-                            PROCESSOR_FILES)
+                            PROCESSOR_FILES, published_name)
 from ..rewards import Reward, RewardTerm, colour_reward, combine, edit_consistency_reward, jpeg_reward
 
 RULE_BASED = {
@@ -64,8 +64,8 @@ def check_choices(names: list[str], metaquery: bool) -> None:
 
 
 def model_path(models_dir: Path, published: str) -> Path:
-    """Where a published model lives in the models folder: its last name part (a folder, or the MLP's file)."""
-    return Path(models_dir) / published.split("/")[-1]
+    """Where a published model lives in the models folder (a folder, or the MLP's file)."""
+    return Path(models_dir) / published_name(published)
 
 
 def fetch_models(names: list[str], models_dir: Path) -> None:
@@ -80,8 +80,10 @@ def fetch_models(names: list[str], models_dir: Path) -> None:
             download_repo(published, path, None, files)
 
 
-def learned_reward(name: str, models_dir: Path, device: torch.device, mllm: MetaQueryMLLM | None) -> Reward:
-    """One learned reward, its models loaded from the models folder onto `device` (EditScore's onto `mllm`)."""
+def learned_reward(name: str, models_dir: Path, device: torch.device, mllm: MetaQueryMLLM | None,
+                   clips: dict[Path, object]) -> Reward:
+    """One learned reward, its models loaded from the models folder onto `device` (EditScore's onto `mllm`); a CLIP
+    already in `clips` (by folder) is shared, as clipscore and aesthetic read the same CLIP-L/14."""
     from ..rewards.reward_models import (aesthetic_score, check_aesthetic_pair, clip_score, load_aesthetic_mlp,
                                          load_clip_reward, pickscore)
 
@@ -98,11 +100,13 @@ def learned_reward(name: str, models_dir: Path, device: torch.device, mllm: Meta
         detail += f", thresholds {SCORE_THRESHOLD:g}/{COUNTING_THRESHOLD:g}"
         return Reward([RewardTerm(name, 1.0, lambda images, prompts, sources, metadata: object_scores(
             owl, images, metadata), needs_metadata=True, detail=detail)])
-    repo = LEARNED[name][0][0]
-    processor, processor_repo = (paths[1], PICKSCORE_PROCESSOR_REPO) if name == "pickscore" else (None, None)
-    clip = load_clip_reward(paths[0], processor, torch.float32, repo, processor_repo)
-    clip.model.to(device)
-    clip.device = device
+    if paths[0] not in clips:
+        repo = LEARNED[name][0][0]
+        processor, processor_repo = (paths[1], PICKSCORE_PROCESSOR_REPO) if name == "pickscore" else (None, None)
+        clips[paths[0]] = load_clip_reward(paths[0], processor, torch.float32, repo, processor_repo)
+        clips[paths[0]].model.to(device)
+        clips[paths[0]].device = device
+    clip = clips[paths[0]]
     if name == "aesthetic":
         mlp = load_aesthetic_mlp(paths[1])
         check_aesthetic_pair(clip, mlp, paths[0].name, paths[1].name)
@@ -139,5 +143,6 @@ def build_reward(choices: list[tuple[str, float]], models_dir: Path, device: tor
                  mllm: MetaQueryMLLM | None = None) -> Reward:
     """The weighted sum of the chosen rewards; the learned ones' models must be in the models folder, and EditScore
     needs the MetaQuery's MLLM."""
-    return combine([(RULE_BASED[name]() if name in RULE_BASED else learned_reward(name, models_dir, device, mllm),
-                     weight) for name, weight in choices])
+    clips = {}
+    return combine([(RULE_BASED[name]() if name in RULE_BASED
+                     else learned_reward(name, models_dir, device, mllm, clips), weight) for name, weight in choices])
