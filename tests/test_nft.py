@@ -1,10 +1,13 @@
 """DiffusionNFT maths against its formulas (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): optimality
-probability, forward points, implicit policies, adaptive x0 loss, KL term, old-policy decay."""
+probability, forward points, implicit policies, adaptive x0 loss, KL term, old-policy decay, and its sampler."""
 
 import pytest
 import torch
 
-from unipic_core.training.nft import (adaptive_x0_loss, follow, forward_point, nft_loss, old_policy_decay, optimality)
+from unipic_core.inference.sampling import euler_step
+from unipic_core.inference.schedule import flow_sigmas
+from unipic_core.training.nft import (adaptive_x0_loss, follow, forward_point, nft_loss, old_policy_decay, optimality,
+                                      sample_clean)
 
 
 def test_optimality_maps_clipped_advantages_onto_zero_to_one():
@@ -75,3 +78,34 @@ def test_old_policy_follows_with_the_repository_decay():
     assert old_policy_decay(10_000) == 0.5
     old, current = {"a": torch.zeros(2)}, {"a": torch.ones(2)}
     assert torch.allclose(follow(old, current, 0.25)["a"], torch.full((2,), 0.75))
+
+
+def _linear_velocity(channels: int, seed: int):
+    """A velocity field that depends on x and sigma (so each sampler's steps give different results)."""
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = torch.randn(channels, channels, generator=g) * 0.3, torch.randn(1, channels, 1, 1, generator=g)
+    return lambda x, sigma: torch.einsum("oc,bchw->bohw", weight, x) + (1 - sigma) * bias
+
+
+@pytest.mark.parametrize("steps", [10, 4])
+def test_clean_samples_are_dpm_solver_2m_as_diffusers_steps_it(steps):
+    """The repository samples with its "dpm2" solver: DPM-Solver++(2M), data prediction, first order at the first
+    and the last step. diffusers' DPMSolverMultistepScheduler is an independent implementation of it."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sigmas = flow_sigmas(steps, {"shift": 3.0})  # from sigma 1, as UniPic2's scheduler
+    velocity, noise = _linear_velocity(4, 1), torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    ours = sample_clean(velocity, noise, sigmas)
+    scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", solver_order=2,
+                                            algorithm_type="dpmsolver++", final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)
+    scheduler.sigmas = sigmas.clone()
+    x = noise.clone()
+    for i, timestep in enumerate(scheduler.timesteps):
+        x = scheduler.step(velocity(x, sigmas[i].item()), timestep, x).prev_sample
+        assert torch.allclose(ours.latents[i + 1], x, atol=1e-5), f"step {i}"
+    assert ours.steps == [] and ours.log_probs.shape == (0, 2)
+    euler = noise.clone()
+    for i in range(steps):
+        euler = euler_step(euler, velocity(euler, sigmas[i].item()), sigmas[i].item(), sigmas[i + 1].item())
+    assert (ours.final - euler).abs().max() > 1e-3  # a second-order solver, not Euler

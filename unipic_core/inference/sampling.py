@@ -1,4 +1,4 @@
-"""Flow-matching sampling for the Kontext DiT: Euler ODE and the Flow-GRPO SDE step, with CFG.
+"""Flow-matching sampling for the Kontext DiT: Euler ODE, DPM-Solver++(2M) and the Flow-GRPO SDE step, with CFG.
 
 Conventions (docs/architecture.md §5): x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = noise - x0
 and is fed timestep = sigma * 1000. Latents here are in *model space*, (raw_vae_latent - shift) * scale.
@@ -31,6 +31,24 @@ class PromptEmbeds:
 
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     return x + (sigma_next - sigma) * velocity
+
+
+def dpm_solver_2m_step(x: torch.Tensor, x0: torch.Tensor, previous_x0: torch.Tensor | None, sigmas: torch.Tensor,
+                       index: int) -> torch.Tensor:
+    """DPM-Solver++(2M)'s deterministic step from sigmas[index] to sigmas[index + 1] (Lu et al. 2022, data prediction,
+    alpha = 1 - sigma): x0 is this step's clean estimate x - sigma v, previous_x0 the step before's (None at the first).
+
+    First order (DDIM with no noise, i.e. Euler) at the first and the last step, as the solver's lower-order-final
+    does on short schedules. A previous sigma of 1 has lambda = -inf, so that step's correction vanishes too.
+    """
+    s = sigmas.double()
+    if previous_x0 is None or index == len(sigmas) - 2:
+        return euler_step(x, (x - x0) / s[index].item(), s[index].item(), s[index + 1].item())
+    lam = torch.log(1 - s[index - 1:index + 2]) - torch.log(s[index - 1:index + 2])  # lambda = log(alpha / sigma)
+    h, h_previous = lam[2] - lam[1], lam[1] - lam[0]
+    correction = (h / h_previous).item() * (x0 - previous_x0)  # D1 = (m0 - m1) / r0
+    sigma, sigma_next = s[index].item(), s[index + 1].item()
+    return sigma_next / sigma * x - (1 - sigma_next) * torch.expm1(-h).item() * (x0 + 0.5 * correction)
 
 
 def sde_noise_scale(sigmas: torch.Tensor, index: int, noise_level: float) -> float:

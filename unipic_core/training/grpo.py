@@ -41,7 +41,7 @@ def step_rule(algorithm: str) -> StepRule:
 @dataclass
 class Trajectory:
     """One batch of samples: latents [T + 1, B, C, H, W] (x at every sigma); the stochastic steps' indices and
-    their log_probs [len(steps), B]. The other steps are deterministic (Euler)."""
+    their log_probs [len(steps), B]. The other steps are deterministic (Euler; DPM-Solver++(2M) in nft.sample_clean)."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor

@@ -2,10 +2,11 @@
 on forward-process points of clean samples, the optimality probability from advantages, and the old policy: its
 decay, and swapping it into the DiT's adapter. Float32, free of ComfyUI.
 
-The samples come from the "old" policy (a slowly following copy of the LoRA) by any deterministic sampler, without
-CFG. Training noises each clean sample x0 to x_t = (1 - t) x0 + t eps at the sampler's timesteps and pulls an
-implicit positive policy v+ = b v_theta + (1 - b) v_old toward x0 for good samples and an implicit negative policy
-v- = (1 + b) v_old - b v_theta for bad ones, each in x0 space with a per-sample adaptive weight.
+The samples come from the "old" policy (a slowly following copy of the LoRA) by a deterministic sampler without CFG,
+DPM-Solver++(2M) (the repository's "dpm2"). Training noises each clean sample x0 to x_t = (1 - t) x0 + t eps at the
+sampler's timesteps and pulls an implicit positive policy v+ = b v_theta + (1 - b) v_old toward x0 for good samples
+and an implicit negative policy v- = (1 + b) v_old - b v_theta for bad ones, each in x0 space with a per-sample
+adaptive weight.
 """
 
 from contextlib import contextmanager
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..inference.sampling import dpm_solver_2m_step
 from ..models.dit import TrainableDiT
+from .grpo import Trajectory
 
 MIN_WEIGHT = 1e-5
 
@@ -63,6 +66,19 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: 
     if kl_weight > 0:
         kl = ((v_theta - v_ref.detach().float()) ** 2).mean(dim=tuple(range(1, x0.ndim))).mean()
     return NFTTerms(policy + kl_weight * kl, policy.detach(), kl.detach(), torch.zeros((), device=v_theta.device))
+
+
+@torch.no_grad()
+def sample_clean(velocity_of, noise: torch.Tensor, sigmas: torch.Tensor) -> Trajectory:
+    """Deterministic samples from pure noise along `sigmas` by DPM-Solver++(2M): a Trajectory without stochastic
+    steps, whose final latents are the clean samples x0 that training noises again."""
+    x, previous_x0 = noise.float(), None
+    latents = [x]
+    for i in range(len(sigmas) - 1):
+        x0 = x - sigmas[i].item() * velocity_of(x, sigmas[i].item()).float()
+        x, previous_x0 = dpm_solver_2m_step(x, x0, previous_x0, sigmas, i), x0
+        latents.append(x)
+    return Trajectory(torch.stack(latents), x.new_zeros(0, len(x)), [])
 
 
 def old_policy_decay(optimizer_steps: int) -> float:

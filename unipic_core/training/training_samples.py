@@ -13,7 +13,7 @@ from ..models.dit import TrainableDiT
 from ..rewards import Reward
 from .grpo import sample_trajectory, step_rule
 from .grpo_settings import GRPOSettings
-from .nft import old_policy
+from .nft import old_policy, sample_clean
 from .training_data import TrainingItem
 from .training_models import TrainingModels
 from .training_plan import Chunk, choose_items, stochastic_steps, step_generator, target_size
@@ -64,7 +64,7 @@ def prepare_inputs(models: TrainingModels, data: list[TrainingItem], settings: G
 def sample_chunks(dit: TrainableDiT, old_adapter: dict[str, torch.Tensor] | None, chunks: list[Chunk],
                   inputs: StepInputs, settings: GRPOSettings, latents: LatentSpace) -> None:
     """Sample each chunk's trajectory (chunk.trajectory) from its images' own generators; diffusion-nft samples
-    with its old policy."""
+    clean images with its old policy and its own ODE sampler."""
     s = settings
     stochastic = stochastic_steps(s, inputs.step)
     with old_policy(dit, old_adapter):
@@ -77,10 +77,13 @@ def sample_chunks(dit: TrainableDiT, old_adapter: dict[str, torch.Tensor] | None
                 noise.append(torch.randn(shape, generator=g))
                 if stochastic != []:  # no step noise for ODE samples (diffusion-nft)
                     step_noise.append(torch.randn((s.sampling_steps, *shape), generator=g))
-            noise = torch.stack(noise).to(inputs.device)
-            step_noise = torch.stack(step_noise, dim=1) if step_noise else None
-            chunk.trajectory = sample_trajectory(inputs.velocity(dit, chunk), noise, inputs.sigmas[chunk.group],
-                                                 s.noise_level, step_noise, step_rule(s.algorithm), stochastic)
+            noise, velocity = torch.stack(noise).to(inputs.device), inputs.velocity(dit, chunk)
+            sigmas = inputs.sigmas[chunk.group]
+            if stochastic == []:
+                chunk.trajectory = sample_clean(velocity, noise, sigmas)
+            else:
+                chunk.trajectory = sample_trajectory(velocity, noise, sigmas, s.noise_level,
+                                                     torch.stack(step_noise, dim=1), step_rule(s.algorithm), stochastic)
 
 
 def score_chunks(reward: Reward, chunks: list[Chunk], inputs: StepInputs) -> dict[str, torch.Tensor]:
