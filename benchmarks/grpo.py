@@ -127,7 +127,7 @@ def learning(size: str, algorithms: list[str], sde_window: int, device: torch.de
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_kontext_folder(f"{tmp}/{size}", size)
         for algorithm in algorithms:
-            rises, times, reached_at = [], [], []
+            rises, times, reached_at, missed[algorithm] = [], [], [], False
             for seed in range(seeds):
                 models = models_on_device(load_kontext(folder), folder, device)
                 models.decode = lambda latents: torch.sigmoid(latents[:, :3].float()).movedim(1, -1)
@@ -144,10 +144,13 @@ def learning(size: str, algorithms: list[str], sde_window: int, device: torch.de
                 # a seed that never reaches the target counts its whole run: the mean becomes a lower bound
                 times.append(sum(elapsed if first is None else elapsed[:first + 3]))
                 reached_at.append(f">{steps}" if first is None else str(first + 3))
-            missed[algorithm] = any(step.startswith(">") for step in reached_at)
+                missed[algorithm] |= first is None
             reached[algorithm] = sum(times) / len(times)
             ratio = reached[algorithm] / reached[algorithms[0]]
-            bound = "n/a" if missed[algorithms[0]] else f"{'>=' if missed[algorithm] else ''}{ratio:.2f}"
+            # a miss makes that mean a lower bound: in the numerator the ratio is at least, in the denominator at most
+            bound = {(False, False): "", (True, False): ">=", (False, True): "<="}.get(
+                (missed[algorithm], missed[algorithms[0]]))
+            bound = "n/a" if bound is None else f"{bound}{ratio:.2f}"
             print(f"{algorithm:>15}: +{target} reached after {', '.join(reached_at)} steps, "
                   f"{', '.join(f'{t:.1f}' for t in times)} s | time / {algorithms[0]} {bound} "
                   f"| rise over {steps} steps {', '.join(f'{r:.3f}' for r in rises)}")

@@ -38,8 +38,9 @@ def dpm_solver_2m_step(x: torch.Tensor, x0: torch.Tensor, previous_x0: torch.Ten
     """DPM-Solver++(2M)'s deterministic step from sigmas[index] to sigmas[index + 1] (Lu et al. 2022, data prediction,
     alpha = 1 - sigma): x0 is this step's clean estimate x - sigma v, previous_x0 the step before's (None at the first).
 
-    First order (DDIM with no noise, i.e. Euler) at the first and the last step, as the solver's lower-order-final
-    does on short schedules. A previous sigma of 1 has lambda = -inf, so that step's correction vanishes too.
+    First order (DDIM without noise, i.e. Euler) at the first step, which has no earlier estimate, and at the last,
+    to sigma 0 where lambda is infinite, on every schedule as DiffusionNFT's solver. A previous sigma of 1 has
+    lambda = -inf, so the correction vanishes at the step after it too.
     """
     s = sigmas.double()
     if previous_x0 is None or index == len(sigmas) - 2:

@@ -65,8 +65,7 @@ def sample_trajectory(velocity_of, noise: torch.Tensor, sigmas: torch.Tensor, no
     """Sample from pure noise along `sigmas`: the `stochastic` steps (all, the last included, when None) by `rule`
     with their log-probs, the others by Euler.
 
-    velocity_of(x, sigma) -> v (a GuidedVelocity); noise [B, C, H, W]; step_noise [T, B, C, H, W] (None when no
-    step is stochastic).
+    velocity_of(x, sigma) -> v (a GuidedVelocity); noise [B, C, H, W]; step_noise [T, B, C, H, W].
     """
     steps = list(range(len(sigmas) - 1)) if stochastic is None else sorted(stochastic)
     x = noise.float()
@@ -80,8 +79,7 @@ def sample_trajectory(velocity_of, noise: torch.Tensor, sigmas: torch.Tensor, no
         else:
             x = euler_step(x, velocity.float(), sigmas[i].item(), sigmas[i + 1].item())
         latents.append(x)
-    log_probs = torch.stack(log_probs) if log_probs else x.new_zeros(0, len(x))
-    return Trajectory(torch.stack(latents), log_probs, steps)
+    return Trajectory(torch.stack(latents), torch.stack(log_probs), steps)
 
 
 def step_policy(velocity_of, trajectory: Trajectory, sigmas: torch.Tensor, index: int, noise_level: float,

@@ -66,7 +66,7 @@ def sample_chunks(dit: TrainableDiT, old_adapter: dict[str, torch.Tensor] | None
     """Sample each chunk's trajectory (chunk.trajectory) from its images' own generators; diffusion-nft samples
     clean images with its old policy and its own ODE sampler."""
     s = settings
-    stochastic = stochastic_steps(s, inputs.step)
+    stochastic, clean = stochastic_steps(s, inputs.step), s.algorithm == "diffusion-nft"
     with old_policy(dit, old_adapter):
         for chunk in chunks:
             width, height = inputs.sizes[chunk.group]
@@ -75,11 +75,11 @@ def sample_chunks(dit: TrainableDiT, old_adapter: dict[str, torch.Tensor] | None
             for index in chunk.indices:  # per-image generators: the same image whatever the rank split
                 g = step_generator(s.seed, inputs.step, index)
                 noise.append(torch.randn(shape, generator=g))
-                if stochastic != []:  # no step noise for ODE samples (diffusion-nft)
+                if not clean:  # ODE samples need no step noise
                     step_noise.append(torch.randn((s.sampling_steps, *shape), generator=g))
             noise, velocity = torch.stack(noise).to(inputs.device), inputs.velocity(dit, chunk)
             sigmas = inputs.sigmas[chunk.group]
-            if stochastic == []:
+            if clean:
                 chunk.trajectory = sample_clean(velocity, noise, sigmas)
             else:
                 chunk.trajectory = sample_trajectory(velocity, noise, sigmas, s.noise_level,
