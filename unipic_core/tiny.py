@@ -56,9 +56,9 @@ SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 # vae/config.json's architecture (SD3's VAE): the widths ComfyUI's VAELoader hard-codes. The tiny sizes' narrow
 # VAEs load through the pack's loader only; this one (84 M weights, --native-vae) in VAELoader too.
 SD3_VAE_CHANNELS, SD3_VAE_LAYERS = (128, 256, 512, 512), 2
-# UniPic2-MetaQuery's conditioner at full size: the official ConnectorConfig's defaults (conditioner.py's
-# CONNECTOR_DEFAULTS; the published conditioner/config.json could not be read offline) between Qwen2.5-VL-7B's width
-# and the DiT's conditioning widths.
+# UniPic2-MetaQuery's conditioner at full size: the connector at the official ConnectorConfig's defaults
+# (conditioner.py's CONNECTOR_DEFAULTS; the published conditioner/config.json's own values are not recorded here),
+# between Qwen2.5-VL-7B's width and the DiT's conditioning widths.
 FULL_CONDITIONER = dict(connector_config={}, num_queries=256, llm_hidden_size=3584, pooled_projection_dim=2048,
                         joint_attention_dim=4096)
 
