@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, for a machine with CUDA and no internet (run from the repository root):
 #
-#     bash benchmarks/gpu_suite.sh [grpo] [grpo-nogc] [sampling] [metaquery] [-- FLAGS]
+#     bash benchmarks/gpu_suite.sh [grpo] [grpo-nogc] [sampling] [metaquery] [metaquery-edit] [-- FLAGS]
 #
-# No part named = all four. FLAGS go to every chosen benchmark. Each part's output goes to the terminal and to
+# No part named = all five. FLAGS go to every chosen benchmark. Each part's output goes to the terminal and to
 # ${OUT:-benchmark-results}/PART.log; the exit status is non-zero when any part failed (the others still run).
 # Parts are separate so that a call limited in time (10 minutes) can run one or two of them.
 set -u -o pipefail
@@ -12,12 +12,12 @@ parts=() flags=()
 while [ $# -gt 0 ]; do
     case $1 in
         --) shift; flags=("$@"); break ;;
-        grpo|grpo-nogc|sampling|metaquery) parts+=("$1") ;;
-        *) echo "unknown part '$1' (grpo, grpo-nogc, sampling, metaquery)" >&2; exit 2 ;;
+        grpo|grpo-nogc|sampling|metaquery|metaquery-edit) parts+=("$1") ;;
+        *) echo "unknown part '$1' (grpo, grpo-nogc, sampling, metaquery, metaquery-edit)" >&2; exit 2 ;;
     esac
     shift
 done
-[ ${#parts[@]} -gt 0 ] || parts=(grpo grpo-nogc sampling metaquery)
+[ ${#parts[@]} -gt 0 ] || parts=(grpo grpo-nogc sampling metaquery metaquery-edit)
 
 out=${OUT:-benchmark-results}
 mkdir -p "$out"
@@ -41,6 +41,8 @@ for part in "${parts[@]}"; do
         grpo-nogc) command=("${grpo[@]}" --no-gradient-checkpointing) ;;
         sampling) command=(python3 -m benchmarks.sampling --device cuda --full-size) ;;
         metaquery) command=(python3 -m benchmarks.metaquery --device cuda) ;;
+        # writes ~21 GB of random weights to a temporary folder first
+        metaquery-edit) command=(python3 -m benchmarks.metaquery_edit --device cuda --full-size) ;;
     esac
     command+=("${flags[@]}")
     start=$SECONDS

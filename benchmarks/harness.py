@@ -132,9 +132,13 @@ class NativeHost:
             raise SystemExit("the pack failed to import into ComfyUI (see the log above)")
         pack = next(m for m in list(sys.modules.values())
                     if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
-        self.pack = pack
+        self.pack, self.nodes = pack, nodes
         self.with_kontext_reference = pack.nodes.host.native_kontext.with_kontext_reference
         self.attention = comfy.ldm.modules.attention.optimized_attention.__name__
+
+    def node(self, name: str):
+        """An instance of the node class ComfyUI registered under `name` (the pack's or its own)."""
+        return self.nodes.NODE_CLASS_MAPPINGS[name]()
 
     def model(self, transformer, dtype):
         """The DiT's weights as a native MODEL (Load Diffusion Model's loader), patched to edit as UniPic2-Kontext."""

@@ -7,6 +7,9 @@
     python -m unipic_core.tiny OUT_DIR --kind editscore-adapter    (EditScore's peft LoRA, for the MetaQuery's MLLM)
     python -m unipic_core.tiny OUT_DIR --kind owlv2                (the object reward's detector, OWLv2's layout)
 
+write_full_size_metaquery_folder writes UniPic2-MetaQuery at its published sizes with random bf16 weights (~21 GB),
+for benchmarks on a GPU.
+
 The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
 component, tokenizers saved by their own classes), so tests, the demo and CI exercise the real paths offline.
 "tiny" runs a 512 px edit in seconds on a CPU; "mid" is for CPU benchmarks. The qwen25vl-file kind writes a tiny
@@ -32,6 +35,7 @@ from transformers import T5TokenizerFast
 from .models.conditioner import MetaQueryConditioner
 from .models.kontext_transformer import KontextSD3Transformer
 from .models.repos import CONDITIONER_CLASS, KONTEXT_TRANSFORMER_CLASS
+from .random_weights import write_random_weights
 from .tiny_qwen import write_qwen25vl_file, write_qwen25vl_folder
 
 # SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk. The DiT keeps head dim 64 and
@@ -52,6 +56,11 @@ SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 # vae/config.json's architecture (SD3's VAE): the widths ComfyUI's VAELoader hard-codes. The tiny sizes' narrow
 # VAEs load through the pack's loader only; this one (84 M weights, --native-vae) in VAELoader too.
 SD3_VAE_CHANNELS, SD3_VAE_LAYERS = (128, 256, 512, 512), 2
+# UniPic2-MetaQuery's conditioner at full size: the connector at the official ConnectorConfig's defaults
+# (conditioner.py's CONNECTOR_DEFAULTS; the published conditioner/config.json's own values are not recorded here),
+# between Qwen2.5-VL-7B's width and the DiT's conditioning widths.
+FULL_CONDITIONER = dict(connector_config={}, num_queries=256, llm_hidden_size=3584, pooled_projection_dim=2048,
+                        joint_attention_dim=4096)
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -114,8 +123,13 @@ def write_transformer(folder: Path, size: dict) -> None:
 
 
 def save_with_official_class(model, folder: Path, class_name: str) -> None:
-    """save_pretrained, then name the class as the official config.json does (our class names differ)."""
-    model.save_pretrained(str(folder))
+    """save_pretrained (a model on the meta device: its config and random bf16 weights), then name the class as
+    the official config.json does (our class names differ)."""
+    if model.device.type == "meta":
+        model.save_config(str(folder))
+        write_random_weights(model, folder, "diffusion_pytorch_model")
+    else:
+        model.save_pretrained(str(folder))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["_class_name"] = class_name
@@ -185,6 +199,24 @@ def write_metaquery_folder(out: str | Path, size: str = "tiny", seed: int = 0, q
     (out / "model_index.json").write_text(json.dumps({"_class_name": "UniPic2MetaQueryPipeline"}, indent=2))
     if qwen_inside:
         write_qwen25vl_folder(out / "Qwen2.5-VL-tiny", hidden_size=spec["llm"], seed=seed)
+    return out
+
+
+def write_full_size_metaquery_folder(out: str | Path, seed: int = 0) -> Path:
+    """UniPic2-MetaQuery at its published sizes with random bf16 weights (~21 GB): the SD3.5-M DiT, SD3's VAE, the
+    full-size conditioner and Qwen2.5-VL-7B-Instruct inside (the byte-level tokenizer), for benchmarks. The large
+    parts are built on the meta device and written shard by shard, so writing needs about one shard's memory."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        transformer = KontextSD3Transformer(**SD35M_TRANSFORMER)
+        conditioner = MetaQueryConditioner(**FULL_CONDITIONER)
+    save_with_official_class(transformer, out / "transformer", KONTEXT_TRANSFORMER_CLASS)
+    save_with_official_class(conditioner, out / "conditioner", CONDITIONER_CLASS)
+    write_vae(out / "vae", SD3_VAE_CHANNELS, SD3_VAE_LAYERS)
+    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(str(out / "scheduler"))
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "UniPic2MetaQueryPipeline"}, indent=2))
+    write_qwen25vl_folder(out / "Qwen2.5-VL-7B-Instruct", seed=seed, full_size=True)
     return out
 
 

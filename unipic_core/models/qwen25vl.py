@@ -123,6 +123,15 @@ def model_key(file_key: str) -> str:
     return file_key
 
 
+def published_key(model_key: str) -> str:
+    """model_key's inverse: transformers' module path -> the published checkpoint's key."""
+    if model_key.startswith("model.visual."):
+        return model_key.removeprefix("model.")
+    if model_key.startswith("model.language_model."):
+        return "model." + model_key.removeprefix("model.language_model.")
+    return model_key
+
+
 def model_tensors(state: dict[str, torch.Tensor], model: torch.nn.Module,
                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, float]]]:
     """The file's tensors under the model's keys in `dtype`, and apart the fp8 Linear weights with their scales

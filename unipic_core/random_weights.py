@@ -1,0 +1,65 @@
+"""Random weights for a model built on the meta device, written as a published checkpoint's (sharded) safetensors
+without ever holding the model: full-size checkpoints for benchmarks (a 7B in bf16 is ~15 GB) in seconds, in
+about one shard's memory.
+
+A benchmark's speed and memory do not depend on the values, so every tensor is a stretch of one pool of normal
+values (std 0.02) from a random start: copying is far faster than drawing billions of numbers.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHARD_BYTES = 4 * 2**30  # the published checkpoints' shards hold ~4-5 GB each
+POOL_SIZE = 1 << 24
+
+
+def random_tensor(shape: torch.Size, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A tensor of `shape` filled from `pool`, from a random start, cycling."""
+    n = math.prod(shape)
+    flat = torch.empty(n, dtype=pool.dtype)
+    start, done = int(torch.randint(len(pool), (), generator=generator)), 0
+    while done < n:
+        piece = pool[start:start + n - done]
+        flat[done:done + len(piece)] = piece
+        done, start = done + len(piece), 0
+    return flat.view(shape)
+
+
+def shard_keys(shapes: dict[str, torch.Size], element_size: int) -> list[list[str]]:
+    """The keys in their order, cut into shards of at most SHARD_BYTES (a larger tensor has one to itself)."""
+    shards, size = [[]], 0
+    for key, shape in shapes.items():
+        nbytes = math.prod(shape) * element_size
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards, size = shards + [[]], 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def write_random_weights(model: torch.nn.Module, folder: str | Path, stem: str, dtype: torch.dtype = torch.bfloat16,
+                         rename=lambda key: key, seed: int = 0) -> None:
+    """`model`'s state dict (its shapes: build it on the meta device) as random `dtype` tensors in `folder`:
+    `stem`.safetensors, or over SHARD_BYTES the shards `stem`-00001-of-0000N.safetensors with the
+    `stem`.safetensors.index.json that from_pretrained reads. `rename` maps a state-dict key to the file's (e.g.
+    the published names where the library's module paths differ)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = {rename(key): tensor.shape for key, tensor in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(POOL_SIZE, generator=generator).mul_(0.02).to(dtype)
+    shards = shard_keys(shapes, pool.element_size())
+    names = [f"{stem}.safetensors"] if len(shards) == 1 else \
+        [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for keys, name in zip(shards, names):
+        save_file({key: random_tensor(shapes[key], pool, generator) for key in keys}, str(folder / name),
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(math.prod(shape) for shape in shapes.values()) * pool.element_size()
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {key: name for keys, name in zip(shards, names) for key in keys}}
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
