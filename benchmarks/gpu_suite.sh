@@ -43,8 +43,8 @@ for part in "${parts[@]}"; do
         grpo-nogc) command=("${grpo[@]}" --no-gradient-checkpointing) ;;
         sampling) command=(python3 -m benchmarks.sampling --device cuda --full-size) ;;
         metaquery) command=(python3 -m benchmarks.metaquery --device cuda) ;;
-        # writes ~21 GB of random weights to a temporary folder first
-        metaquery-edit) command=(python3 -m benchmarks.metaquery_edit --device cuda --full-size) ;;
+        # writes ~22 GB of random weights to a temporary folder first; empty --sizes as for grpo
+        metaquery-edit) command=(python3 -m benchmarks.metaquery_edit --device cuda --full-size --sizes) ;;
     esac
     command+=("${flags[@]}")
     start=$SECONDS

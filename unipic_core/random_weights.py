@@ -42,15 +42,20 @@ def shard_keys(shapes: dict[str, torch.Size], element_size: int) -> list[list[st
 
 
 def write_random_weights(model: torch.nn.Module, folder: str | Path, stem: str, dtype: torch.dtype = torch.bfloat16,
-                         rename=lambda key: key, seed: int = 0) -> None:
+                         rename=lambda key: key) -> None:
     """`model`'s state dict (its shapes: build it on the meta device) as random `dtype` tensors in `folder`:
     `stem`.safetensors, or over SHARD_BYTES the shards `stem`-00001-of-0000N.safetensors with the
     `stem`.safetensors.index.json that from_pretrained reads. `rename` maps a state-dict key to the file's (e.g.
-    the published names where the library's module paths differ)."""
+    the published names where the library's module paths differ). The values follow torch's global seed, as the
+    tiny writers' do."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = {rename(key): tensor.shape for key, tensor in model.state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    integers = [key for key, tensor in state.items() if not tensor.is_floating_point()]
+    if integers:  # random floats would stand in for indices and still load
+        raise ValueError(f"random weights are floats, but {integers[:3]} hold integers")
+    shapes = {rename(key): tensor.shape for key, tensor in state.items()}
+    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
     pool = torch.randn(POOL_SIZE, generator=generator).mul_(0.02).to(dtype)
     shards = shard_keys(shapes, pool.element_size())
     names = [f"{stem}.safetensors"] if len(shards) == 1 else \

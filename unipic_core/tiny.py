@@ -7,7 +7,7 @@
     python -m unipic_core.tiny OUT_DIR --kind editscore-adapter    (EditScore's peft LoRA, for the MetaQuery's MLLM)
     python -m unipic_core.tiny OUT_DIR --kind owlv2                (the object reward's detector, OWLv2's layout)
 
-write_full_size_metaquery_folder writes UniPic2-MetaQuery at its published sizes with random bf16 weights (~21 GB),
+write_full_size_metaquery_folder writes UniPic2-MetaQuery at its published sizes with random bf16 weights (~22 GB),
 for benchmarks on a GPU.
 
 The folder goes through exactly the loading code a real checkpoint uses (config.json + safetensors per
@@ -36,7 +36,7 @@ from .models.conditioner import MetaQueryConditioner
 from .models.kontext_transformer import KontextSD3Transformer
 from .models.repos import CONDITIONER_CLASS, KONTEXT_TRANSFORMER_CLASS
 from .random_weights import write_random_weights
-from .tiny_qwen import write_qwen25vl_file, write_qwen25vl_folder
+from .tiny_qwen import QWEN25VL_7B, write_qwen25vl_file, write_qwen25vl_folder
 
 # SD3.5-Medium's values where a tiny model can keep them; widths and depths shrunk. The DiT keeps head dim 64 and
 # layers == heads (hidden = 64 x depth), as ComfyUI's MMDiT hard-wires, so Load Diffusion Model loads it natively.
@@ -59,8 +59,8 @@ SD3_VAE_CHANNELS, SD3_VAE_LAYERS = (128, 256, 512, 512), 2
 # UniPic2-MetaQuery's conditioner at full size: the connector at the official ConnectorConfig's defaults
 # (conditioner.py's CONNECTOR_DEFAULTS; the published conditioner/config.json's own values are not recorded here),
 # between Qwen2.5-VL-7B's width and the DiT's conditioning widths.
-FULL_CONDITIONER = dict(connector_config={}, num_queries=256, llm_hidden_size=3584, pooled_projection_dim=2048,
-                        joint_attention_dim=4096)
+FULL_CONDITIONER = dict(connector_config={}, num_queries=256, llm_hidden_size=QWEN25VL_7B["hidden"],
+                        pooled_projection_dim=2048, joint_attention_dim=4096)
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -203,7 +203,7 @@ def write_metaquery_folder(out: str | Path, size: str = "tiny", seed: int = 0, q
 
 
 def write_full_size_metaquery_folder(out: str | Path, seed: int = 0) -> Path:
-    """UniPic2-MetaQuery at its published sizes with random bf16 weights (~21 GB): the SD3.5-M DiT, SD3's VAE, the
+    """UniPic2-MetaQuery at its published sizes with random bf16 weights (~22 GB): the SD3.5-M DiT, SD3's VAE, the
     full-size conditioner and Qwen2.5-VL-7B-Instruct inside (the byte-level tokenizer), for benchmarks. The large
     parts are built on the meta device and written shard by shard, so writing needs about one shard's memory."""
     out = Path(out)
