@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 SHARD_BYTES = 4 * 2**30  # the published checkpoints' shards hold ~4-5 GB each
@@ -29,42 +30,27 @@ def random_tensor(shape: torch.Size, pool: torch.Tensor, generator: torch.Genera
     return flat.view(shape)
 
 
-def shard_keys(shapes: dict[str, torch.Size], element_size: int) -> list[list[str]]:
-    """The keys in their order, cut into shards of at most SHARD_BYTES (a larger tensor has one to itself)."""
-    shards, size = [[]], 0
-    for key, shape in shapes.items():
-        nbytes = math.prod(shape) * element_size
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards, size = shards + [[]], 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
-
-
 def write_random_weights(model: torch.nn.Module, folder: str | Path, stem: str, dtype: torch.dtype = torch.bfloat16,
                          rename=lambda key: key) -> None:
     """`model`'s state dict (its shapes: build it on the meta device) as random `dtype` tensors in `folder`:
-    `stem`.safetensors, or over SHARD_BYTES the shards `stem`-00001-of-0000N.safetensors with the
-    `stem`.safetensors.index.json that from_pretrained reads. `rename` maps a state-dict key to the file's (e.g.
-    the published names where the library's module paths differ). The values follow torch's global seed, as the
-    tiny writers' do."""
+    `stem`.safetensors, or over SHARD_BYTES the shards `stem`-00001-of-0000N.safetensors (cut by huggingface_hub,
+    as save_pretrained cuts them) with the `stem`.safetensors.index.json that from_pretrained reads. `rename` maps
+    a state-dict key to the file's (e.g. the published names where the library's module paths differ). The values
+    follow torch's global seed, as the tiny writers' do."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     integers = [key for key, tensor in state.items() if not tensor.is_floating_point()]
     if integers:  # random floats would stand in for indices and still load
         raise ValueError(f"random weights are floats, but {integers[:3]} hold integers")
-    shapes = {rename(key): tensor.shape for key, tensor in state.items()}
+    meta = {rename(key): tensor.to(dtype) for key, tensor in state.items()}  # sizes only: no memory taken
+    split = split_torch_state_dict_into_shards(meta, filename_pattern=stem + "{suffix}.safetensors",
+                                               max_shard_size=SHARD_BYTES)
     generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
     pool = torch.randn(POOL_SIZE, generator=generator).mul_(0.02).to(dtype)
-    shards = shard_keys(shapes, pool.element_size())
-    names = [f"{stem}.safetensors"] if len(shards) == 1 else \
-        [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    for keys, name in zip(shards, names):
-        save_file({key: random_tensor(shapes[key], pool, generator) for key in keys}, str(folder / name),
+    for name, keys in split.filename_to_tensors.items():
+        save_file({key: random_tensor(meta[key].shape, pool, generator) for key in keys}, str(folder / name),
                   metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(math.prod(shape) for shape in shapes.values()) * pool.element_size()
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {key: name for keys, name in zip(shards, names) for key in keys}}
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
