@@ -62,14 +62,19 @@ class PeakMemory:
         self.peak = (high - self.start) / 2**20
 
 
+def timed(device: torch.device, fn, *args, **kwargs):
+    """(fn's result, its seconds), the GPU's queued work included."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
 def measure(fn, device) -> tuple[float, float]:
     """(seconds, peak MiB) of one call."""
     with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        _, seconds = timed(device, fn)
     return seconds, memory.peak
 
 

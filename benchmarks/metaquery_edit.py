@@ -39,13 +39,12 @@ import gc
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as transformers_logging
 
-from benchmarks.harness import NativeHost, PeakMemory, benchmark_parser, ratios
+from benchmarks.harness import NativeHost, PeakMemory, benchmark_parser, ratios, timed
 from unipic_core.tiny import write_full_size_metaquery_folder, write_metaquery_folder
 
 # the workflow's prompts and sampler settings
@@ -56,15 +55,6 @@ NEGATIVE = ("blurry, low quality, low resolution, distorted, deformed, broken co
 SAMPLER = dict(seed=42, guidance=3.5, sampler="euler", noise_level=0.7, shift=0.0, denoise=1.0)
 STAGES = ("encode", "sampling", "decode")
 FULL_SIZE_BYTES = 24 * 10**9  # the full-size folder's ~22 GB, with room to spare
-
-
-def timed(device: torch.device, fn, *args, **kwargs):
-    """(fn's result, its seconds), waiting for the GPU."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 class Edit:
