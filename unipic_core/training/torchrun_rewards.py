@@ -80,6 +80,13 @@ def fetch_models(names: list[str], models_dir: Path) -> None:
             download_repo(published, path, None, files)
 
 
+def on_device(loaded, device: torch.device):
+    """A loaded reward model (CLIPReward, OWLv2Detector) moved to `device`, where it then computes."""
+    loaded.model.to(device)
+    loaded.device = device
+    return loaded
+
+
 def learned_reward(name: str, models_dir: Path, device: torch.device, mllm: MetaQueryMLLM | None,
                    clips: dict[Path, object]) -> Reward:
     """One learned reward, its models loaded from the models folder onto `device` (EditScore's onto `mllm`); a CLIP
@@ -94,18 +101,14 @@ def learned_reward(name: str, models_dir: Path, device: torch.device, mllm: Meta
     if name == "objects":
         from ..rewards.object_reward import COUNTING_THRESHOLD, SCORE_THRESHOLD, load_owlv2, object_scores
 
-        owl = load_owlv2(paths[0])
-        owl.model.to(device)
-        owl.device = device
+        owl = on_device(load_owlv2(paths[0]), device)
         detail += f", thresholds {SCORE_THRESHOLD:g}/{COUNTING_THRESHOLD:g}"
         return Reward([RewardTerm(name, 1.0, lambda images, prompts, sources, metadata: object_scores(
             owl, images, metadata), needs_metadata=True, detail=detail)])
     if paths[0] not in clips:
         repo = LEARNED[name][0][0]
         processor, processor_repo = (paths[1], PICKSCORE_PROCESSOR_REPO) if name == "pickscore" else (None, None)
-        clips[paths[0]] = load_clip_reward(paths[0], processor, torch.float32, repo, processor_repo)
-        clips[paths[0]].model.to(device)
-        clips[paths[0]].device = device
+        clips[paths[0]] = on_device(load_clip_reward(paths[0], processor, torch.float32, repo, processor_repo), device)
     clip = clips[paths[0]]
     if name == "aesthetic":
         mlp = load_aesthetic_mlp(paths[1])
